@@ -1,0 +1,95 @@
+"""Patched trees: pinned source + common series + device series, cached by a key over all inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flagscale.apply import Plan, apply_to_new_tree, plan_patches
+from flagscale.cache import Cache
+from flagscale.patchfile import Patch
+from flagscale.project import Project
+from flagscale.series import series_for
+from flagscale.sources import Source, materialize
+
+log = logging.getLogger(__name__)
+
+# Bump when the engine's output for the same inputs could change: it is part of every cache key.
+ENGINE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class AppliedPatch:
+    series: str  # common | device:<name>
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PatchedTree:
+    backend: str
+    device: str | None
+    source: Source
+    path: Path
+    key: str
+    patches: tuple[AppliedPatch, ...]
+    cache_hit: bool
+
+    def manifest(self) -> dict:
+        pin = self.source.pin
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "source": {"kind": self.source.kind, "key": self.source.key, "layout": self.source.layout,
+                       "origin": self.source.origin},
+            "pin": {"git": pin.git, "tag": pin.tag, "commit": pin.commit, "sdist": pin.sdist.name,
+                    "version": pin.sdist.version, "sha256": pin.sdist.sha256},
+            "patches": [vars(p) for p in self.patches],
+            "key": self.key,
+            "engine": ENGINE_VERSION,
+        }
+
+
+def load_series_patches(project: Project, backend: str, device: str | None) -> list[tuple[str, Patch]]:
+    return [(series.label, patch) for series in series_for(project, backend, device) for patch in series.load()]
+
+
+def hint_for(backend: str, device: str | None) -> str:
+    dev = f" --device {device}" if device else ""
+    return (f"; refresh the patch with `tools/patch.py checkout {backend}{dev} DIR` (edit, then `export`), "
+            f"or after a pin change run `tools/patch.py rebase {backend} --to VERSION`")
+
+
+def plan_series(source: Source, labelled: list[tuple[str, Patch]], backend: str, device: str | None) -> Plan:
+    return plan_patches(source.tree, [p for _, p in labelled], to_tree=source.to_tree_path,
+                        pin_label=source.pin.label, hint=hint_for(backend, device))
+
+
+def tree_key(source: Source, device: str | None, applied: list[AppliedPatch]) -> str:
+    blob = json.dumps({"engine": ENGINE_VERSION, "source": source.key, "layout": source.layout,
+                       "device": device, "patches": [vars(p) for p in applied]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def patched_tree(project: Project, backend: str, device: str | None = None, source: str = "auto",
+                 cache: Cache | None = None, progress=None) -> PatchedTree:
+    """The pin of `backend` with its common and device series applied, from the cache when possible."""
+    cache = cache or Cache()
+    pin = project.pins.resolve(backend)
+    src = materialize(project, pin, source, cache, progress)
+    labelled = load_series_patches(project, pin.backend, device)
+    applied = [AppliedPatch(label, p.name, p.sha256) for label, p in labelled]
+    key = tree_key(src, device, applied)
+
+    def build(tmp: Path) -> None:
+        plan = plan_series(src, labelled, pin.backend, device)
+        log.info("applying %d patches to %s", len(labelled), pin.label)
+        apply_to_new_tree(plan, src.tree, tmp / "tree", link=True)
+        result = PatchedTree(pin.backend, device, src, tmp / "tree", key, tuple(applied), False)
+        (tmp / "manifest.json").write_text(json.dumps(result.manifest(), indent=2, sort_keys=True) + "\n")
+
+    entry, hit = cache.get_or_create("trees", key, build)
+    return PatchedTree(pin.backend, device, src, entry / "tree", key, tuple(applied), hit)
