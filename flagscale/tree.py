@@ -89,7 +89,9 @@ def patched_tree(project: Project, backend: str, device: str | None = None, sour
         log.info("applying %d patches to %s", len(labelled), pin.label)
         apply_to_new_tree(plan, src.tree, tmp / "tree", link=True)
         result = PatchedTree(pin.backend, device, src, tmp / "tree", key, tuple(applied), False)
-        (tmp / "manifest.json").write_text(json.dumps(result.manifest(), indent=2, sort_keys=True) + "\n")
+        manifest = result.manifest()
+        manifest["offsets"] = [f"{o.patch}: {o.path} hunk {o.hunk} {o.offset:+d}" for o in plan.offsets()]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     entry, hit = cache.get_or_create("trees", key, build)
     return PatchedTree(pin.backend, device, src, entry / "tree", key, tuple(applied), hit)

@@ -1,0 +1,257 @@
+"""`flagscale` command line: a thin face over the core. Heavy modules are imported inside commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flagscale import __version__
+from flagscale.errors import FlagScaleError, RebaseConflict
+
+app = typer.Typer(help="FlagScale: pinned upstreams + reviewed patches -> device-specific builds.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+upstream_app = typer.Typer(help="Upstream pins and their sources.", no_args_is_help=True)
+patch_app = typer.Typer(help="Patch series: checkout, export, rebase, check, lint, apply.", no_args_is_help=True)
+app.add_typer(upstream_app, name="upstream")
+app.add_typer(patch_app, name="patch")
+
+RootOpt = typer.Option(None, "--root", help="FlagScale checkout (default: found from the current folder).")
+DeviceOpt = typer.Option(None, "--device", "-d", help="Device whose series applies after the common one.")
+SourceOpt = typer.Option("auto", "--source", help="auto | submodule | sdist | PATH to a local tree.")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Logs and CI are not terminals: do not squeeze tables into 80 columns there.
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
+
+
+@contextmanager
+def _reported():
+    """Print FlagScale errors as one clear line (no traceback) and exit non-zero."""
+    try:
+        yield
+    except RebaseConflict as exc:
+        _print_report(exc.report)
+        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(1)
+    except FlagScaleError as exc:
+        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(message)s")
+
+
+def _project(root: Optional[Path]):
+    from flagscale.project import Project
+
+    return Project.find(root)
+
+
+def _device(project, device: Optional[str]) -> Optional[str]:
+    if device is None:
+        return None
+    from flagscale.devices import resolve_device
+
+    return resolve_device(project, device).name
+
+
+def _progress():
+    """A download progress callback: a bar on a terminal, nothing in logs."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), console=_console(stderr=True), transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("download", total=total or None)
+        bar.update(task, completed=done)
+        if total and done >= total:
+            bar.stop()
+
+    return update
+
+
+@app.callback(invoke_without_command=True)
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step.")) -> None:
+    _setup_logging(verbose)
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+# ------------------------------------------------------------------------------------------ upstream
+@upstream_app.command("status")
+def upstream_status(root: Optional[Path] = RootOpt) -> None:
+    """Show every pin: tag, commit, release sdist, submodule state, and what is cached."""
+    from rich.table import Table
+
+    from flagscale.cache import Cache
+    from flagscale.sources import submodule_state
+
+    with _reported():
+        project = _project(root)
+        cache = Cache()
+        table = Table("backend", "upstream", "tag", "commit", "sdist", "sha256", "submodule", "cached")
+        for pin in project.pins:
+            path, head = submodule_state(project, pin)
+            sub = "not initialized" if path is None else (
+                f"at {head[:12]}" + ("" if not pin.commit or head == pin.commit else " (differs from pin!)"))
+            cached = "yes" if cache.path("sources", f"sdist-{pin.sdist.sha256}").exists() else "no"
+            commit = pin.commit[:12] if pin.commit else (f"~{pin.commit_hint}" if pin.commit_hint else "unresolved")
+            table.add_row(pin.backend, pin.name, pin.tag or "-", commit, f"{pin.sdist.name} {pin.sdist.version}",
+                          pin.sdist.sha256[:12] + "…", sub, cached)
+        _console().print(table)
+
+
+@upstream_app.command("fetch")
+def upstream_fetch(backend: str, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+    """Materialize BACKEND's pinned source into the read-only cache and print its path."""
+    from flagscale.sources import materialize
+
+    with _reported():
+        project = _project(root)
+        src = materialize(project, project.pins.resolve(backend), source, progress=_progress())
+        _console(stderr=True).print(f"{src.pin.backend}: {src.origin}")
+        typer.echo(src.tree)
+
+
+# --------------------------------------------------------------------------------------------- patch
+@patch_app.command("checkout")
+def patch_checkout(backend: str, dest: Path, device: Optional[str] = DeviceOpt, source: str = SourceOpt,
+                   root: Optional[Path] = RootOpt) -> None:
+    """Create DEST: a git repo of the pinned upstream with one commit per patch, ready to edit."""
+    from flagscale.patchtool import checkout
+
+    with _reported():
+        project = _project(root)
+        commits = checkout(project, backend, dest, _device(project, device), source)
+        typer.echo(f"{dest}: {len(commits)} patch commit(s) on the pinned upstream; edit, commit, then run "
+                   f"`tools/patch.py export {backend}{f' --device {device}' if device else ''} {dest}`")
+
+
+@patch_app.command("export")
+def patch_export(backend: str, repo: Path, device: Optional[str] = DeviceOpt, root: Optional[Path] = RootOpt) -> None:
+    """Write REPO's commits back to the series; only changed patches are rewritten."""
+    from flagscale.patchtool import export
+
+    with _reported():
+        project = _project(root)
+        result = export(project, backend, repo, _device(project, device))
+        for path in result.written:
+            typer.echo(f"wrote   {path.relative_to(project.root)}")
+        for path in result.removed:
+            typer.echo(f"removed {path.relative_to(project.root)}")
+        typer.echo(f"{len(result.written)} written, {len(result.unchanged)} unchanged, {len(result.removed)} removed")
+
+
+@patch_app.command("rebase")
+def patch_rebase(backend: str, to: str = typer.Option(..., "--to", help="New release version of the pin's sdist."),
+                 sha256: Optional[str] = typer.Option(None, help="Expected sha256 of the new sdist."),
+                 source: Optional[str] = typer.Option(None, "--source", help="Local tree of the new pin."),
+                 root: Optional[Path] = RootOpt) -> None:
+    """Replay every series of BACKEND onto a new pin (3-way merge); write patches and pin only on success."""
+    from flagscale.patchtool import rebase
+
+    with _reported():
+        report = rebase(_project(root), backend, to, sha256, source)
+        _print_report(report)
+        typer.echo(f"rebased {len(report)} patch(es) onto {to}; third_party/upstreams.toml updated")
+
+
+def _print_report(report) -> None:
+    if not report:
+        return
+    from rich.table import Table
+
+    table = Table("series", "patch", "result", "detail")
+    colour = {"clean": "green", "offset": "yellow", "merged": "yellow", "conflict": "red", "skipped": "red"}
+    for row in report:
+        table.add_row(row.series, row.name, f"[{colour[row.status]}]{row.status}[/]", row.detail)
+    _console().print(table)
+
+
+@patch_app.command("check")
+def patch_check(device: Optional[str] = DeviceOpt,
+                backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Only this backend."),
+                source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+    """Does every (device, backend) cell's series apply to its pin? Non-zero exit if any does not."""
+    from rich.table import Table
+
+    from flagscale.patchtool import check
+
+    with _reported():
+        project = _project(root)
+        results = check(project, backend, _device(project, device), source)
+        table = Table("backend", "device", "patches", "result", "detail")
+        colour = {"ok": "green", "offset": "yellow", "FAIL": "red"}
+        for r in results:
+            table.add_row(r.backend, r.device or "(common)", str(r.patches), f"[{colour[r.status]}]{r.status}[/]", r.detail)
+        _console().print(table)
+        failed = [r for r in results if r.status == "FAIL"]
+        if failed:
+            raise typer.Exit(1)
+
+
+@patch_app.command("lint")
+def patch_lint(root: Optional[Path] = RootOpt) -> None:
+    """Check every series folder: headers, whitespace damage, and that `series` lists exactly its files."""
+    from flagscale.series import lint_folder
+
+    with _reported():
+        project = _project(root)
+        folders = sorted({p.parent for p in project.root.glob("patches/*/*") if p.parent.is_dir()} |
+                         {p.parent for p in project.root.glob("hardware/*/patches/*/*")})
+        problems = [problem for folder in folders for problem in lint_folder(folder)]
+        for problem in problems:
+            typer.echo(problem)
+        typer.echo(f"{len(folders)} series checked, {len(problems)} problem(s)")
+        if problems:
+            raise typer.Exit(1)
+
+
+@patch_app.command("apply")
+def patch_apply(backend: str, dest: Optional[Path] = typer.Argument(None, help="Also copy the patched tree here."),
+                device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+    """Apply the common (and device) series to the pin; print the cached patched tree's path."""
+    from flagscale.apply import copy_tree
+    from flagscale.tree import patched_tree
+
+    with _reported():
+        project = _project(root)
+        tree = patched_tree(project, backend, _device(project, device), source, progress=_progress())
+        _console(stderr=True).print(f"{len(tree.patches)} patch(es) on {tree.source.origin}"
+                                    f"{' (cached)' if tree.cache_hit else ''}")
+        if dest is not None:
+            if dest.exists() and any(dest.iterdir()):
+                raise typer.BadParameter(f"{dest} is not empty")
+            dest.mkdir(parents=True, exist_ok=True)
+            copy_tree(tree.path, dest)
+            typer.echo(dest)
+        else:
+            typer.echo(tree.path)
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

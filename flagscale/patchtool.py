@@ -1,0 +1,402 @@
+"""devtool-style patch workflow: checkout a pin as a git repo with one commit per patch, export the
+commits back to patch files, rebase the series onto a new pin, and check every (device, backend) cell."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flagscale import git as g
+from flagscale.apply import plan_patches, write_plan
+from flagscale.cache import Cache, remove_tree
+from flagscale.errors import ApplyError, ConfigError, FlagScaleError, GitError, RebaseConflict
+from flagscale.index import find_sdist
+from flagscale.patchfile import Patch, parse_patch
+from flagscale.project import Project
+from flagscale.series import SERIES_FILE, read_series, series_for, series_header, write_series
+from flagscale.sources import Source, materialize
+from flagscale.tree import load_series_patches, patched_tree
+from flagscale.upstream import Pin
+
+TRAILER = "FlagScale-Patch"
+STATE_FILE = "flagscale-checkout.json"
+
+
+# ----------------------------------------------------------------------------------------- checkout
+def checkout(project: Project, backend: str, dest: Path, device: str | None = None, source: str = "auto",
+             cache: Cache | None = None) -> list[str]:
+    """Create `dest` as a git repo of the pin (repository layout) plus one commit per patch."""
+    pin = project.pins.resolve(backend)
+    if dest.exists() and any(dest.iterdir()):
+        raise ConfigError(f"{dest} is not empty; choose a new folder for the checkout")
+    src = materialize(project, pin, source, cache)
+    labelled = load_series_patches(project, pin.backend, device)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        base = _base_repo(src, dest)
+        commits = _commit_patches(dest, labelled, pin, pin.backend, device)
+        state = {"backend": pin.backend, "device": device, "base": base, "source": src.key,
+                 "pin": {"version": pin.sdist.version, "sha256": pin.sdist.sha256, "commit": pin.commit},
+                 "project": str(project.root)}
+        (dest / ".git" / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    except BaseException:
+        remove_tree(dest)
+        raise
+    return commits
+
+
+def _base_repo(src: Source, dest: Path) -> str:
+    """Lay the source out in repository paths and commit it as the base."""
+    _base_repo_files(src, dest)
+    g.init_repo(dest)
+    return g.commit_all(dest, f"upstream: {src.pin.label}\n\nFlagScale-Source: {src.key}\n", env=g.BOT_IDENTITY)
+
+
+def _commit_patches(repo: Path, labelled: list[tuple[str, Patch]], pin: Pin, backend: str,
+                    device: str | None) -> list[str]:
+    commits = []
+    for label, patch in labelled:
+        plan = plan_patches(repo, [patch], pin_label=pin.label,
+                            hint=f"; the series does not apply to its own pin: run `tools/patch.py check --backend {backend}`")
+        write_plan(plan, repo)
+        env = {**g.BOT_IDENTITY, **_author_env(patch)}
+        commits.append(g.commit_all(repo, _commit_message(patch, label), env=env))
+    return commits
+
+
+def _author_env(patch: Patch) -> dict[str, str]:
+    from email.utils import parseaddr
+
+    name, email = parseaddr(patch.headers.get("From", ""))
+    env = {}
+    if email:
+        env.update(GIT_AUTHOR_NAME=name or email, GIT_AUTHOR_EMAIL=email)
+    if patch.headers.get("Date"):
+        env.update(GIT_AUTHOR_DATE=patch.headers["Date"], GIT_COMMITTER_DATE=patch.headers["Date"])
+    return env
+
+
+def _commit_message(patch: Patch, label: str) -> str:
+    body = f"\n\n{patch.body}" if patch.body else ""
+    return f"{patch.subject or patch.name}{body}\n\n{TRAILER}: {label}/{patch.name}\n"
+
+
+# ------------------------------------------------------------------------------------------- export
+@dataclass(frozen=True)
+class ExportResult:
+    written: list[Path]
+    unchanged: list[Path]
+    removed: list[Path]
+
+
+def export(project: Project, backend: str, repo: Path, device: str | None = None) -> ExportResult:
+    """Turn the checkout's commits back into the series; rewrite only what changed."""
+    state = _checkout_state(repo, project.pins.resolve(backend).backend, device)
+    if g.out(repo, "status", "--porcelain", "--untracked-files=no").strip():
+        raise ConfigError(f"{repo} has uncommitted changes; commit them (one commit per patch) and export again")
+    commits = g.out(repo, "rev-list", "--reverse", f"{state['base']}..HEAD").split()
+    if g.out(repo, "rev-list", "--merges", f"{state['base']}..HEAD").strip():
+        raise ConfigError(f"{repo}: merge commits cannot become patches; rebase them away first")
+    folders = {"common": project.common_series_dir(state["backend"])}
+    if device:
+        folders[f"device:{device}"] = project.device_series_dir(device, state["backend"])
+    outputs = _render_commits(repo, commits, folders, device)
+    return _write_series(folders, outputs)
+
+
+def _checkout_state(repo: Path, backend: str, device: str | None) -> dict:
+    file = repo / ".git" / STATE_FILE
+    if not file.is_file():
+        raise ConfigError(f"{repo} is not a FlagScale checkout; create one with `tools/patch.py checkout {backend} DIR`")
+    state = json.loads(file.read_text())
+    if state["backend"] != backend or state["device"] != device:
+        raise ConfigError(f"{repo} is a checkout of backend {state['backend']} device {state['device']}; "
+                          f"export it with the same --backend/--device")
+    return state
+
+
+def _render_commits(repo: Path, commits: list[str], folders: dict[str, Path],
+                    device: str | None) -> list[tuple[str, str, bytes]]:
+    """(series label, file name, bytes) per commit, in commit order."""
+    outputs: list[tuple[str, str, bytes]] = []
+    taken = {label: {p.name for p in folder.glob("*.patch")} for label, folder in folders.items()}
+    messages = [g.out(repo, "log", "-1", "--format=%B", commit) for commit in commits]
+    known = [_trailer(message, folders) for message in messages]
+    last_common = max((i for i, k in enumerate(known) if k and k[0] == "common"), default=-1)
+    label = "common"
+    for index, (commit, message, found) in enumerate(zip(commits, messages, known)):
+        if found:
+            new_label, name = found
+        else:
+            # A new commit joins the series before it; in a device checkout, everything after the
+            # last common patch belongs to the device.
+            new_label = f"device:{device}" if device and index > last_common else label
+            name = _new_name(message, taken[new_label])
+        if label.startswith("device:") and new_label == "common":
+            raise ConfigError(f"commit {commit[:12]} ({name}) is a common patch after device patches; "
+                              "reorder the commits so common patches come first")
+        label = new_label
+        taken[label].add(name)
+        outputs.append((label, name, _strip_trailer(g.format_patch(repo, commit))))
+    return outputs
+
+
+def _trailer(message: str, folders: dict[str, Path]) -> tuple[str, str] | None:
+    match = re.search(rf"^{TRAILER}: (\S+)/(\S+)$", message, re.MULTILINE)
+    return (match.group(1), match.group(2)) if match and match.group(1) in folders else None
+
+
+def _new_name(message: str, taken: set[str]) -> str:
+    subject = message.splitlines()[0] if message else "patch"
+    slug = re.sub(r"[^a-z0-9]+", "-", subject.lower()).strip("-")[:52].rstrip("-") or "patch"
+    numbers = [int(n[:4]) for n in taken if n[:4].isdigit()]
+    return f"{(max(numbers) + 1 if numbers else 1):04d}-{slug}.patch"
+
+
+def _strip_trailer(data: bytes) -> bytes:
+    """Drop our bookkeeping trailer (and the blank line before it) from the message part."""
+    return re.sub(rb"\n\n" + TRAILER.encode() + rb": [^\n]*\n", b"\n", data, count=1)
+
+
+def _write_series(folders: dict[str, Path], outputs: list[tuple[str, str, bytes]]) -> ExportResult:
+    written, unchanged, removed = [], [], []
+    for label, folder in folders.items():
+        old_names = read_series(folder, label).names
+        new = [(name, data) for lab, name, data in outputs if lab == label]
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in new:
+            path = folder / name
+            if path.is_file() and path.read_bytes() == data:
+                unchanged.append(path)
+                continue
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            written.append(path)
+        new_names = [name for name, _ in new]
+        for name in old_names:
+            if name not in new_names:
+                (folder / name).unlink(missing_ok=True)
+                removed.append(folder / name)
+        if new_names or old_names:
+            write_series(folder, new_names, series_header(folder))
+    return ExportResult(written, unchanged, removed)
+
+
+# ------------------------------------------------------------------------------------------- rebase
+@dataclass(frozen=True)
+class PatchReport:
+    series: str
+    name: str
+    status: str  # clean | offset | merged | conflict | skipped
+    detail: str = ""
+
+
+def rebase(project: Project, backend: str, to_version: str, sha256: str | None = None,
+           source: str | None = None, cache: Cache | None = None) -> list[PatchReport]:
+    """Replay every series of `backend` onto a new pin with a 3-way merge; write only if all succeed."""
+    cache = cache or Cache()
+    old_pin = project.pins.resolve(backend)
+    new_pin = _new_pin(old_pin, to_version, sha256)
+    old_src = materialize(project, old_pin, "auto", cache)
+    new_src = materialize(project, new_pin, source or "sdist", cache)
+    devices = [d for d in project.devices if read_series(project.device_series_dir(d, old_pin.backend), "").names]
+    report: list[PatchReport] = []
+    outputs: list[tuple[str, str, bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="flagscale-rebase-") as tmp:
+        repo = Path(tmp) / "repo"
+        repo.mkdir()
+        old_base = _base_repo(old_src, repo)
+        new_base = _import_tree(repo, new_src, old_base)
+        for device in [None, *devices]:
+            # Device series sit on top of the common one: replay it again under each device, reporting it once.
+            labelled = load_series_patches(project, old_pin.backend, device)
+            g.git(repo, "checkout", "-q", "--detach", old_base)
+            g.git(repo, "reset", "-q", "--hard", old_base)
+            old_commits = _commit_patches(repo, labelled, old_pin, old_pin.backend, device)
+            g.git(repo, "checkout", "-q", "--detach", new_base)
+            results = _replay(repo, list(zip(labelled, old_commits)), new_pin)
+            for ((label, patch), (status, detail, data)) in zip(labelled, results):
+                if device and label == "common":
+                    continue
+                report.append(PatchReport(label, patch.name, status, detail))
+                if data is not None:
+                    outputs.append((label, patch.name, data))
+    if any(r.status in ("conflict", "skipped") for r in report):
+        conflicts = sum(r.status == "conflict" for r in report)
+        raise RebaseConflict(f"{conflicts} patch(es) conflict with {new_pin.label}; nothing was written. "
+                             "Resolve them in a checkout of the new pin, then rebase again", report)
+    for label, name, data in outputs:
+        folder = project.common_series_dir(old_pin.backend) if label == "common" else \
+            project.device_series_dir(label.split(":", 1)[1], old_pin.backend)
+        path = folder / name
+        if path.read_bytes() != data:
+            tmp_file = path.with_name(f".{name}.tmp")
+            tmp_file.write_bytes(data)
+            os.replace(tmp_file, path)
+    write_pin(project, new_pin)
+    return report
+
+
+def _new_pin(pin: Pin, version: str, sha256: str | None) -> Pin:
+    release = find_sdist(pin.sdist.name, version)
+    if sha256 and release.sha256 != sha256.lower():
+        raise ConfigError(f"{pin.sdist.name} {version} on the index has sha256 {release.sha256}, not {sha256}")
+    tag = pin.tag_format.format(version=version) if pin.tag_format else None
+    sdist = dataclasses.replace(pin.sdist, version=version, sha256=release.sha256)
+    return dataclasses.replace(pin, sdist=sdist, tag=tag, commit=None, commit_hint=None)
+
+
+def _import_tree(repo: Path, src: Source, parent: str) -> str:
+    """Commit the new pin's tree (repository layout) as a child of the old base."""
+    with tempfile.TemporaryDirectory(prefix="flagscale-newpin-") as tmp:
+        staged = Path(tmp) / "t"
+        staged.mkdir()
+        _base_repo_files(src, staged)
+        g.git(repo, "checkout", "-q", "--detach", parent)
+        for entry in repo.iterdir():
+            if entry.name != ".git":
+                remove_tree(entry)
+        from flagscale.apply import copy_tree
+
+        copy_tree(staged, repo)
+    return g.commit_all(repo, f"upstream: {src.pin.label}\n\nFlagScale-Source: {src.key}\n", env=g.BOT_IDENTITY)
+
+
+def _base_repo_files(src: Source, dest: Path) -> None:
+    for dirpath, _, filenames in os.walk(src.tree):
+        rel_dir = os.path.relpath(dirpath, src.tree)
+        for name in filenames:
+            repo_path = src.to_repo_path(name if rel_dir == "." else f"{rel_dir}/{name}")
+            if repo_path is None:
+                continue
+            target = dest / repo_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((Path(dirpath) / name).read_bytes())
+            os.chmod(target, 0o755 if os.stat(Path(dirpath) / name).st_mode & 0o100 else 0o644)
+
+
+def _replay(repo: Path, items: list[tuple[tuple[str, Patch], str]], new_pin: Pin):
+    """Cherry-pick each patch commit onto HEAD: (status, detail, refreshed patch bytes or None)."""
+    results = []
+    blocked = False
+    for (label, patch), commit in items:
+        if blocked:
+            results.append(("skipped", "after a conflicting patch", None))
+            continue
+        try:
+            plan = plan_patches(repo, [patch], pin_label=new_pin.label)
+            offsets = plan.offsets()
+            status = "offset" if offsets else "clean"
+            detail = ", ".join(f"{o.path} hunk {o.hunk} {o.offset:+d}" for o in offsets)
+        except ApplyError:
+            status, detail = "merged", "3-way merge"
+        picked = g.git(repo, "cherry-pick", "--allow-empty", "--no-commit", commit, check=False,
+                       env=g.BOT_IDENTITY)
+        if picked.returncode != 0:
+            detail = _conflict_detail(repo)
+            g.git(repo, "cherry-pick", "--abort", check=False)
+            g.git(repo, "reset", "-q", "--hard", "HEAD")
+            results.append(("conflict", detail, None))
+            blocked = True
+            continue
+        message = g.out(repo, "log", "-1", "--format=%B", commit)
+        author = g.out(repo, "log", "-1", "--format=%an%x00%ae%x00%aD", commit).split("\0")
+        env = {**g.BOT_IDENTITY, "GIT_AUTHOR_NAME": author[0], "GIT_AUTHOR_EMAIL": author[1],
+               "GIT_AUTHOR_DATE": author[2].strip(), "GIT_COMMITTER_DATE": author[2].strip()}
+        new_commit = g.commit_all(repo, message, env=env)
+        results.append((status, detail, _strip_trailer(g.format_patch(repo, new_commit))))
+    return results
+
+
+def _conflict_detail(repo: Path) -> str:
+    files = g.out(repo, "diff", "--name-only", "--diff-filter=U").split()
+    parts = []
+    for name in files:
+        try:
+            lines = (repo / name).read_text(errors="replace").splitlines()
+        except OSError:
+            parts.append(name)
+            continue
+        starts = [i + 1 for i, line in enumerate(lines) if line.startswith("<<<<<<< ")]
+        parts.append(f"{name} (conflict at line{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))})"
+                     if starts else name)
+    return "; ".join(parts) or "cherry-pick failed"
+
+
+def write_pin(project: Project, pin: Pin) -> None:
+    """Record a new pin in upstreams.toml, keeping its comments and layout."""
+    import tomlkit
+
+    path = project.pins.path
+    doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+    table = doc[pin.backend]
+    for key, value in (("tag", pin.tag), ("commit", pin.commit), ("commit_hint", pin.commit_hint)):
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+    table["sdist"]["version"] = pin.sdist.version
+    table["sdist"]["sha256"] = pin.sdist.sha256
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------- check
+@dataclass(frozen=True)
+class CellResult:
+    backend: str
+    device: str | None
+    patches: int
+    status: str  # ok | offset | FAIL
+    detail: str = ""
+
+
+def cells(project: Project, backend: str | None = None, device: str | None = None) -> list[tuple[str, str | None]]:
+    """Every (backend, device) pair to check: each backend alone, and with every device that supports it."""
+    from flagscale.devices import load_devices
+
+    backends = [project.pins.resolve(backend).backend] if backend else project.pins.names
+    devices = load_devices(project)
+    if device is not None and device not in devices:
+        raise ConfigError(f"unknown device {device!r}; known devices: {', '.join(devices)}")
+    out: list[tuple[str, str | None]] = []
+    for b in backends:
+        if device is None:
+            out.append((b, None))
+        for name, dev in devices.items():
+            if (device is None or name == device) and b in dev.backends:
+                out.append((b, name))
+    return out
+
+
+def check(project: Project, backend: str | None = None, device: str | None = None, source: str = "auto",
+          cache: Cache | None = None) -> list[CellResult]:
+    cache = cache or Cache()
+    results = []
+    for b, d in cells(project, backend, device):
+        try:
+            tree = patched_tree(project, b, d, source, cache)
+            manifest = json.loads((tree.path.parent / "manifest.json").read_text())
+            offsets = manifest.get("offsets", [])
+            status = "offset" if offsets else "ok"
+            detail = ", ".join(offsets[:3]) + (" …" if len(offsets) > 3 else "")
+            results.append(CellResult(b, d, len(tree.patches), status, detail))
+        except (FlagScaleError, GitError) as exc:
+            count = sum(len(s.names) for s in series_for(project, b, d)) if _series_ok(project, b, d) else 0
+            results.append(CellResult(b, d, count, "FAIL", str(exc)))
+    return results
+
+
+def _series_ok(project: Project, backend: str, device: str | None) -> bool:
+    try:
+        series_for(project, backend, device)
+        return True
+    except FlagScaleError:
+        return False

@@ -1,0 +1,20 @@
+#!/usr/bin/env python3
+"""FlagScale's patch workflow for developers; the same commands as `flagscale patch`.
+
+    tools/patch.py checkout megatron /tmp/mc      # pinned upstream + one commit per patch
+    tools/patch.py export megatron /tmp/mc        # commits -> patches/megatron/ (only changed files)
+    tools/patch.py rebase megatron --to 0.16.2    # replay onto a new pin (3-way), report per patch
+    tools/patch.py check                          # does every (device, backend) cell apply?
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+
+from flagscale.cli import _setup_logging, patch_app  # noqa: E402
+
+if __name__ == "__main__":
+    _setup_logging("-v" in sys.argv or "--verbose" in sys.argv)
+    sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
+    patch_app(prog_name="tools/patch.py")
