@@ -166,12 +166,13 @@ def patch_export(backend: str, repo: Path, device: Optional[str] = DeviceOpt, ro
 def patch_rebase(backend: str, to: str = typer.Option(..., "--to", help="New release version of the pin's sdist."),
                  sha256: Optional[str] = typer.Option(None, help="Expected sha256 of the new sdist."),
                  source: Optional[str] = typer.Option(None, "--source", help="Local tree of the new pin."),
+                 old_source: str = typer.Option("auto", "--old-source", help="Source of the current pin."),
                  root: Optional[Path] = RootOpt) -> None:
     """Replay every series of BACKEND onto a new pin (3-way merge); write patches and pin only on success."""
     from flagscale.patchtool import rebase
 
     with _reported():
-        report = rebase(_project(root), backend, to, sha256, source)
+        report = rebase(_project(root), backend, to, sha256, source, old_source)
         _print_report(report)
         typer.echo(f"rebased {len(report)} patch(es) onto {to}; third_party/upstreams.toml updated")
 

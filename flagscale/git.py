@@ -36,8 +36,7 @@ def out(repo: Path, *args: str, **kwargs) -> str:
 
 def init_repo(path: Path) -> None:
     git(path, "init", "-q", "-b", "main")
-    for key, value in (("user.name", "FlagScale"), ("user.email", "flagscale@localhost"),
-                       ("core.autocrlf", "false"), ("commit.gpgsign", "false")):
+    for key, value in (("core.autocrlf", "false"), ("commit.gpgsign", "false")):
         git(path, "config", key, value)
 
 

@@ -16,7 +16,7 @@ from flagscale.apply import plan_patches, write_plan
 from flagscale.cache import Cache, remove_tree
 from flagscale.errors import ApplyError, ConfigError, FlagScaleError, GitError, RebaseConflict
 from flagscale.index import find_sdist
-from flagscale.patchfile import Patch, parse_patch
+from flagscale.patchfile import Patch, read_patch
 from flagscale.project import Project
 from flagscale.series import SERIES_FILE, read_series, series_for, series_header, write_series
 from flagscale.sources import Source, materialize
@@ -127,6 +127,16 @@ def _render_commits(repo: Path, commits: list[str], folders: dict[str, Path],
     taken = {label: {p.name for p in folder.glob("*.patch")} for label, folder in folders.items()}
     messages = [g.out(repo, "log", "-1", "--format=%B", commit) for commit in commits]
     known = [_trailer(message, folders) for message in messages]
+    # A commit without our trailer was exported before if an unclaimed patch has its subject:
+    # reuse that name, so exporting twice changes nothing.
+    claimed = {k for k in known if k}
+    by_subject = {}
+    for label, folder in folders.items():
+        for path in folder.glob("*.patch"):
+            if (label, path.name) not in claimed:
+                by_subject.setdefault(read_patch(path).subject, (label, path.name))
+    known = [k or by_subject.pop(message.splitlines()[0].strip() if message else "", None)
+             for k, message in zip(known, messages)]
     last_common = max((i for i, k in enumerate(known) if k and k[0] == "common"), default=-1)
     label = "common"
     for index, (commit, message, found) in enumerate(zip(commits, messages, known)):
@@ -198,12 +208,12 @@ class PatchReport:
 
 
 def rebase(project: Project, backend: str, to_version: str, sha256: str | None = None,
-           source: str | None = None, cache: Cache | None = None) -> list[PatchReport]:
+           source: str | None = None, old_source: str = "auto", cache: Cache | None = None) -> list[PatchReport]:
     """Replay every series of `backend` onto a new pin with a 3-way merge; write only if all succeed."""
     cache = cache or Cache()
     old_pin = project.pins.resolve(backend)
     new_pin = _new_pin(old_pin, to_version, sha256)
-    old_src = materialize(project, old_pin, "auto", cache)
+    old_src = materialize(project, old_pin, old_source, cache)
     new_src = materialize(project, new_pin, source or "sdist", cache)
     devices = [d for d in project.devices if read_series(project.device_series_dir(d, old_pin.backend), "").names]
     report: list[PatchReport] = []
@@ -244,11 +254,13 @@ def rebase(project: Project, backend: str, to_version: str, sha256: str | None =
 
 
 def _new_pin(pin: Pin, version: str, sha256: str | None) -> Pin:
-    release = find_sdist(pin.sdist.name, version)
-    if sha256 and release.sha256 != sha256.lower():
-        raise ConfigError(f"{pin.sdist.name} {version} on the index has sha256 {release.sha256}, not {sha256}")
+    """The pin moved to `version`; its sha256 comes from the user or from the index (verified on download)."""
+    if sha256 is None:
+        sha256 = find_sdist(pin.sdist.name, version).sha256
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256.lower()):
+        raise ConfigError(f"--sha256 {sha256!r} is not a sha256 hex digest")
     tag = pin.tag_format.format(version=version) if pin.tag_format else None
-    sdist = dataclasses.replace(pin.sdist, version=version, sha256=release.sha256)
+    sdist = dataclasses.replace(pin.sdist, version=version, sha256=sha256.lower())
     return dataclasses.replace(pin, sdist=sdist, tag=tag, commit=None, commit_hint=None)
 
 
