@@ -1,8 +1,9 @@
 """FlagScale's in-tree PEP 517 backend (`backend-path = ["."]`): thin hooks over the core.
 
-Today it builds the plain toolchain wheel (flit_core does the packaging). Config settings are
-validated strictly at this edge; device-specific wheels of the patched backends build on the same
-hooks (see docs/patches.md and third_party/upstreams.toml).
+flit_core packages FlagScale itself; with `-C device=D -C backend=B` each backend is built from its
+patched pin by the upstream's own build system (flagscale.build), and the FlagScale wheel is
+re-versioned `X+D`, pinned to those wheels and given its provenance (flagscale.distribution).
+No prepare_metadata hook: the metadata depends on the backend wheels, so pip takes it from the wheel.
 """
 
 from __future__ import annotations
@@ -13,35 +14,33 @@ from build_backend.settings import parse_settings
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    parse_settings(config_settings)
-    return _flit.get_requires_for_build_wheel(config_settings)
+    from flagscale.distribution import backend_build_requires
+
+    settings = parse_settings(config_settings)
+    return _flit.get_requires_for_build_wheel() + backend_build_requires(settings)
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return get_requires_for_build_wheel(config_settings)
 
 
 def get_requires_for_build_sdist(config_settings=None):
     parse_settings(config_settings)
-    return _flit.get_requires_for_build_sdist(config_settings)
-
-
-def get_requires_for_build_editable(config_settings=None):
-    parse_settings(config_settings)
-    return _flit.get_requires_for_build_editable(config_settings)
-
-
-def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
-    parse_settings(config_settings)
-    return _flit.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+    return _flit.get_requires_for_build_sdist()
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    parse_settings(config_settings)
-    return _flit.build_wheel(wheel_directory, config_settings, metadata_directory)
+    from flagscale.distribution import build_distribution
+
+    return build_distribution(parse_settings(config_settings), wheel_directory, _flit.build_wheel)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    parse_settings(config_settings)
-    return _flit.build_editable(wheel_directory, config_settings, metadata_directory)
+    from flagscale.distribution import build_distribution
+
+    return build_distribution(parse_settings(config_settings), wheel_directory, _flit.build_editable, editable=True)
 
 
 def build_sdist(sdist_directory, config_settings=None):
     parse_settings(config_settings)
-    return _flit.build_sdist(sdist_directory, config_settings)
+    return _flit.build_sdist(sdist_directory)

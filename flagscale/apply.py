@@ -183,10 +183,10 @@ def write_plan(plan: Plan, root: Path) -> None:
                 _write_file(root / path, final)
             done.append(path)
     except OSError as exc:
+        for folder in reversed(removed_dirs):
+            folder.mkdir(exist_ok=True)
         for path in reversed(done):
             original = plan.originals[path]
-            for folder in reversed(removed_dirs):
-                folder.mkdir(exist_ok=True)
             if original.content is None:
                 (root / path).unlink(missing_ok=True)
             else:

@@ -14,7 +14,24 @@ from flagscale.errors import ConfigError
 from flagscale.project import Project
 from flagscale.upstream import nearest
 
-_KNOWN = {"name", "description", "aliases", "backends"}
+_KNOWN = {"name", "description", "aliases", "backends", "runtime_requires"}
+_BUILD_KNOWN = {"env", "cmake_args", "drop_build_requires", "config_settings"}
+
+
+@dataclass(frozen=True)
+class BackendBuild:
+    """How a device builds one backend's wheel (`[build.<backend>]` in device.toml)."""
+
+    env: tuple[tuple[str, str], ...] = ()  # e.g. VLLM_TARGET_DEVICE=empty
+    cmake_args: tuple[str, ...] = ()  # passed as CMAKE_ARGS (llama.cpp)
+    drop_build_requires: tuple[str, ...] = ()  # e.g. torch: never pull another torch into a build
+    config_settings: tuple[tuple[str, str], ...] = ()  # the upstream backend's own -C settings
+
+    def environ(self) -> dict[str, str]:
+        env = dict(self.env)
+        if self.cmake_args:
+            env["CMAKE_ARGS"] = " ".join(self.cmake_args)
+        return env
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,11 @@ class Device:
     aliases: tuple[str, ...]
     backends: tuple[str, ...]
     manifest: Path
+    runtime_requires: tuple[str, ...] = ()
+    builds: tuple[tuple[str, BackendBuild], ...] = ()
+
+    def build_for(self, backend: str) -> BackendBuild:
+        return dict(self.builds).get(backend, BackendBuild())
 
 
 def load_devices(project: Project) -> dict[str, Device]:
@@ -38,6 +60,9 @@ def load_device(project: Project, path: Path) -> Device:
     table = raw.get("device")
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: needs a [device] table")
+    for key in raw:
+        if key not in ("device", "build"):
+            raise ConfigError(f"{path}: unknown table [{key}]; valid tables: [device], [build.<backend>]")
     for key in table:
         if key not in _KNOWN:
             raise ConfigError(f"{path}: [device].{key}: unknown field; valid fields: {', '.join(sorted(_KNOWN))}"
@@ -51,7 +76,26 @@ def load_device(project: Project, path: Path) -> Device:
             backends.append(project.pins.resolve(backend).backend)
         except ConfigError as exc:
             raise ConfigError(f"{path}: [device].backends: {exc}") from None
-    return Device(name, str(table.get("description", "")), tuple(table.get("aliases", ())), tuple(backends), path)
+    builds = []
+    for backend, build in raw.get("build", {}).items():
+        where = f"{path}: [build.{backend}]"
+        try:
+            backend = project.pins.resolve(backend).backend
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if backend not in backends:
+            raise ConfigError(f"{where}: {backend} is not in [device].backends")
+        for key in build:
+            if key not in _BUILD_KNOWN:
+                raise ConfigError(f"{where}.{key}: unknown field; valid fields: {', '.join(sorted(_BUILD_KNOWN))}"
+                                  f"{nearest(key, sorted(_BUILD_KNOWN))}")
+        builds.append((backend, BackendBuild(
+            env=tuple(sorted((str(k), str(v)) for k, v in build.get("env", {}).items())),
+            cmake_args=tuple(build.get("cmake_args", ())),
+            drop_build_requires=tuple(build.get("drop_build_requires", ())),
+            config_settings=tuple(sorted((str(k), str(v)) for k, v in build.get("config_settings", {}).items())))))
+    return Device(name, str(table.get("description", "")), tuple(table.get("aliases", ())), tuple(backends), path,
+                  tuple(table.get("runtime_requires", ())), tuple(builds))
 
 
 def resolve_device(project: Project, name: str) -> Device:

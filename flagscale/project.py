@@ -27,7 +27,9 @@ class Project:
             if not (root / PINS_FILE).is_file():
                 raise ConfigError(f"{root}: not a FlagScale checkout (no {PINS_FILE})")
             return cls(root)
-        for candidate in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent):
+        # A checkout above the cwd, the checkout this module lives in, or the data an installed wheel carries.
+        package = Path(__file__).resolve().parent
+        for candidate in (Path.cwd(), *Path.cwd().parents, package.parent, package / "_project"):
             if (candidate / PINS_FILE).is_file():
                 return cls(candidate)
         raise ConfigError(f"no FlagScale checkout found (looked for {PINS_FILE} above {Path.cwd()}); pass --root")

@@ -1,0 +1,178 @@
+"""Build a backend's wheel from its patched tree with the upstream's own PEP 517 build system.
+
+The wheel is re-versioned with a local label naming FlagScale, the device and the patch set
+(`megatron_core-0.16.1+fs.cpu.1a2b3c4d`), carries `flagscale_build.json` (its provenance) and is
+cached by a key over every input, so a no-change rebuild is a cache hit.
+
+Build requirements are *not* installed here: inside a PEP 517 build pip installs what
+`build_requires` reports; the CLI prepares an isolated environment first (flagscale.install).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flagscale import __version__
+from flagscale.apply import copy_tree
+from flagscale.cache import Cache
+from flagscale.devices import BackendBuild, Device, resolve_device
+from flagscale.errors import FlagScaleError
+from flagscale.project import Project
+from flagscale.tree import PatchedTree, patched_tree
+from flagscale.wheelfile import WheelEdit, rewrite_wheel, source_date_epoch
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1"
+PROVENANCE_FILE = "flagscale_build.json"
+
+
+class BuildError(FlagScaleError):
+    """The upstream's own build failed; the message names its log."""
+
+
+@dataclass(frozen=True)
+class BackendWheel:
+    backend: str
+    device: str | None
+    path: Path
+    distribution: str
+    version: str
+    provenance: dict
+    cache_hit: bool
+
+
+def build_dir(tree: PatchedTree) -> Path:
+    """The folder holding the upstream's pyproject.toml inside a patched tree."""
+    src = tree.source
+    if src.layout == "sdist":
+        return tree.path
+    repo_root_of_sdist = [repo for repo, sdist in src.pin.sdist.paths if sdist == ""]
+    if repo_root_of_sdist:
+        return tree.path / repo_root_of_sdist[0]
+    if all(repo == sdist for repo, sdist in src.pin.sdist.paths):
+        return tree.path  # the repository root builds the same distribution
+    raise FlagScaleError(f"{src.pin.backend}: its wheel builds from the {src.pin.sdist.name} sdist, not from the "
+                         f"{src.pin.name} repository; use --source sdist (upstream-source=sdist)")
+
+
+def build_requires(tree: PatchedTree, settings: BackendBuild) -> list[str]:
+    """The upstream's static build requirements, less those the device must not pull (torch)."""
+    pyproject = build_dir(tree) / "pyproject.toml"
+    system = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("build-system", {}) if pyproject.is_file() else {}
+    requires = system.get("requires", ["setuptools>=40.8.0"])
+    drop = {_dist_name(r) for r in settings.drop_build_requires}
+    return [r for r in requires if _dist_name(r) not in drop]
+
+
+def _dist_name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(Requirement(requirement).name)
+
+
+def device_settings(project: Project, device: str | None, backend: str) -> tuple[Device | None, BackendBuild]:
+    if device is None:
+        return None, BackendBuild()
+    dev = resolve_device(project, device)
+    if backend not in dev.backends:
+        raise FlagScaleError(f"device {dev.name} does not support backend {backend}; it supports "
+                             f"{', '.join(dev.backends) or 'none'} (see {dev.manifest})")
+    return dev, dev.build_for(backend)
+
+
+def build_backend_wheel(project: Project, backend: str, device: str | None, source: str = "auto",
+                        cache: Cache | None = None, python: str | None = None,
+                        log_dir: Path | None = None) -> BackendWheel:
+    cache = cache or Cache()
+    pin = project.pins.resolve(backend)
+    dev, settings = device_settings(project, device, pin.backend)
+    device_name = dev.name if dev else None
+    tree = patched_tree(project, pin.backend, device_name, source, cache)
+    python = python or sys.executable
+    inputs = {"builder": BUILDER_VERSION, "tree": tree.key, "env": settings.environ(),
+              "config_settings": dict(settings.config_settings), "python": _python_tag(python),
+              "source_date_epoch": source_date_epoch()}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    label = f"fs.{device_name}.{key[:8]}" if device_name else f"fs.{key[:8]}"
+    provenance = {
+        "toolchain": {"name": "flagscale", "version": __version__},
+        "backend": pin.backend,
+        "device": device_name,
+        "upstream": {"name": pin.name, "git": pin.git, "tag": pin.tag, "commit": pin.commit,
+                     "sdist": {"name": pin.sdist.name, "version": pin.sdist.version, "sha256": pin.sdist.sha256},
+                     "source": tree.source.kind},
+        "patches": [{"series": p.series, "name": p.name, "sha256": p.sha256} for p in tree.patches],
+        "build": {"env": settings.environ(), "config_settings": dict(settings.config_settings),
+                  "python": inputs["python"], "source_date_epoch": inputs["source_date_epoch"]},
+        "key": key,
+    }
+
+    def build(tmp: Path) -> None:
+        work = tmp / "src"
+        work.mkdir()
+        copy_tree(build_dir(tree), work)
+        raw = tmp / "raw"
+        logfile = (log_dir or cache.root / "logs") / f"{pin.backend}-{device_name or 'none'}-{key[:12]}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        built = _run_upstream_build(work, raw, python, settings, logfile, pin.backend)
+        version = f"{_wheel_version(built)}+{label}"
+        rewrite_wheel(built, tmp, WheelEdit(version=version, dist_info_files={
+            PROVENANCE_FILE: (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode()}))
+        from flagscale.cache import remove_tree
+
+        remove_tree(work)
+        remove_tree(raw)
+
+    entry, hit = cache.get_or_create("wheels", key, build)
+    (wheel,) = entry.glob("*.whl")
+    dist, version = wheel.name.split("-")[:2]
+    return BackendWheel(pin.backend, device_name, wheel, dist, version, provenance, hit)
+
+
+def _wheel_version(wheel: Path) -> str:
+    return wheel.name.split("-")[1]
+
+
+def _python_tag(python: str) -> str:
+    if python == sys.executable:
+        return f"{sys.implementation.cache_tag}-{sys.platform}"
+    code = "import sys; print(f'{sys.implementation.cache_tag}-{sys.platform}')"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _run_upstream_build(work: Path, out: Path, python: str, settings: BackendBuild, logfile: Path,
+                        backend: str) -> Path:
+    from pyproject_hooks import BuildBackendHookCaller
+
+    pyproject = work / "pyproject.toml"
+    system = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("build-system", {}) if pyproject.is_file() else {}
+    # Upstream setup scripts run `python3 -m ...` (megatron's pybind11 lookup): make that the build's python.
+    path = os.pathsep.join([os.path.dirname(python), os.environ.get("PATH", "")])
+    env = {**settings.environ(), "SOURCE_DATE_EPOCH": str(source_date_epoch()), "PATH": path}
+
+    def runner(cmd: Sequence[str], cwd: str | None = None, extra_environ=None) -> None:
+        full = {**os.environ, **(extra_environ or {}), **env}
+        with open(logfile, "ab") as log_out:
+            result = subprocess.run(cmd, cwd=cwd, env=full, stdout=log_out, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
+            raise BuildError(f"building the {backend} wheel failed (exit {result.returncode}); last lines of "
+                             f"{logfile}:\n" + "\n".join(tail))
+
+    hooks = BuildBackendHookCaller(str(work), system.get("build-backend", "setuptools.build_meta:__legacy__"),
+                                   system.get("backend-path"), runner=runner, python_executable=python)
+    out.mkdir()
+    log.info("building the %s wheel with its own build system (log: %s)", backend, logfile)
+    name = hooks.build_wheel(str(out), config_settings=dict(settings.config_settings) or None)
+    return out / name
