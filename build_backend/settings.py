@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 KNOWN_KEYS = ("device", "backend", "upstream-source")
@@ -19,19 +18,12 @@ class SettingsError(ValueError):
     """A config setting is not one FlagScale knows, or has a value it cannot use."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    device: str | None  # None: the plain toolchain wheel
-    backends: tuple[str, ...]
-    upstream_source: str  # auto | submodule | sdist | a path
-
-
 def _hint(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def parse_settings(config_settings: dict | None, root: Path | None = None) -> Settings:
+def parse_settings(config_settings: dict | None, root: Path | None = None):
     raw: dict[str, str] = {key: os.environ[var] for key, var in ENV_VARS.items() if os.environ.get(var)}
     for key, value in (config_settings or {}).items():
         if key.startswith("--"):  # pip's own pass-through options (--build-option, ...)
@@ -65,4 +57,6 @@ def parse_settings(config_settings: dict | None, root: Path | None = None) -> Se
         raise SettingsError(f"upstream-source={source!r}: use auto, submodule, sdist or an existing folder")
     if backends and device is None:
         raise SettingsError("backend=... needs a device: add -C device=cpu (or another device from `flagscale devices`)")
-    return Settings(device, tuple(backends), source)
+    from flagscale.distribution import BuildSettings
+
+    return BuildSettings(device, tuple(backends), source)

@@ -93,7 +93,11 @@ def device_settings(project: Project, device: str | None, backend: str) -> tuple
 
 def build_backend_wheel(project: Project, backend: str, device: str | None, source: str = "auto",
                         cache: Cache | None = None, python: str | None = None,
-                        log_dir: Path | None = None) -> BackendWheel:
+                        log_dir: Path | None = None, only_cached: bool = False) -> BackendWheel:
+    """The patched backend wheel for (backend, device), from the cache or built now.
+
+    `only_cached=True` raises LookupError instead of building (the CLI then prepares a build env).
+    """
     cache = cache or Cache()
     pin = project.pins.resolve(backend)
     dev, settings = device_settings(project, device, pin.backend)
@@ -134,6 +138,8 @@ def build_backend_wheel(project: Project, backend: str, device: str | None, sour
         remove_tree(work)
         remove_tree(raw)
 
+    if only_cached and not cache.path("wheels", key).exists():
+        raise LookupError(key)
     entry, hit = cache.get_or_create("wheels", key, build)
     (wheel,) = entry.glob("*.whl")
     dist, version = wheel.name.split("-")[:2]

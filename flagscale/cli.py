@@ -250,6 +250,107 @@ def patch_apply(backend: str, dest: Optional[Path] = typer.Argument(None, help="
             typer.echo(tree.path)
 
 
+def _steps():
+    """Progress for long steps: one line per step (a terminal or a log both read it)."""
+    console = _console(stderr=True)
+    return lambda message: console.print(f"[bold]»[/bold] {message}")
+
+
+def _backends(project, backend: str) -> list[str]:
+    names = [b.strip() for b in backend.split(",") if b.strip()]
+    if not names:
+        raise typer.BadParameter("name at least one backend, e.g. --backend megatron")
+    return [project.pins.resolve(b).backend for b in names]
+
+
+def _default_device(project, device: Optional[str]) -> str:
+    """--device, else the device the installed flagscale was built for, else cpu."""
+    if device:
+        return _device(project, device)
+    import importlib.metadata as md
+    import json
+
+    try:
+        text = md.distribution("flagscale").read_text("flagscale_build.json")
+    except md.PackageNotFoundError:
+        text = None
+    built_for = json.loads(text).get("device") if text else None
+    return _device(project, built_for or "cpu")
+
+
+@app.command("install")
+def install_cmd(backend: str = typer.Option(..., "--backend", "-b", help="Backend(s), comma-separated."),
+                device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+    """Build (or reuse) the patched backend wheel(s) and install them with the device's runtime requirements."""
+    from flagscale.install import install
+
+    with _reported():
+        project = _project(root)
+        wheels = install(project, _backends(project, backend), _default_device(project, device), source, step=_steps())
+        for wheel in wheels:
+            typer.echo(f"installed {wheel.distribution} {wheel.version}{' (cached build)' if wheel.cache_hit else ''}")
+
+
+@app.command("build")
+def build_cmd(backend: str = typer.Option(..., "--backend", "-b", help="Backend(s), comma-separated."),
+              out: Path = typer.Option(..., "--out", "-o", help="Wheelhouse folder to write."),
+              device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+    """Write a wheelhouse: the flagscale wheel (X+device) and the patched backend wheels it pins."""
+    from flagscale.install import build_wheelhouse
+
+    with _reported():
+        project = _project(root)
+        for path in build_wheelhouse(project, _backends(project, backend), _default_device(project, device), out,
+                                     source, step=_steps()):
+            typer.echo(path)
+
+
+@app.command("doctor")
+def doctor_cmd() -> None:
+    """Check that installed backends still match what FlagScale built (files, versions)."""
+    from rich.table import Table
+
+    from flagscale.doctor import diagnose
+
+    report = diagnose()
+    console = _console()
+    console.print(f"flagscale {report.flagscale_version or '(not installed)'}, device {report.device or 'none'}")
+    if not report.backends:
+        console.print("no FlagScale-built backends installed")
+        return
+    table = Table("backend", "distribution", "version", "device", "patches", "state")
+    for b in report.backends:
+        state = "[green]ok[/]" if b.ok else "[red]" + "; ".join(filter(None, [
+            b.problem, f"changed: {', '.join(b.changed)}" if b.changed else "",
+            f"missing: {', '.join(b.missing)}" if b.missing else ""])) + "[/]"
+        table.add_row(b.backend, b.distribution, b.version or "-", b.device or "-", str(b.patches), state)
+    console.print(table)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("devices")
+def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device."), root: Optional[Path] = RootOpt) -> None:
+    """List the devices of the hardware registry, or show one."""
+    from rich.table import Table
+
+    from flagscale.devices import load_devices, resolve_device
+
+    with _reported():
+        project = _project(root)
+        if name:
+            dev = resolve_device(project, name)
+            typer.echo(f"{dev.name}: {dev.description}\naliases: {', '.join(dev.aliases) or '-'}\n"
+                       f"backends: {', '.join(dev.backends)}\nruntime requires: {', '.join(dev.runtime_requires) or '-'}")
+            for backend, build in dev.builds:
+                typer.echo(f"build {backend}: {build.environ() or '-'} drop build requires: {list(build.drop_build_requires)}")
+            return
+        table = Table("device", "aliases", "backends", "description")
+        for dev in load_devices(project).values():
+            table.add_row(dev.name, ", ".join(dev.aliases), ", ".join(dev.backends), dev.description)
+        _console().print(table)
+
+
 def run() -> None:
     app()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from flagscale.wheelfile import WheelEdit, rewrite_wheel
 PROJECT_DATA = "flagscale/_project"
 
 
-def backend_build_requires(settings) -> list[str]:
+@dataclass(frozen=True)
+class BuildSettings:
+    """What to build: parsed once from -C settings / environment (build_backend.settings) or the CLI."""
+
+    device: str | None  # None: the plain toolchain wheel
+    backends: tuple[str, ...]
+    upstream_source: str = "auto"  # auto | submodule | sdist | a path
+
+
+def backend_build_requires(settings: BuildSettings) -> list[str]:
     """What pip must install into the build environment for the selected backends."""
     project = Project.find()
     requires: list[str] = []
@@ -30,7 +40,7 @@ def backend_build_requires(settings) -> list[str]:
     return requires
 
 
-def provenance(settings, wheels: list[BackendWheel], requires: list[str]) -> dict:
+def provenance(settings: BuildSettings, wheels: list[BackendWheel], requires: list[str]) -> dict:
     return {
         "toolchain": {"name": "flagscale", "version": __version__},
         "device": settings.device,
@@ -52,7 +62,7 @@ def project_data(project: Project) -> dict[str, bytes]:
     return files
 
 
-def build_distribution(settings, wheel_directory: str, flit_build: Callable[[str], str], *, editable: bool = False,
+def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build: Callable[[str], str], *, editable: bool = False,
                        requirement: Callable[[BackendWheel], str] | None = None) -> str:
     """Build the backend wheels, then the FlagScale wheel pinned to them; returns its file name.
 

@@ -1,0 +1,126 @@
+"""`flagscale install` and `flagscale build`: patched backend wheels built in an isolated build
+environment (like pip's build isolation), then installed with pip or written to a wheelhouse."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from flagscale.build import BackendWheel, build_backend_wheel, build_requires, device_settings
+from flagscale.cache import Cache
+from flagscale.errors import FlagScaleError
+from flagscale.project import Project
+from flagscale.tree import patched_tree
+
+log = logging.getLogger(__name__)
+Step = Callable[[str], None]
+
+
+def _no_step(message: str) -> None:
+    log.info("%s", message)
+
+
+def torch_constraint() -> list[str]:
+    """Keep the environment's torch: a backend install never replaces it."""
+    try:
+        return [f"torch=={importlib.metadata.version('torch')}"]
+    except importlib.metadata.PackageNotFoundError:
+        return []
+
+
+@contextmanager
+def _constraints_file(extra: list[str]):
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="flagscale-constraints-", delete=False) as f:
+        f.write("\n".join(torch_constraint() + extra) + "\n")
+    try:
+        yield f.name
+    finally:
+        os.unlink(f.name)
+
+
+def build_in_isolation(project: Project, backend: str, device: str | None, source: str = "auto",
+                       cache: Cache | None = None, step: Step = _no_step) -> BackendWheel:
+    """Build (or reuse) one backend wheel; its build requirements go into a throw-away environment."""
+    cache = cache or Cache()
+    pin = project.pins.resolve(backend)
+    _, settings = device_settings(project, device, pin.backend)
+    step(f"{pin.backend}: fetching {pin.sdist.name} {pin.sdist.version} and applying patches")
+    tree = patched_tree(project, pin.backend, device, source, cache)
+    from build.env import DefaultIsolatedEnv
+
+    with DefaultIsolatedEnv() as env:
+        try:
+            cached = build_backend_wheel(project, pin.backend, device, source, cache, python=env.python_executable,
+                                         only_cached=True)
+        except LookupError:
+            cached = None
+        if cached is not None:
+            return cached
+        requires = build_requires(tree, settings)
+        step(f"{pin.backend}: installing build requirements ({', '.join(requires)})")
+        with _constraints_file([]) as constraints:
+            os.environ.setdefault("PIP_CONSTRAINT", constraints)
+            try:
+                env.install(requires)
+            except subprocess.CalledProcessError as exc:
+                raise FlagScaleError(f"{pin.backend}: installing its build requirements failed ({exc}); "
+                                     "check your package index") from None
+            finally:
+                if os.environ.get("PIP_CONSTRAINT") == constraints:
+                    del os.environ["PIP_CONSTRAINT"]
+        step(f"{pin.backend}: building its wheel with the upstream build system (this can take minutes)")
+        return build_backend_wheel(project, pin.backend, device, source, cache, python=env.python_executable)
+
+
+def install(project: Project, backends: list[str], device: str | None, source: str = "auto",
+            cache: Cache | None = None, step: Step = _no_step) -> list[BackendWheel]:
+    """Build (or reuse) the patched backend wheels and pip-install them with the device's runtime needs."""
+    wheels = [build_in_isolation(project, b, device, source, cache, step) for b in backends]
+    runtime: list[str] = []
+    if device:
+        from flagscale.devices import resolve_device
+
+        runtime = list(resolve_device(project, device).runtime_requires)
+    step(f"installing {', '.join(w.path.name for w in wheels)}" + (f" and {', '.join(runtime)}" if runtime else ""))
+    with _constraints_file([]) as constraints:
+        cmd = [sys.executable, "-m", "pip", "install", "--constraint", constraints, *map(str, (w.path for w in wheels)),
+               *runtime]
+        result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise FlagScaleError(f"pip could not install {', '.join(w.path.name for w in wheels)} (exit "
+                             f"{result.returncode}); see pip's output above")
+    return wheels
+
+
+def build_wheelhouse(project: Project, backends: list[str], device: str | None, out: Path, source: str = "auto",
+                     cache: Cache | None = None, step: Step = _no_step) -> list[Path]:
+    """FlagScale's wheel (`X+device`, plain `name==version` pins) and the backend wheels, in `out`."""
+    from flagscale.distribution import BuildSettings, build_distribution
+
+    wheels = [build_in_isolation(project, b, device, source, cache, step) for b in backends]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for wheel in wheels:
+        shutil.copy2(wheel.path, out / wheel.path.name)
+        written.append(out / wheel.path.name)
+    step("building the flagscale wheel")
+    settings = BuildSettings(device, tuple(project.pins.resolve(b).backend for b in backends), source)
+    from flit_core import buildapi
+
+    cwd = os.getcwd()
+    os.chdir(project.root)  # flit reads pyproject.toml from the current folder
+    try:
+        name = build_distribution(settings, str(out), buildapi.build_wheel,
+                                  requirement=lambda w: f"{w.distribution}=={w.version}")
+    finally:
+        os.chdir(cwd)
+    written.append(out / name)
+    return written
