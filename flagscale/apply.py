@@ -80,8 +80,9 @@ def _plan_file(root: Path, plan: Plan, patch: Patch, change: FileChange,
     if change.op != "add" and current.content is None:
         raise ApplyError(f"{where}: the patch changes this file but it does not exist in {pin_label}{hint}")
     image = _split_lines(current.content or b"")
+    written = [False] * len(image)  # like git apply: a hunk may not match over an earlier hunk's output
     for hunk in change.hunks:
-        offset = _apply_hunk(image, hunk, f"{where}: hunk {hunk.number} ({hunk.header})", pin_label, hint)
+        offset = _apply_hunk(image, written, hunk, f"{where}: hunk {hunk.number} ({hunk.header})", pin_label, hint)
         plan.placements.append(Placement(patch.name, change.path, hunk.number, offset))
     content = b"".join(image)
     if change.op == "delete":
@@ -103,21 +104,23 @@ def _split_lines(content: bytes) -> list[bytes]:
     return image
 
 
-def _apply_hunk(image: list[bytes], hunk: Hunk, where: str, pin_label: str, hint: str) -> int:
+def _apply_hunk(image: list[bytes], written: list[bool], hunk: Hunk, where: str, pin_label: str, hint: str) -> int:
     pre, post = list(hunk.old_lines), list(hunk.new_lines)
     # git apply: hunks at the top (old start 0 or 1) must match at the beginning, hunks without
     # trailing context at the end; the search starts at the *new* position and alternates +1, -1, +2...
     match_beginning = hunk.old_start <= 1
     match_end = hunk.trailing == 0
     expected = hunk.new_start - 1 if hunk.new_start else 0
-    found = _find(image, pre, min(expected, len(image)), match_beginning, match_end)
+    found = _find(image, written, pre, min(expected, len(image)), match_beginning, match_end)
     if found is None:
         raise ApplyError(f"{where} does not apply to {pin_label} (context differs; no fuzz is allowed){hint}")
     image[found:found + len(pre)] = post
+    written[found:found + len(pre)] = [True] * len(post)
     return found - expected
 
 
-def _find(image: list[bytes], pre: list[bytes], line: int, match_beginning: bool, match_end: bool) -> int | None:
+def _find(image: list[bytes], written: list[bool], pre: list[bytes], line: int, match_beginning: bool,
+          match_end: bool) -> int | None:
     n, size = len(pre), len(image)
 
     def matches(at: int) -> bool:
@@ -125,7 +128,7 @@ def _find(image: list[bytes], pre: list[bytes], line: int, match_beginning: bool
             return False
         if match_end and at + n != size:
             return False
-        return at + n <= size and image[at:at + n] == pre
+        return at + n <= size and image[at:at + n] == pre and not any(written[at:at + n])
 
     backwards = forwards = line
     if matches(line):
@@ -222,16 +225,17 @@ def apply_to_new_tree(plan: Plan, source: Path, dest: Path, *, link: bool = Fals
 
 def copy_tree(source: Path, dest: Path, *, link: bool = False) -> None:
     """Copy (or hard-link) a tree into an existing empty folder, leaving folders writable."""
-    copy = shutil.copy2
-    if link:
-        def copy(src, dst):  # noqa: E306 - falls back to a copy across file systems
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-    shutil.copytree(source, dest, symlinks=True, copy_function=copy, dirs_exist_ok=True)
+    shutil.copytree(source, dest, symlinks=True, copy_function=_link_or_copy if link else shutil.copy2,
+                    dirs_exist_ok=True)
     for dirpath, _, _ in os.walk(dest):
         os.chmod(dirpath, 0o755)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
 
 
 def _write_file(target: Path, state: FileState) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
@@ -99,7 +100,7 @@ def _parse_message(message: bytes) -> tuple[dict[str, str], str]:
     if not re.match(rb"^[A-Za-z-]+:", message):
         return {}, message.decode("utf-8", "replace")
     parsed = BytesHeaderParser(policy=compat32).parsebytes(message)
-    headers = {key: " ".join(str(value).split()) for key, value in parsed.items()}
+    headers = {key: " ".join(str(make_header(decode_header(value))).split()) for key, value in parsed.items()}
     body = parsed.get_payload()
     if isinstance(body, bytes):
         body = body.decode("utf-8", "replace")
@@ -122,7 +123,7 @@ class _Parser:
             if line.startswith(b"diff --git "):
                 change = self.file_change()
                 if change.path in seen:
-                    raise self.fail(f"{change.path} appears twice in one patch", change.patch_line)
+                    raise self.fail(f"{change.path} appears twice in one patch", change.patch_line - 1)
                 seen.add(change.path)
                 files.append(change)
             elif line.rstrip(b"\n") == b"-- ":
@@ -206,8 +207,15 @@ class _Parser:
 
     def paths_from_diff_line(self, line: bytes, at: int) -> tuple[str, str]:
         rest = line[len(b"diff --git "):].rstrip(b"\n")
-        half = (len(rest) - 1) // 2
-        a, b = rest[:half], rest[half + 1:]
+        if rest.startswith(b'"'):  # git C-quotes unusual names: "a/t\303\251st" "b/t\303\251st"
+            end = 1
+            while end < len(rest) and (rest[end] != ord('"') or rest[end - 1] == ord("\\")):
+                end += 1
+            a, b = _c_unquote(rest[:end + 1]), rest[end + 1:].strip()
+            b = _c_unquote(b) if b.startswith(b'"') else b
+        else:
+            half = (len(rest) - 1) // 2
+            a, b = rest[:half], rest[half + 1:]
         if not (a.startswith(b"a/") and b.startswith(b"b/") and a[2:] == b[2:]):
             raise self.fail("cannot read the file name from the 'diff --git' line", at)
         path = self.safe(a[2:])

@@ -18,7 +18,7 @@ from flagscale.errors import ApplyError, ConfigError, FlagScaleError, GitError, 
 from flagscale.index import find_sdist
 from flagscale.patchfile import Patch, read_patch
 from flagscale.project import Project
-from flagscale.series import SERIES_FILE, read_series, series_for, series_header, write_series
+from flagscale.series import read_series, series_for, series_header, write_series
 from flagscale.sources import Source, materialize
 from flagscale.tree import load_series_patches, patched_tree
 from flagscale.upstream import Pin

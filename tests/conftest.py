@@ -32,13 +32,17 @@ def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return subprocess.run(["git", "-C", str(repo), *args], check=check, capture_output=True, text=True, env=env)
 
 
-def make_patch(base: dict[str, str], changed: dict[str, str | None], tmp: Path, subject: str = "toy: change",
-               body: str = "Because the toy needs it.", status: str = "Pending", drop: str = "never") -> bytes:
-    """A real `git format-patch` of `base` -> `changed` (None deletes a file), with a proper header."""
-    repo = tmp / f"mkpatch-{abs(hash((subject, tuple(sorted(changed)))))}"
-    repo.mkdir(parents=True)
+def make_patch(base: dict[str, str | bytes], changed: dict[str, str | bytes | None], tmp: Path,
+               subject: str = "toy: change", body: str = "Because the toy needs it.", status: str = "Pending",
+               drop: str = "never", chmod: dict[str, int] | None = None) -> bytes:
+    """A real `git format-patch` of `base` -> `changed` (None deletes a file; `chmod` sets modes),
+    with a proper header."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    repo = tmp / f"mkpatch-{len(list(tmp.glob('mkpatch-*')))}"
+    repo.mkdir()
     write_tree(repo, base)
     git(repo, "init", "-q")
+    git(repo, "config", "core.quotepath", "true")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "base")
     for rel, content in changed.items():
@@ -46,6 +50,8 @@ def make_patch(base: dict[str, str], changed: dict[str, str | None], tmp: Path, 
             (repo / rel).unlink()
         else:
             write_tree(repo, {rel: content})
+    for rel, mode in (chmod or {}).items():
+        os.chmod(repo / rel, mode)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", f"{subject}\n\n{body}\n\nUpstream-Status: {status}\nDrop-When: {drop}")
     out = subprocess.run(["git", "-C", str(repo), "format-patch", "--stdout", "--zero-commit", "--full-index",

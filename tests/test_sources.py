@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from conftest import TOY_BASE, git, write_tree
-from flagscale.cache import Cache
 from flagscale.errors import ConfigError, FetchError
 from flagscale.index import configured_index_url, json_api_url
 from flagscale.project import Project
