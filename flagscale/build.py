@@ -130,7 +130,7 @@ def build_backend_wheel(project: Project, backend: str, device: str | None, sour
         logfile = (log_dir or cache.root / "logs") / f"{pin.backend}-{device_name or 'none'}-{key[:12]}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         built = _run_upstream_build(work, raw, python, settings, logfile, pin.backend)
-        version = f"{_wheel_version(built)}+{label}"
+        version = _with_label(_wheel_version(built), label)
         rewrite_wheel(built, tmp, WheelEdit(version=version, dist_info_files={
             PROVENANCE_FILE: (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode()}))
         from flagscale.cache import remove_tree
@@ -148,6 +148,14 @@ def build_backend_wheel(project: Project, backend: str, device: str | None, sour
 
 def _wheel_version(wheel: Path) -> str:
     return wheel.name.split("-")[1]
+
+
+def _with_label(version: str, label: str) -> str:
+    """Add our local label, keeping one the upstream set itself (vLLM's `+empty` -> `+empty.fs.cpu.…`)."""
+    from packaging.version import Version
+
+    parsed = Version(version)
+    return f"{parsed.public}+{parsed.local}.{label}" if parsed.local else f"{parsed.public}+{label}"
 
 
 def _python_tag(python: str) -> str:
