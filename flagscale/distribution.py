@@ -34,6 +34,11 @@ def backend_build_requires(settings: BuildSettings) -> list[str]:
     project = Project.find()
     requires: list[str] = []
     for backend in settings.backends:
+        try:  # a cached backend wheel needs no build environment: the warm rebuild stays cheap
+            build_backend_wheel(project, backend, settings.device, settings.upstream_source, only_cached=True)
+            continue
+        except LookupError:
+            pass
         _, build = device_settings(project, settings.device, backend)
         tree = patched_tree(project, backend, settings.device, settings.upstream_source)
         requires += [r for r in build_requires(tree, build) if r not in requires]
