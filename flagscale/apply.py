@@ -57,48 +57,56 @@ def plan_patches(root: Path, patches: Sequence[Patch], *, to_tree: Callable[[str
                  pin_label: str = "the upstream", hint: str = "") -> Plan:
     """Compute the result of applying `patches` in order to the tree at `root`; write nothing."""
     plan = Plan()
+    lines: dict[str, list[bytes]] = {}  # working copy of each touched file: split once, joined once
+    folders: set[str] = set()  # folders already proven to be real (not symlinked) directories
     for patch in patches:
         for change in patch.files:
-            _plan_file(root, plan, patch, change, to_tree, pin_label, hint)
+            _plan_file(root, plan, lines, folders, patch, change, to_tree, pin_label, hint)
+    for path, image in lines.items():
+        plan.finals[path] = FileState(b"".join(image), plan.finals[path].executable)
     return plan
 
 
-def _plan_file(root: Path, plan: Plan, patch: Patch, change: FileChange,
-               to_tree: Callable[[str], str | None], pin_label: str, hint: str) -> None:
+def _plan_file(root: Path, plan: Plan, lines: dict[str, list[bytes]], folders: set[str], patch: Patch,
+               change: FileChange, to_tree: Callable[[str], str | None], pin_label: str, hint: str) -> None:
     where = f"{patch.name}: {change.path}"
     tree_path = to_tree(change.path)
     if tree_path is None:
         raise ApplyError(f"{where}: this file is not shipped in {pin_label}'s sdist; "
                          "use the submodule source (--source submodule) or drop the file from the patch")
     if tree_path not in plan.finals:
-        original = _read_original(root, tree_path, where)
+        original = _read_original(str(root), tree_path, where, folders)
         plan.originals[tree_path] = original
         plan.finals[tree_path] = original
-    current = plan.finals[tree_path]
+    current = plan.finals[tree_path]  # while planning, content is only an existence marker
     if change.op == "add" and current.content is not None:
         raise ApplyError(f"{where}: the patch creates this file but it already exists in {pin_label}{hint}")
     if change.op != "add" and current.content is None:
         raise ApplyError(f"{where}: the patch changes this file but it does not exist in {pin_label}{hint}")
-    image = _split_lines(current.content or b"")
+    image = lines.pop(tree_path, None)
+    if image is None:
+        image = _split_lines(current.content or b"")
     written = [False] * len(image)  # like git apply: a hunk may not match over an earlier hunk's output
     for hunk in change.hunks:
         offset = _apply_hunk(image, written, hunk, f"{where}: hunk {hunk.number} ({hunk.header})", pin_label, hint)
         plan.placements.append(Placement(patch.name, change.path, hunk.number, offset))
-    content = b"".join(image)
     if change.op == "delete":
-        if content:
+        if image:
             raise ApplyError(f"{where}: the patch deletes this file but {pin_label}'s copy has more "
                              f"content than the patch removes{hint}")
         plan.finals[tree_path] = FileState(None)
         return
     executable = current.executable if change.new_mode is None else change.new_mode == "100755"
-    plan.finals[tree_path] = FileState(content, executable)
+    lines[tree_path] = image
+    plan.finals[tree_path] = FileState(b"", executable)
 
 
 def _split_lines(content: bytes) -> list[bytes]:
-    lines = content.split(b"\n")
-    last = lines.pop()
-    image = [line + b"\n" for line in lines]
+    if b"\r" not in content:
+        return content.splitlines(keepends=True)  # C speed; for bytes it splits on \n only when no \r
+    parts = content.split(b"\n")
+    last = parts.pop()
+    image = [line + b"\n" for line in parts]
     if last:
         image.append(last)
     return image
@@ -147,26 +155,37 @@ def _find(image: list[bytes], written: list[bool], pre: list[bytes], line: int, 
     return None
 
 
-def _read_original(root: Path, tree_path: str, where: str) -> FileState:
+def _read_original(root: str, tree_path: str, where: str, folders: set[str]) -> FileState:
     """Read a file the patch touches, refusing symlinks anywhere on its path."""
-    current = root
     parts = tree_path.split("/")
-    for depth, part in enumerate(parts):
-        current = current / part
+    for depth in range(len(parts) - 1):
+        folder = "/".join(parts[:depth + 1])
+        if folder in folders:
+            continue
         try:
-            st = os.lstat(current)
+            st = os.lstat(os.path.join(root, folder))
         except FileNotFoundError:
             return FileState(None)
         except NotADirectoryError:
             raise PatchError(f"{where}: {'/'.join(parts[:depth])} is a file, not a folder") from None
         if stat.S_ISLNK(st.st_mode):
-            raise PatchError(f"{where}: refusing to write through the symlink {'/'.join(parts[:depth + 1])}")
-        last = depth == len(parts) - 1
-        if last and not stat.S_ISREG(st.st_mode):
-            raise PatchError(f"{where}: is not a regular file in the tree")
-        if not last and not stat.S_ISDIR(st.st_mode):
-            raise PatchError(f"{where}: {'/'.join(parts[:depth + 1])} is not a folder")
-    return FileState(current.read_bytes(), bool(st.st_mode & 0o100))
+            raise PatchError(f"{where}: refusing to write through the symlink {folder}")
+        if not stat.S_ISDIR(st.st_mode):
+            raise PatchError(f"{where}: {folder} is not a folder")
+        folders.add(folder)
+    full = os.path.join(root, tree_path)
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return FileState(None)
+    except NotADirectoryError:
+        raise PatchError(f"{where}: {'/'.join(parts[:-1])} is not a folder") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PatchError(f"{where}: refusing to write through the symlink {tree_path}")
+    if not stat.S_ISREG(st.st_mode):
+        raise PatchError(f"{where}: is not a regular file in the tree")
+    with open(full, "rb") as f:
+        return FileState(f.read(), bool(st.st_mode & 0o100))
 
 
 def write_plan(plan: Plan, root: Path) -> None:
@@ -239,10 +258,16 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _write_file(target: Path, state: FileState) -> None:
+    """Write a new inode next to the target and rename it over (never writes through a hard link)."""
     tmp = target.with_name(f".{target.name}.fs-tmp")
-    with open(tmp, "wb") as out:
-        out.write(state.content or b"")
-    os.chmod(tmp, 0o755 if state.executable else 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(state.content or b"")
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, 0o755 if state.executable else 0o644)
+    finally:
+        os.close(fd)
     os.replace(tmp, target)
 
 

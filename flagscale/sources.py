@@ -15,7 +15,6 @@ from pathlib import Path
 
 from flagscale.cache import Cache, remove_tree
 from flagscale.errors import ConfigError, FetchError
-from flagscale.index import download, find_sdist, sha256_file
 from flagscale.project import Project
 from flagscale.upstream import Pin
 
@@ -70,6 +69,8 @@ def materialize(project: Project, pin: Pin, source: str = "auto", cache: Cache |
 
 def fetch_sdist(pin: Pin, cache: Cache, progress=None) -> Path:
     """The pin's sdist in the cache, downloaded and sha256-verified; a corrupted copy is replaced."""
+    from flagscale.index import download, find_sdist, sha256_file  # lazy: urllib is slow to import
+
     sd = pin.sdist
 
     def build(tmp: Path) -> None:
