@@ -19,6 +19,8 @@ upstream_app = typer.Typer(help="Upstream pins and their sources.", no_args_is_h
 patch_app = typer.Typer(help="Patch series: checkout, export, rebase, check, lint, apply.", no_args_is_help=True)
 app.add_typer(upstream_app, name="upstream")
 app.add_typer(patch_app, name="patch")
+ci_app = typer.Typer(help="The per-chip CI matrix from the hardware registry.", no_args_is_help=True)
+app.add_typer(ci_app, name="ci")
 
 RootOpt = typer.Option(None, "--root", help="FlagScale checkout (default: found from the current folder).")
 DeviceOpt = typer.Option(None, "--device", "-d", help="Device whose series applies after the common one.")
@@ -40,11 +42,17 @@ def _reported():
         yield
     except RebaseConflict as exc:
         _print_report(exc.report)
-        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True)
+        _print_error(exc)
         raise typer.Exit(1)
     except FlagScaleError as exc:
-        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True)
+        _print_error(exc)
         raise typer.Exit(2)
+
+
+def _print_error(exc: Exception) -> None:
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -349,6 +357,31 @@ def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device
         for dev in load_devices(project).values():
             table.add_row(dev.name, ", ".join(dev.aliases), ", ".join(dev.backends), dev.description)
         _console().print(table)
+
+
+# ------------------------------------------------------------------------------------------------ ci
+@ci_app.command("matrix")
+def ci_matrix(fmt: str = typer.Option("json", "--format", "-f", help="json: {\"include\": [...]} | github: "
+                                      "name=value lines for $GITHUB_OUTPUT (matrix, count, run_matrix, run_count)."),
+              device: Optional[str] = DeviceOpt,
+              backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Only this backend."),
+              run_only: bool = typer.Option(False, "--run", help="Only the cells CI runs on the device's runners."),
+              root: Optional[Path] = RootOpt) -> None:
+    """The (device, backend) cells of the registry, as a GitHub Actions strategy.matrix (fromJSON)."""
+    import json
+
+    from flagscale.ci import github_outputs, matrix
+
+    with _reported():
+        project = _project(root)
+        if fmt == "json":
+            typer.echo(json.dumps(matrix(project, device, backend, run_only), indent=2))
+        elif fmt == "github":
+            if run_only:
+                raise typer.BadParameter("--run applies to --format json; github output has both matrices")
+            typer.echo(github_outputs(project, device, backend), nl=False)
+        else:
+            raise typer.BadParameter(f"--format {fmt!r}: use json or github")
 
 
 def run() -> None:

@@ -81,7 +81,8 @@ def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build
     if settings.device:
         from flagscale.devices import resolve_device
 
-        runtime = list(resolve_device(project, settings.device).runtime_requires) if wheels else []
+        dev = resolve_device(project, settings.device)
+        runtime = list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
     with tempfile.TemporaryDirectory(prefix="flagscale-wheel-") as tmp:
         name = flit_build(tmp)
         edit = WheelEdit(

@@ -88,7 +88,8 @@ def install(project: Project, backends: list[str], device: str | None, source: s
     if device:
         from flagscale.devices import resolve_device
 
-        runtime = list(resolve_device(project, device).runtime_requires)
+        dev = resolve_device(project, device)
+        runtime = list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
     step(f"installing {', '.join(w.path.name for w in wheels)}" + (f" and {', '.join(runtime)}" if runtime else ""))
     with _constraints_file([]) as constraints:
         cmd = [sys.executable, "-m", "pip", "install", "--constraint", constraints, *map(str, (w.path for w in wheels)),

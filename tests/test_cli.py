@@ -42,7 +42,7 @@ def test_unknown_backend_is_one_clear_line():
 
 def test_unknown_device_alias_resolution():
     result = run([*FLAGSCALE, "patch", "check", "--device", "tpu"])
-    assert result.returncode == 2 and "unknown device 'tpu'; valid devices: ascend, cpu, cuda" in result.stderr
+    assert result.returncode == 2 and "unknown device 'tpu'; valid devices: ascend, cambricon, cpu, cuda, hygon, iluvatar, kunlunxin, metax, musa" in result.stderr
 
 
 def _toy_root(toy_project, toy_upstream, tmp_path, broken: bool) -> Path:
