@@ -38,7 +38,7 @@ def parse_settings(config_settings: dict | None, root: Path | None = None):
     from flagscale.errors import ConfigError
     from flagscale.project import Project
 
-    project = Project.find(root or Path.cwd())
+    project = Project.find(root)  # as the build itself does: $FLAGSCALE_ROOT, else the checkout around the cwd
     try:
         device = None
         if raw.get("device", "").strip().lower() not in ("", "none"):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -108,7 +109,7 @@ def build_backend_wheel(project: Project, backend: str, device: str | None, sour
               "config_settings": dict(settings.config_settings), "python": _python_tag(python),
               "source_date_epoch": source_date_epoch()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    label = f"fs.{device_name}.{key[:8]}" if device_name else f"fs.{key[:8]}"
+    label = f"fs.{local_segment(device_name)}.{key[:8]}" if device_name else f"fs.{key[:8]}"
     provenance = {
         "toolchain": {"name": "flagscale", "version": __version__},
         "backend": pin.backend,
@@ -158,6 +159,11 @@ def _with_label(version: str, label: str) -> str:
     return f"{parsed.public}+{parsed.local}.{label}" if parsed.local else f"{parsed.public}+{label}"
 
 
+def local_segment(name: str) -> str:
+    """A device name as part of a local version label: `-`/`_` would end the version in a wheel file name."""
+    return re.sub(r"[-_]+", ".", name)
+
+
 def _python_tag(python: str) -> str:
     if python == sys.executable:
         return f"{sys.implementation.cache_tag}-{sys.platform}"
@@ -176,7 +182,10 @@ def _run_upstream_build(work: Path, out: Path, python: str, settings: BackendBui
     env = {**settings.environ(), "SOURCE_DATE_EPOCH": str(source_date_epoch()), "PATH": path}
 
     def runner(cmd: Sequence[str], cwd: str | None = None, extra_environ=None) -> None:
-        full = {**os.environ, **(extra_environ or {}), **env}
+        # Drop the hook variables of the frontend that runs *us* (python -m build, a newer pip): an inherited
+        # _PYPROJECT_HOOKS_BACKEND_PATH_JSON would make the upstream's backend load from our backend-path.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("_PYPROJECT_HOOKS_", "PEP517_"))}
+        full = {**inherited, **(extra_environ or {}), **env}
         with open(logfile, "ab") as log_out:
             result = subprocess.run(cmd, cwd=cwd, env=full, stdout=log_out, stderr=subprocess.STDOUT)
         if result.returncode != 0:

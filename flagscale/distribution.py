@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flagscale import __version__
-from flagscale.build import PROVENANCE_FILE, BackendWheel, build_backend_wheel, build_requires, device_settings
+from flagscale.build import (PROVENANCE_FILE, BackendWheel, build_backend_wheel, build_requires, device_settings,
+                             local_segment)
 from flagscale.index import sha256_file
 from flagscale.project import PINS_FILE, Project
 from flagscale.tree import patched_tree
@@ -86,7 +87,7 @@ def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build
     with tempfile.TemporaryDirectory(prefix="flagscale-wheel-") as tmp:
         name = flit_build(tmp)
         edit = WheelEdit(
-            version=f"{__version__}+{settings.device}" if settings.device else None,
+            version=f"{__version__}+{local_segment(settings.device)}" if settings.device else None,
             add_requires=tuple(pin(w) for w in wheels) + tuple(runtime),
             dist_info_files={PROVENANCE_FILE: (json.dumps(provenance(settings, wheels, runtime), indent=2,
                                                           sort_keys=True) + "\n").encode()},

@@ -80,10 +80,12 @@ def diagnose() -> Report:
     found: dict[str, BackendHealth] = {}
     for dist in md.distributions():
         prov = _provenance(dist)
+        if prov is None or "backend" not in prov:
+            continue  # also skips broken dist-info folders (no METADATA, so no Name)
         name = dist.metadata["Name"]
         key = _norm(name)
-        if prov is None or "backend" not in prov or key == "flagscale":
-            continue
+        if key == "flagscale" or key in found:
+            continue  # a copy later on sys.path is shadowed: the first is what Python imports
         changed, missing = verify_files(dist)
         want = next((e for d, e in expected.items() if _norm(d) == key), None)
         found[key] = BackendHealth(prov["backend"], name, dist.version, want["version"] if want else None,

@@ -37,3 +37,7 @@ class RebaseConflict(FlagScaleError):
     def __init__(self, message: str, report: list | None = None) -> None:
         super().__init__(message)
         self.report = report or []
+
+
+class LaunchError(FlagScaleError):
+    """A train/infer/serve job could not be launched, stopped or queried."""

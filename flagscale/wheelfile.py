@@ -8,7 +8,9 @@ permissions, so the same inputs give byte-identical wheels.
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
 import os
 import re
 import time
@@ -106,16 +108,17 @@ def write_wheel(target: Path, entries: dict[str, tuple[bytes, bool]], dist_info:
     record_name = f"{dist_info}/RECORD"
     ordered = sorted((n for n in entries if not n.startswith(dist_info + "/")))
     ordered += sorted(n for n in entries if n.startswith(dist_info + "/") and n != record_name)
-    record_lines = []
+    record = io.StringIO()
+    record_rows = csv.writer(record, lineterminator="\n")  # quotes names with commas, as pip reads them
     tmp = target.with_name(target.name + ".part")
     with zipfile.ZipFile(tmp, "w") as zout:
         for arcname in ordered:
             data, executable = entries[arcname]
             _write_entry(zout, arcname, data, executable, date_time)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record_lines.append(f"{arcname},sha256={digest},{len(data)}")
-        record_lines.append(f"{record_name},,")
-        _write_entry(zout, record_name, ("\n".join(record_lines) + "\n").encode(), False, date_time)
+            record_rows.writerow([arcname, f"sha256={digest}", len(data)])
+        record_rows.writerow([record_name, "", ""])
+        _write_entry(zout, record_name, record.getvalue().encode(), False, date_time)
     os.replace(tmp, target)
 
 

@@ -1,0 +1,1 @@
+"""What `flagscale train | infer | serve` share: composed Hydra configs and recorded processes."""
