@@ -338,25 +338,59 @@ def doctor_cmd() -> None:
 
 
 @app.command("devices")
-def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device."), root: Optional[Path] = RootOpt) -> None:
+def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device (`devices show D` works too)."),
+                shown: Optional[str] = typer.Argument(None, hidden=True), root: Optional[Path] = RootOpt) -> None:
     """List the devices of the hardware registry, or show one."""
     from rich.table import Table
 
     from flagscale.devices import load_devices, resolve_device
 
+    if name == "show":
+        if shown is None:
+            raise typer.BadParameter("devices show needs a device name, e.g. flagscale devices show cpu")
+        name, shown = shown, None
+    if shown is not None:
+        raise typer.BadParameter(f"unexpected argument {shown!r}: use flagscale devices [show] DEVICE")
     with _reported():
         project = _project(root)
         if name:
             dev = resolve_device(project, name)
-            typer.echo(f"{dev.name}: {dev.description}\naliases: {', '.join(dev.aliases) or '-'}\n"
-                       f"backends: {', '.join(dev.backends)}\nruntime requires: {', '.join(dev.runtime_requires) or '-'}")
-            for backend, build in dev.builds:
-                typer.echo(f"build {backend}: {build.environ() or '-'} drop build requires: {list(build.drop_build_requires)}")
+            for line in _device_lines(dev):
+                typer.echo(line)
             return
-        table = Table("device", "aliases", "backends", "description")
+        table = Table("device", "aliases", "torch", "collective", "backends", "description")
         for dev in load_devices(project).values():
-            table.add_row(dev.name, ", ".join(dev.aliases), ", ".join(dev.backends), dev.description)
+            table.add_row(dev.name, ", ".join(dev.aliases), dev.torch_device or "-", dev.collective or "-",
+                          ", ".join(dev.backends), dev.description)
         _console().print(table)
+
+
+def _device_lines(dev) -> list[str]:
+    def show(values) -> str:
+        return ", ".join(values) if values else "-"
+
+    lines = [f"{dev.name}: {dev.description}",
+             f"vendor: {dev.vendor or '-'}",
+             f"manifest: {dev.manifest}",
+             f"aliases: {show(dev.aliases)}",
+             f"torch device: {dev.torch_device or '-'} (extension module: {dev.torch_extension or '-'})",
+             f"collective backend: {dev.collective or '-'}",
+             f"visible devices variable: {dev.visible_devices_env or '-'}",
+             f"backends: {show(dev.backends)}",
+             f"runtime requires: {show(dev.runtime_requires)}"]
+    for backend, build in dev.builds:
+        parts = [f"{k}={v}" for k, v in build.environ().items()]
+        parts += [f"-C {k}={v}" for k, v in build.config_settings]
+        if build.drop_build_requires:
+            parts.append(f"drops build requires: {show(build.drop_build_requires)}")
+        if build.platform_plugin:
+            parts.append(f"platform plugin: {build.platform_plugin}")
+        if build.toolchain:
+            parts.append(f"needs toolchain: {build.toolchain}")
+        lines.append(f"build {backend}: {'; '.join(parts) or '-'}")
+    runs = dev.ci.run_backends if dev.ci.run_backends is not None else dev.backends
+    lines.append(f"ci runners: {show(dev.ci.runs_on)}" + (f" (runs {show(runs)})" if dev.ci.runs_on else " (patch check and build only)"))
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ ci
@@ -382,6 +416,22 @@ def ci_matrix(fmt: str = typer.Option("json", "--format", "-f", help="json: {\"i
             typer.echo(github_outputs(project, device, backend), nl=False)
         else:
             raise typer.BadParameter(f"--format {fmt!r}: use json or github")
+
+
+@app.command("train")
+def train_cmd(config_dir: Path = typer.Argument(..., help="Folder of the experiment YAML, e.g. examples/tiny_gpt/conf."),
+              overrides: Optional[list[str]] = typer.Argument(
+                  None, help="Hydra overrides: action=run|dryrun|stop|status, train.model.num_layers=4, ..."),
+              config_name: str = typer.Option("train", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
+              foreground: bool = typer.Option(False, "--foreground", help="Run attached (schedulers, containers).")) -> None:
+    """Train with Megatron on this device: launch, dry-run, stop or query a job (action=...)."""
+    with _reported():
+        from flagscale.runner.config import compose
+        from flagscale.train import main as train_main
+
+        extra = ["experiment.runner.foreground=true"] if foreground else []
+        code = train_main(compose(config_dir, config_name, [*(overrides or []), *extra]))
+    raise typer.Exit(code)
 
 
 def run() -> None:

@@ -86,6 +86,18 @@ def test_devices_cli_lists_and_shows(tmp_path):
         assert name in result.output
     shown = CliRunner().invoke(app, ["devices", "mlu", "--root", str(REPO_ROOT)])
     assert shown.exit_code == 0 and shown.output.startswith("cambricon:")
+    shown = CliRunner().invoke(app, ["devices", "show", "npu", "--root", str(REPO_ROOT)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith("ascend:")
+    for expected in ("torch device: npu (extension module: torch_npu)", "collective backend: hccl",
+                     "visible devices variable: ASCEND_RT_VISIBLE_DEVICES", "runtime requires: torch-npu"):
+        assert expected in lines
+    assert any(line.startswith("build vllm: VLLM_TARGET_DEVICE=empty;") and "platform plugin: vllm-ascend" in line
+               for line in lines)
+    assert any(line.startswith("build llama.cpp: CMAKE_ARGS=-DGGML_CANN=ON") for line in lines)
+    assert CliRunner().invoke(app, ["devices", "show", "--root", str(REPO_ROOT)]).exit_code != 0
+    assert CliRunner().invoke(app, ["devices", "show", "tpu", "--root", str(REPO_ROOT)]).exit_code == 2
 
 
 # ------------------------------------------------------------------------------------ bad input
