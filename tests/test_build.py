@@ -578,3 +578,38 @@ def test_two_builds_of_the_same_cell_at_once(tmp_path, real_project):
     # one builder built, the other waited on the entry's lock and reused it
     build_log = only(cache / "logs", "megatron-cpu-*.log").read_text(errors="replace")
     assert build_log.count("running bdist_wheel") == 1
+
+
+# ---------------------------------------------------- 6. flagscale build (wheelhouse) and install
+
+
+@pytest.mark.integration
+def test_wheelhouse_serves_an_install_and_flagscale_install_reuses_the_build(tmp_path):
+    env = clean_env(build_cache_dir())
+    house = tmp_path / "wheelhouse"
+    result = run([Path(sys.executable).parent / "flagscale", "build", "--device", "cpu", "--backend", "Megatron-LM",
+                  "-o", house], env)
+    flagscale_wheel = only(house, "flagscale-0.1.0+cpu-py3-none-any.whl")
+    backend_wheel = only(house, "megatron_core-0.16.1+fs.cpu.*.whl")
+    assert str(backend_wheel) in result.stdout and "megatron: fetching megatron-core 0.16.1" in result.stderr
+    version = backend_wheel.name.split("-")[1]
+    requires = requires_dist(flagscale_wheel)
+    assert f"megatron-core=={version}" in requires or f"megatron_core=={version}" in requires, requires
+    assert not any(" @ " in r for r in requires)  # plain pins: the folder can be served as an index
+    record_ok(flagscale_wheel)
+
+    venv = tmp_path / "v"
+    run([sys.executable, "-m", "venv", venv], env)
+    run([venv / "bin" / "pip", "install", "-c", "constraints.txt", "--find-links", house, "flagscale==0.1.0+cpu"], env)
+    assert venv_python(venv, "import importlib.metadata as m; print(m.version('megatron-core'))").strip() == version
+    assert doctor(venv).returncode == 0
+
+    # `flagscale install` from inside that environment (its project data comes from the installed wheel)
+    installed = run([venv / "bin" / "flagscale", "install", "--backend", "megatron"], env, cwd=venv)
+    assert f"installed megatron_core {version} (cached build)" in installed.stdout, installed.stdout
+    assert "megatron: building its wheel" not in installed.stderr
+    assert venv_python(venv, "import importlib.metadata as m; print(m.version('torch'))").strip() == "2.13.0+cpu"
+    assert doctor(venv).returncode == 0
+
+    bad = run([venv / "bin" / "flagscale", "install", "--backend", "megatorn"], env, cwd=venv, ok=False)
+    assert bad.returncode == 2 and "did you mean 'megatron'" in bad.stderr
