@@ -7,13 +7,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flagscale.apply import Plan, apply_to_new_tree, plan_patches
 from flagscale.cache import Cache
 from flagscale.patchfile import Patch
 from flagscale.project import Project
 from flagscale.series import series_for
 from flagscale.sources import Source, materialize
+
+if TYPE_CHECKING:
+    from flagscale.apply import Plan
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ def hint_for(backend: str, device: str | None) -> str:
 
 
 def plan_series(source: Source, labelled: list[tuple[str, Patch]], backend: str, device: str | None) -> Plan:
+    from flagscale.apply import plan_patches  # lazy: a cache hit never plans (see flagscale.fastpath)
+
     return plan_patches(source.tree, [p for _, p in labelled], to_tree=source.to_tree_path,
                         pin_label=source.pin.label, hint=hint_for(backend, device))
 
@@ -87,6 +92,8 @@ def patched_tree(project: Project, backend: str, device: str | None = None, sour
     def build(tmp: Path) -> None:
         plan = plan_series(src, labelled, pin.backend, device)
         log.info("applying %d patches to %s", len(labelled), pin.label)
+        from flagscale.apply import apply_to_new_tree
+
         apply_to_new_tree(plan, src.tree, tmp / "tree", link=True)
         result = PatchedTree(pin.backend, device, src, tmp / "tree", key, tuple(applied), False)
         manifest = result.manifest()
@@ -95,3 +102,25 @@ def patched_tree(project: Project, backend: str, device: str | None = None, sour
 
     entry, hit = cache.get_or_create("trees", key, build)
     return PatchedTree(pin.backend, device, src, entry / "tree", key, tuple(applied), hit)
+
+
+def cached_patched_tree(project: Project, backend: str, device: str | None = None, source: str = "auto",
+                        cache: Cache | None = None) -> PatchedTree | None:
+    """The patched tree of the pin's sdist if it is cached already, else None; never downloads or builds.
+
+    Submodule and local-path sources are not looked up here (their keys need the tree itself).
+    """
+    from flagscale.sources import submodule_state
+
+    cache = cache or Cache()
+    pin = project.pins.resolve(backend)
+    sdist = source == "sdist" or (source == "auto" and submodule_state(project, pin)[0] is None)
+    if not sdist or not cache.path("sources", f"sdist-{pin.sdist.sha256}").exists():
+        return None  # only the sdist source is known from the pin alone; the full path handles the rest
+    src = materialize(project, pin, "sdist", cache)  # a cache hit
+    applied = [AppliedPatch(label, p.name, p.sha256) for label, p in load_series_patches(project, pin.backend, device)]
+    key = tree_key(src, device, applied)
+    entry = cache.path("trees", key)
+    if not entry.exists():
+        return None
+    return PatchedTree(pin.backend, device, src, entry / "tree", key, tuple(applied), True)

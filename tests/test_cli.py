@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT, TOY_BASE, make_patch
+from flagscale.tree import patched_tree
 
 FLAGSCALE = [sys.executable, "-m", "flagscale.cli"]
 
@@ -86,3 +89,21 @@ def test_apply_prints_the_cached_tree_and_copies_it(toy_project, toy_upstream, t
     assert copied.returncode == 0 and (tmp_path / "copy/toy/device.py").read_text().endswith("'cpu'\n")
     (tmp_path / "copy/toy/device.py").write_text("mine\n")  # a copy is writable and separate from the cache
     assert (tree / "toy/device.py").read_text().endswith("'cpu'\n")
+
+
+@pytest.mark.integration
+def test_a_cached_apply_is_answered_before_the_full_cli_loads(real_project, real_cache):
+    tree = patched_tree(real_project, "vllm", "cpu", "sdist", real_cache)
+    env = {"FLAGSCALE_CACHE_DIR": str(real_cache.root)}
+    for face in ([sys.executable, "-X", "importtime", "-m", "flagscale"],
+                 [sys.executable, "-X", "importtime", str(REPO_ROOT / "tools" / "patch.py")]):
+        args = [*face, *(["patch"] if face[-1] == "flagscale" else []), "apply", "vllm", "--device", "cpu"]
+        fast = run(args, env=env)
+        assert fast.returncode == 0, fast.stderr
+        assert fast.stdout.strip() == str(tree.path)
+        assert "(cached)" in fast.stderr
+        assert " typer" not in fast.stderr and " rich" not in fast.stderr  # the import log
+        # an alias is resolved by the full CLI, which gives the same answer
+        full = run([*args[:-1], "host"], env=env)
+        assert full.returncode == 0 and full.stdout == fast.stdout
+        assert " typer" in full.stderr

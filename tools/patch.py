@@ -12,9 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from flagscale.cli import _setup_logging, patch_app  # noqa: E402
-
 if __name__ == "__main__":
+    from flagscale.fastpath import cached_apply  # a cache hit, before the full CLI's imports
+
+    code = cached_apply(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from flagscale.cli import _setup_logging, patch_app
+
     _setup_logging("-v" in sys.argv or "--verbose" in sys.argv)
     sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
     patch_app(prog_name="tools/patch.py")
