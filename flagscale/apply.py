@@ -136,7 +136,9 @@ def _find(image: list[bytes], written: list[bool], pre: list[bytes], line: int, 
             return False
         if match_end and at + n != size:
             return False
-        return at + n <= size and image[at:at + n] == pre and not any(written[at:at + n])
+        if at + n > size or (n and image[at] != pre[0]):  # the first line rules out most places cheaply
+            return False
+        return image[at:at + n] == pre and not any(written[at:at + n])
 
     backwards = forwards = line
     if matches(line):
