@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +94,12 @@ def device_settings(project: Project, device: str | None, backend: str) -> tuple
 
 def build_backend_wheel(project: Project, backend: str, device: str | None, source: str = "auto",
                         cache: Cache | None = None, python: str | None = None,
-                        log_dir: Path | None = None, only_cached: bool = False) -> BackendWheel:
+                        log_dir: Path | None = None, only_cached: bool = False,
+                        progress: Callable[[str], None] | None = None) -> BackendWheel:
     """The patched backend wheel for (backend, device), from the cache or built now.
 
     `only_cached=True` raises LookupError instead of building (the CLI then prepares a build env).
+    `progress` hears how far a long compile is (`llama.cpp: compiled 120/268 (44%)`).
     """
     cache = cache or Cache()
     pin = project.pins.resolve(backend)
@@ -130,7 +132,7 @@ def build_backend_wheel(project: Project, backend: str, device: str | None, sour
         raw = tmp / "raw"
         logfile = (log_dir or cache.root / "logs") / f"{pin.backend}-{device_name or 'none'}-{key[:12]}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        built = _run_upstream_build(work, raw, python, settings, logfile, pin.backend)
+        built = _run_upstream_build(work, raw, python, settings, logfile, pin.backend, progress)
         version = _with_label(_wheel_version(built), label)
         rewrite_wheel(built, tmp, WheelEdit(version=version, dist_info_files={
             PROVENANCE_FILE: (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode()}))
@@ -171,8 +173,38 @@ def _python_tag(python: str) -> str:
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
+_COMPILE_STEP = re.compile(rb"^\[(\d+)/(\d+)\] ", re.MULTILINE)  # ninja's (and CMake make's) step counter
+
+
+def compile_progress(logfile: Path) -> tuple[int, int] | None:
+    """The last `[n/N]` step of a build log's tail: how far a CMake/ninja compile has got."""
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read()
+    except OSError:
+        return None
+    steps = _COMPILE_STEP.findall(tail)
+    return (int(steps[-1][0]), int(steps[-1][1])) if steps else None
+
+
+def _wait_reporting(proc: subprocess.Popen, logfile: Path, backend: str,
+                    progress: Callable[[str], None] | None) -> int:
+    """Wait for the build, telling `progress` each time the compile passes another tenth."""
+    reported = -1
+    while True:
+        try:
+            return proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        step = compile_progress(logfile) if progress else None
+        if step and step[1] and step[0] * 10 // step[1] > reported:
+            reported = step[0] * 10 // step[1]
+            progress(f"{backend}: compiled {step[0]}/{step[1]} ({100 * step[0] // step[1]}%)")
+
+
 def _run_upstream_build(work: Path, out: Path, python: str, settings: BackendBuild, logfile: Path,
-                        backend: str) -> Path:
+                        backend: str, progress: Callable[[str], None] | None = None) -> Path:
     from pyproject_hooks import BuildBackendHookCaller
 
     pyproject = work / "pyproject.toml"
@@ -187,10 +219,16 @@ def _run_upstream_build(work: Path, out: Path, python: str, settings: BackendBui
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("_PYPROJECT_HOOKS_", "PEP517_"))}
         full = {**inherited, **(extra_environ or {}), **env}
         with open(logfile, "ab") as log_out:
-            result = subprocess.run(cmd, cwd=cwd, env=full, stdout=log_out, stderr=subprocess.STDOUT)
-        if result.returncode != 0:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=full, stdout=log_out, stderr=subprocess.STDOUT)
+        try:
+            returncode = _wait_reporting(proc, logfile, backend, progress)
+        except BaseException:  # interrupted: do not leave the compiler running behind us
+            proc.kill()
+            proc.wait()
+            raise
+        if returncode != 0:
             tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
-            raise BuildError(f"building the {backend} wheel failed (exit {result.returncode}); last lines of "
+            raise BuildError(f"building the {backend} wheel failed (exit {returncode}); last lines of "
                              f"{logfile}:\n" + "\n".join(tail))
 
     hooks = BuildBackendHookCaller(str(work), system.get("build-backend", "setuptools.build_meta:__legacy__"),

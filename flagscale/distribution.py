@@ -5,6 +5,7 @@ patch series, device manifests) that `flagscale install` and `flagscale doctor` 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -68,6 +69,10 @@ def project_data(project: Project) -> dict[str, bytes]:
     return files
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # a frontend shows the backend's stderr (pip with -v)
+
+
 def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build: Callable[[str], str], *, editable: bool = False,
                        requirement: Callable[[BackendWheel], str] | None = None) -> str:
     """Build the backend wheels, then the FlagScale wheel pinned to them; returns its file name.
@@ -76,7 +81,8 @@ def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build
     pip for local installs), `name==version` for a wheelhouse served as an index.
     """
     project = Project.find()
-    wheels = [build_backend_wheel(project, b, settings.device, settings.upstream_source) for b in settings.backends]
+    wheels = [build_backend_wheel(project, b, settings.device, settings.upstream_source, progress=_to_stderr)
+              for b in settings.backends]
     pin = requirement or (lambda w: f"{w.distribution} @ {w.path.as_uri()}")
     runtime: list[str] = []
     if settings.device:

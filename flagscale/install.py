@@ -77,7 +77,8 @@ def build_in_isolation(project: Project, backend: str, device: str | None, sourc
                 if os.environ.get("PIP_CONSTRAINT") == constraints:
                     del os.environ["PIP_CONSTRAINT"]
         step(f"{pin.backend}: building its wheel with the upstream build system (this can take minutes)")
-        return build_backend_wheel(project, pin.backend, device, source, cache, python=env.python_executable)
+        return build_backend_wheel(project, pin.backend, device, source, cache, python=env.python_executable,
+                                   progress=step)
 
 
 def install(project: Project, backends: list[str], device: str | None, source: str = "auto",

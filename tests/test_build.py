@@ -613,3 +613,27 @@ def test_wheelhouse_serves_an_install_and_flagscale_install_reuses_the_build(tmp
 
     bad = run([venv / "bin" / "flagscale", "install", "--backend", "megatorn"], env, cwd=venv, ok=False)
     assert bad.returncode == 2 and "did you mean 'megatron'" in bad.stderr
+
+
+# --------------------------------------------------------------- 7. progress of a long compile
+
+
+def test_a_long_compile_reports_its_progress(tmp_path):
+    from flagscale.build import _wait_reporting, compile_progress
+
+    log = tmp_path / "build.log"
+    assert compile_progress(log) is None  # no log yet
+    log.write_bytes(b"-- configuring\n")
+    assert compile_progress(log) is None
+    # a real child that writes ninja-style steps into the log while we wait for it
+    code = ("import sys, time\nfor i in range(1, 21):\n"
+            "    print(f'[{i}/20] /usr/bin/g++ -c file{i}.cpp', flush=True); time.sleep(0.25)\n")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+    heard: list[str] = []
+    assert _wait_reporting(proc, log, "llama.cpp", heard.append) == 0
+    assert compile_progress(log) == (20, 20)
+    assert heard, "nothing was reported during a 5 s compile"
+    assert all(re.fullmatch(r"llama\.cpp: compiled \d+/20 \(\d+%\)", m) for m in heard), heard
+    done = [int(m.split()[2].split("/")[0]) for m in heard]
+    assert done == sorted(done) and len(heard) <= 11  # at most once per tenth
