@@ -244,3 +244,14 @@ def stop(run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.
         _reap(record.pid)
     return [r.name for r in live]
 
+
+def mark_stopping(run_dir: Path, names: Sequence[str] | None = None) -> list[str]:
+    """Record that the named live processes are being stopped, without signalling them yet.
+
+    A multi-node job's other nodes fail on their own as soon as one node is stopped: marked first, they
+    read as stopped (not failed) whichever of them exits first. Returns the names that were live.
+    """
+    live = [r for r in records(run_dir) if (names is None or r.name in names) and is_alive(r)]
+    for record in live:
+        _paths(run_dir, record.name)[2].touch()
+    return [r.name for r in live]

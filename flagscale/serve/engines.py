@@ -1,0 +1,182 @@
+"""The command and environment that start one engine's OpenAI-compatible server.
+
+`engine_args` keys are snake_case as in FlagScale task YAMLs and map onto the engine's own flags
+(`ctx_size: 512` -> `--ctx-size 512`; `true` -> `--flag`; `false` -> `--no-flag` where the engine has
+one, else nothing; a list repeats its values after one flag). Unknown keys are refused before anything
+starts, checked against the flags the installed engine itself defines: llama-server's `--help`, and the
+argument dataclasses in the installed vLLM / SGLang sources (read, not imported: importing them pulls
+torch and a GPU runtime).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flagscale.errors import ConfigError, LaunchError
+from flagscale.serve.settings import ModelSpec, ServeSettings
+
+FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
+
+
+@dataclass(frozen=True)
+class EngineCommand:
+    name: str  # process name in the run folder
+    cmd: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # what we set on top of the inherited environment
+    health_url: str
+    base_url: str
+
+
+# ------------------------------------------------------------------------------------------- flags
+@functools.lru_cache(maxsize=None)
+def llama_server_flags(binary: str) -> frozenset[str]:
+    result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise LaunchError(f"{binary} --help failed (exit {result.returncode}): "
+                          f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    return frozenset(FLAG.findall(result.stdout + result.stderr))
+
+
+def _package_file(package: str, relative: str) -> Path | None:
+    """A file of an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    return path if path.is_file() else None
+
+
+def _dataclass_fields(path: Path, classes: set[str], negatable: bool = False) -> set[str]:
+    """Field names of `classes` in the source file (plus `no_<field>` for bool fields when `negatable`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in classes:
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    if not item.target.id.startswith("_"):
+                        names.add(item.target.id)
+                        if negatable and ast.unparse(item.annotation) == "bool":
+                            names.add("no_" + item.target.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and FLAG.fullmatch(node.value):
+            names.add(node.value[2:].replace("-", "_"))  # explicit parser.add_argument("--x") flags
+    return names
+
+
+# (package, file inside it, argument classes) whose fields are the server's flags. vLLM turns bool fields
+# into BooleanOptionalAction (--x / --no-x); SGLang into store_true (--x only).
+SOURCE_FLAGS = {
+    "vllm": [("vllm", "engine/arg_utils.py", {"EngineArgs", "AsyncEngineArgs"}),
+             ("vllm", "entrypoints/common/cli_args.py", {"BaseFrontendArgs", "FrontendArgs"})],
+    "sglang": [("sglang", "srt/server_args.py", {"ServerArgs"})],
+}
+NEGATABLE = {"vllm"}
+
+
+@functools.lru_cache(maxsize=None)
+def python_engine_flags(engine: str) -> frozenset[str]:
+    flags: set[str] = set()
+    for package, relative, classes in SOURCE_FLAGS[engine]:
+        path = _package_file(package, relative)
+        if path is None:
+            raise LaunchError(f"{engine} is not installed here ({package}/{relative} not found): "
+                              f"flagscale install --backend={engine}")
+        flags |= _dataclass_fields(path, classes, engine in NEGATABLE)
+    return frozenset("--" + f.replace("_", "-") for f in flags)
+
+
+def to_flags(args: dict[str, Any], known: frozenset[str] | None, where: str) -> list[str]:
+    """snake_case engine_args -> argv, refusing a key the engine does not define."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if known is not None and flag not in known and not (value is False and f"--no-{flag[2:]}" in known):
+            near = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.75)
+            hint = f" (did you mean {near[0][2:].replace('-', '_')}?)" if near else ""
+            raise ConfigError(f"{where}.{key}: the engine has no {flag} argument{hint}")
+        if value is None:
+            continue
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            if known is not None and f"--no-{flag[2:]}" in known:
+                out.append(f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            import json
+
+            out += [flag, json.dumps(value, sort_keys=True)]  # vLLM/SGLang take JSON for nested settings
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ commands
+def device_env(settings: ServeSettings) -> dict[str, str]:
+    """The device's visible-devices variable when runner.visible_devices is set (e.g. CUDA_VISIBLE_DEVICES)."""
+    if settings.visible_devices is None:
+        return {}
+    from flagscale.devices import resolve_device
+    from flagscale.project import Project
+
+    try:
+        device = resolve_device(Project.find(), settings.device)
+    except Exception as exc:  # no checkout: the registry is part of the repository
+        raise ConfigError(f"experiment.runner.visible_devices needs the device registry ({exc})") from None
+    if not device.visible_devices_env:
+        raise ConfigError(f"experiment.runner.visible_devices: device {device.name} has no visible-devices "
+                          "variable")
+    return {device.visible_devices_env: settings.visible_devices}
+
+
+def command_for(spec: ModelSpec, settings: ServeSettings, host: str, port: int, check: bool = True,
+                name: str | None = None) -> EngineCommand:
+    """The server command of one model (one replica) bound to host:port."""
+    where = f"serve[{settings.models.index(spec)}].engine_args" if spec in settings.models else "engine_args"
+    args = spec.args
+    model = str(args.pop("model"))
+    if Path(model).exists():  # absolute: replicas and engines may run from another folder
+        model = str(Path(model).resolve())
+    if spec.engine == "llama.cpp":
+        from flagscale.serve.binaries import llama_tool
+
+        if not Path(model).is_file():
+            raise ConfigError(f"{where}.model={model}: no such GGUF file (convert a checkpoint with "
+                              "tools/convert_to_gguf.py)")
+        binary = str(llama_tool("llama-server"))
+        known = llama_server_flags(binary) if check else None
+        cmd = [binary, "--model", model, "--alias", spec.name, "--host", host, "--port", str(port),
+               *to_flags(args, known, where)]
+    elif spec.engine == "vllm":
+        known = python_engine_flags("vllm") if check else None
+        cmd = [_console_script("vllm"), "serve", model, "--served-model-name", spec.name, "--host", host,
+               "--port", str(port), *to_flags(args, known, where)]
+    else:
+        known = python_engine_flags("sglang") if check else None
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--served-model-name",
+               spec.name, "--host", host, "--port", str(port), *to_flags(args, known, where)]
+    env = {**dict(settings.envs), **device_env(settings)}
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{connect}:{port}"
+    return EngineCommand(name or spec.name, tuple(cmd), tuple(sorted(env.items())), f"{base}/health", base)
+
+
+def _console_script(name: str) -> str:
+    """The engine's console script beside this Python (a venv's bin), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def full_env(command: EngineCommand) -> dict[str, str]:
+    return {**os.environ, **dict(command.env)}

@@ -1,0 +1,253 @@
+"""The training driver: what torchrun runs on every rank (`python -m flagscale.train.driver --config F`).
+
+Megatron Core only (its release has no `megatron/training`): GPTModel from the task settings with the
+local layer spec, Megatron DDP, Megatron's optimizer and its LR/weight-decay scheduler, the pipeline
+schedule (`get_forward_backward_func`, which also does gradient accumulation over micro-batches),
+GPTDataset over an indexed dataset, and distributed checkpointing. bf16/fp16 wrap the model as
+Megatron-LM does (Float16Module + a mixed-precision optimizer with fp32 main weights).
+
+`F` is the JSON the launcher wrote: the validated `train` settings with absolute paths. The device
+type and collective backend come from the device manifest through MEGATRON_DEVICE_TYPE /
+MEGATRON_COLLECTIVE_BACKEND, read by the patched megatron-core.
+
+Logs: a Megatron-style line per logged iteration on the console (from the rank that has the loss),
+every rank's own log in <exp_dir>/logs/node<N>/rank<R>.log, and one JSON line per logged iteration
+in the metrics file (iteration, loss, lr, grad_norm, step_time, tokens_per_sec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from flagscale.train.settings import TrainSettings, train_settings
+
+log = logging.getLogger("flagscale.train")
+
+
+def _setup_logging(exp_dir: Path, rank: int, console: bool) -> None:
+    node = os.environ.get("GROUP_RANK", "0")
+    folder = exp_dir / "logs" / f"node{node}"
+    folder.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(folder / f"rank{rank}.log")]
+    if console:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    fmt = logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%Y-%m-%d %H:%M:%S")
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _dtype_flags(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_model(t: TrainSettings, vocab_size: int):
+    """GPTModel (+ Float16Module for bf16/fp16) wrapped in Megatron DDP, and its TransformerConfig."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    s, m = t.system, t.model
+    dtype = _dtype_flags(s.precision)
+    config = TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size, init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        tensor_model_parallel_size=s.tensor_model_parallel_size,
+        pipeline_model_parallel_size=s.pipeline_model_parallel_size,
+        bf16=s.precision == "bf16", fp16=s.precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
+        # Portable settings: CPU-side init and no fused kernels (the local spec, no TransformerEngine).
+        use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+    model = GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab_size,
+        max_sequence_length=m.max_position_embeddings or m.seq_length,
+        position_embedding_type=m.position_embedding_type,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if s.precision != "fp32":
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=s.precision != "fp32")
+    model = DistributedDataParallel(config, ddp_config, model)
+    if s.precision != "fp32":
+        torch.set_default_dtype(torch.float32)
+    return model, config
+
+
+def build_optimizer(t: TrainSettings, model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    s, m, o = t.system, t.model, t.model.optimizer
+    config = OptimizerConfig(
+        optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=s.precision == "bf16", fp16=s.precision == "fp16", params_dtype=_dtype_flags(s.precision),
+    )
+    optimizer = get_megatron_optimizer(config, [model])
+    decay = o.decay_iters or m.train_iters
+    # Steps are iterations (Megatron-LM counts samples; the curve is the same, scaled).
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(decay, o.warmup_iters + 1),
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=m.train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flagscale.train.driver")
+    parser.add_argument("--config", required=True, type=Path, help="train.json written by the launcher")
+    args = parser.parse_args(argv)
+    payload = json.loads(args.config.read_text())
+    t = train_settings(payload["train"])
+    exp_dir = Path(payload["exp_dir"])
+    started = time.perf_counter()
+
+    import torch
+    import torch.distributed as dist
+
+    import megatron.core
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from flagscale.train import checkpoint
+    from flagscale.train.data import Batches, build_train_dataset
+    from flagscale.train.tokenizer import build_tokenizer, padded_vocab_size
+
+    try:  # the FlagScale device accessor of the patched megatron-core
+        from megatron.core import device_utils
+        device_type, backend = device_utils.get_device_type(), device_utils.default_collective_backend()
+    except ImportError:
+        device_type, backend = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
+
+    s, m = t.system, t.model
+    if s.deterministic:  # CUDA's cuBLAS needs a fixed workspace for it; harmless elsewhere
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if device_type not in ("cpu",):
+        getattr(torch, device_type).set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    else:  # run by hand, without torchrun: one process
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=s.tensor_model_parallel_size,
+                                             pipeline_model_parallel_size=s.pipeline_model_parallel_size)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    last_stage = parallel_state.is_pipeline_last_stage()
+    reporter = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+    _setup_logging(exp_dir, rank, console=reporter or rank == 0)
+    if rank == 0:
+        log.info(f"flagscale train: megatron-core {megatron.core.__version__} ({Path(megatron.core.__file__).parent}), "
+                 f"device {device_type}, backend {dist.get_backend()}, world size {world_size} "
+                 f"(TP={s.tensor_model_parallel_size} PP={s.pipeline_model_parallel_size} DP={dp}), "
+                 f"precision {s.precision}")
+
+    torch.manual_seed(s.seed)  # the same on every rank: CPU-initialized weights equal across layouts
+    tensor_parallel.model_parallel_cuda_manual_seed(s.seed)
+    tokenizer = build_tokenizer(t.data.tokenizer.type, t.data.tokenizer.path)
+    vocab = padded_vocab_size(tokenizer.vocab_size, m.make_vocab_size_divisible_by, s.tensor_model_parallel_size)
+    model, config = build_model(t, vocab)
+    config.no_sync_func = model.no_sync  # as Megatron-LM: the schedule reduces DP grads via these hooks
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer, scheduler = build_optimizer(t, model)
+
+    ckpt = s.checkpoint
+    load_from = ckpt.load or ckpt.save
+    start_iter = 0
+    if checkpoint.latest_iteration(load_from) is not None:
+        start_iter = checkpoint.load(load_from, model, optimizer, scheduler)
+        if rank == 0:
+            log.info(f"resumed from {checkpoint.iteration_dir(load_from, start_iter)} (iteration {start_iter})")
+
+    dataset = build_train_dataset(t, tokenizer, exp_dir / "cache" / "data")
+    batches = Batches(dataset, m.global_batch_size, m.micro_batch_size, dp, dp_rank)
+    num_micro = m.global_batch_size // (dp * m.micro_batch_size)
+    forward_backward = get_forward_backward_func()
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        mask = batch["loss_mask"].float().view(-1)
+
+        def loss_func(per_token_loss):
+            loss = (per_token_loss.float().view(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+            # clone: the schedule divides the returned loss in place by the number of micro-batches
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    metrics = open(s.logging.metrics_file, "a") if reporter else None
+    tokens_per_iter = m.global_batch_size * m.seq_length
+    last_saved = start_iter
+    if rank == 0:
+        log.info(f"training iterations {start_iter + 1}..{m.train_iters}, {num_micro} micro-batch(es) of "
+                 f"{m.micro_batch_size} per step per DP rank, global batch {m.global_batch_size}")
+    for it in range(start_iter, m.train_iters):
+        t0 = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=batches.microbatches(it),
+                                  model=[model], num_microbatches=num_micro, seq_length=m.seq_length,
+                                  micro_batch_size=m.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=1)
+        iteration = it + 1
+        logged = iteration % s.logging.log_interval == 0 or iteration == m.train_iters
+        if logged and last_stage:
+            loss = torch.stack([x["lm loss"] for x in losses]).mean()
+            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss = float(loss) / dp
+        step_time = time.perf_counter() - t0
+        if logged and reporter:
+            lr = optimizer.param_groups[0]["lr"]
+            gn = float(grad_norm) if grad_norm is not None else float("nan")
+            log.info(f" iteration {iteration:8d}/{m.train_iters:8d} | consumed samples: "
+                     f"{iteration * m.global_batch_size:10d} | step time (ms): {step_time * 1000:8.1f} | "
+                     f"tokens/s: {tokens_per_iter / step_time:10.1f} | lr: {lr:.4E} | lm loss: {loss:.6E} | "
+                     f"grad norm: {gn:.4f} |")
+            metrics.write(json.dumps({"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": gn,
+                                      "step_time": step_time, "tokens_per_sec": tokens_per_iter / step_time,
+                                      "skipped": not ok}) + "\n")
+            metrics.flush()
+        if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
+            path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler)
+            last_saved = iteration
+            if rank == 0:
+                log.info(f"saved checkpoint {path}")
+    if ckpt.save and ckpt.save_at_end and last_saved != m.train_iters and start_iter < m.train_iters:
+        path = checkpoint.save(ckpt.save, m.train_iters, model, optimizer, scheduler)
+        if rank == 0:
+            log.info(f"saved checkpoint {path}")
+    if metrics:
+        metrics.close()
+    dist.barrier()
+    if rank == 0:
+        log.info(f"done in {time.perf_counter() - started:.1f} s")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""From a composed config to torchrun on every node: plan, dry run, start, stop, status.
+
+One torchrun per node. A single node without a hostfile runs here; with a hostfile every node is
+reached over ssh and a small agent there (`python -m flagscale.train.node`) starts, stops and reports
+the node's torchrun with the same pid records as a local run. Every node gets a generated launch script
+(`<exp_dir>/scripts/node<i>.sh`: cd, exports, before/after commands, torchrun), sent over ssh's stdin,
+so config values reach a shell only as `shlex.quote`d words.
+
+`plan()` validates everything (settings, hostfile, parallel sizes, data files, device manifest)
+before anything is written or started; `action=dryrun` prints exactly what `action=run` would run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from flagscale.errors import ConfigError, FlagScaleError, LaunchError
+from flagscale.train.hostfile import Node, read_hostfile
+from flagscale.train.settings import (ExperimentSettings, TrainSettings, as_dict, experiment_settings,
+                                      train_settings)
+
+DRIVER_MODULE = "flagscale.train.driver"
+NODE_AGENT = "flagscale.train.node"
+SSH_TIMEOUT = 60
+# Variables a parent torchrun or scheduler may have set: they would confuse the nodes' own torchrun.
+_INHERITED_DROP = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                   "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    rank: int
+    host: str  # "localhost" for the single local node
+    nproc: int
+    type: str | None
+    remote: bool
+    script: Path
+    script_text: str
+
+    @property
+    def name(self) -> str:
+        return f"node{self.rank}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    exp: ExperimentSettings
+    exp_dir: Path
+    python: str
+    nodes: tuple[NodePlan, ...]
+    train: TrainSettings | None = None  # None for stop/status, which need no task
+    config_file: Path | None = None
+    world_size: int = 0
+
+    @property
+    def multi_node(self) -> bool:
+        return any(n.remote for n in self.nodes)
+
+
+# ------------------------------------------------------------------------------------------ planning
+def _nodes_of(exp: ExperimentSettings) -> list[Node]:
+    r = exp.runner
+    if not r.hostfile:
+        return [Node("localhost", r.nproc_per_node)]
+    hosts = read_hostfile(Path(r.hostfile).expanduser())
+    if r.nnodes > len(hosts):
+        raise ConfigError(f"experiment.runner.nnodes={r.nnodes} but hostfile {r.hostfile} lists "
+                          f"{len(hosts)} host(s)")
+    nodes = hosts[:r.nnodes]
+    short = [n for n in nodes if n.slots < r.nproc_per_node]
+    if short:
+        raise ConfigError(f"hostfile {r.hostfile}: {short[0].host} has slots={short[0].slots}, fewer than "
+                          f"experiment.runner.nproc_per_node={r.nproc_per_node}")
+    return nodes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _installed_device() -> str | None:
+    """The device the installed flagscale wheel was built for (its local version label, e.g. 0.1.0+cpu)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("flagscale")
+    except metadata.PackageNotFoundError:
+        return None
+    return version.partition("+")[2].split(".")[0] or None
+
+
+def device_environment(exp: ExperimentSettings) -> dict[str, str]:
+    """What the device manifest tells the runtime: device type, collective backend, visible devices."""
+    from flagscale.devices import resolve_device
+    from flagscale.project import Project
+
+    name = exp.runner.device or _installed_device() or "cpu"
+    try:
+        device = resolve_device(Project.find(), name)
+    except FlagScaleError as exc:
+        raise ConfigError(f"experiment.runner.device={name}: {exc}") from None
+    env: dict[str, str] = {}
+    if device.torch_device:  # read by the patched megatron-core (megatron/core/device_utils.py)
+        env["MEGATRON_DEVICE_TYPE"] = device.torch_device
+    if device.collective:
+        env["MEGATRON_COLLECTIVE_BACKEND"] = device.collective
+    if exp.runner.visible_devices is not None:
+        if not device.visible_devices_env:
+            raise ConfigError(f"experiment.runner.visible_devices is set but device {device.name} has no "
+                              "visible-devices variable (device.visible_devices_env in its manifest)")
+        env[device.visible_devices_env] = exp.runner.visible_devices
+    return env
+
+
+def _env_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return "" if value is None else str(value)
+
+
+def node_environment(exp: ExperimentSettings, node: Node, device_env: dict[str, str]) -> dict[str, str]:
+    """Device manifest, then global envs, then the node's device type's, then the node's own (last wins)."""
+    env = dict(device_env)
+    env.update({k: _env_value(v) for k, v in exp.envs.items()})
+    if node.type is not None:
+        env.update({k: _env_value(v) for k, v in exp.device_type_envs.get(node.type, {}).items()})
+    env.update({k: _env_value(v) for k, v in exp.node_envs.get(node.host, {}).items()})
+    return env
+
+
+def torchrun_command(plan_python: str, exp: ExperimentSettings, node_rank: int, nnodes: int, nproc: int,
+                     master_addr: str, master_port: int, config_file: Path) -> list[str]:
+    r = exp.runner
+    cmd = [plan_python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
+    if r.rdzv_backend == "static":
+        cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}"]
+    else:
+        cmd += [f"--rdzv-backend={r.rdzv_backend}", f"--rdzv-endpoint={master_addr}:{master_port}",
+                f"--rdzv-id={r.rdzv_id or exp.exp_name}"]
+    cmd += ["--max-restarts=0"]
+    if exp.task.entrypoint:
+        cmd += [exp.task.entrypoint]
+    else:
+        cmd += ["-m", DRIVER_MODULE]
+    return cmd + ["--config", str(config_file)]
+
+
+def launch_script(exp: ExperimentSettings, node: NodePlan, nnodes: int, exp_dir: Path, env: dict[str, str],
+                  torchrun: list[str]) -> str:
+    lines = ["#!/usr/bin/env bash",
+             f"# Generated by `flagscale train`: experiment {exp.exp_name}, node {node.rank} of {nnodes} "
+             f"({node.host}, {node.nproc} processes).",
+             f"cd {shlex.quote(str(exp_dir))} || exit 1"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    if exp.cmds.before_start:
+        lines += ["# experiment.cmds.before_start", exp.cmds.before_start,
+                  'status=$?; [ "$status" -eq 0 ] || { echo "flagscale: before_start failed ($status)" >&2; '
+                  'exit "$status"; }']
+    lines += [shlex.join(torchrun), "status=$?"]
+    if exp.cmds.after_stop:
+        lines += ["# experiment.cmds.after_stop", exp.cmds.after_stop]
+    lines += ['exit "$status"', ""]
+    return "\n".join(lines)
+
+
+def _resolve_paths(train: TrainSettings, exp_dir: Path) -> TrainSettings:
+    """Paths in the task become absolute (relative to the folder flagscale runs in): nodes cd elsewhere."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    data = replace(train.data, data_path=absolute(train.data.data_path),
+                   tokenizer=replace(train.data.tokenizer, path=absolute(train.data.tokenizer.path)))
+    ckpt = train.system.checkpoint
+    ckpt = replace(ckpt, save=absolute(ckpt.save), load=absolute(ckpt.load))
+    logging = train.system.logging
+    logging = replace(logging, metrics_file=absolute(logging.metrics_file) or str(exp_dir / "logs" / "metrics.jsonl"))
+    return replace(train, data=data, system=replace(train.system, checkpoint=ckpt, logging=logging))
+
+
+def _check_inputs(train: TrainSettings) -> None:
+    prefix = train.data.data_path
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise ConfigError(f"train.data.data_path: {prefix}{suffix} does not exist; make the .bin/.idx pair "
+                              "with tools/preprocess_data.py (or fix the path)")
+    tok = train.data.tokenizer
+    if tok.type == "hf" and not Path(tok.path).is_dir():
+        raise ConfigError(f"train.data.tokenizer.path: {tok.path} is not a folder with a tokenizer")
+    load = train.system.checkpoint.load
+    if load and not Path(load).is_dir():
+        raise ConfigError(f"train.system.checkpoint.load: {load} does not exist")
+
+
+def _check_runtime(python: str) -> None:
+    """When the nodes run this very interpreter: are torch and megatron-core there? (Cheap: no import.)"""
+    from importlib.util import find_spec
+
+    def missing(module: str) -> bool:
+        try:
+            return find_spec(module) is None
+        except ModuleNotFoundError:  # the parent package is missing
+            return True
+
+    absent = [name for module, name in (("torch", "torch"), ("megatron.core", "megatron-core")) if missing(module)]
+    if absent:
+        raise LaunchError(f"{' and '.join(absent)} not installed for {python}: install the backend "
+                          "(pip install \".[train]\" -C device=... -C backend=megatron) or set experiment.runner.python")
+
+
+def plan(plain: dict, *, for_launch: bool = True) -> Plan:
+    """Validate the config and work out every node's script; nothing is written or started."""
+    if not isinstance(plain.get("experiment"), dict):
+        raise ConfigError("the config has no experiment section")
+    exp = experiment_settings(plain["experiment"])
+    exp_dir = Path(exp.exp_dir).expanduser().resolve()
+    python = exp.runner.python or sys.executable
+    hosts = _nodes_of(exp)
+    if not for_launch:
+        nodes = tuple(NodePlan(i, n.host, exp.runner.nproc_per_node, n.type, bool(exp.runner.hostfile),
+                               exp_dir / "scripts" / f"node{i}.sh", "") for i, n in enumerate(hosts))
+        return Plan(exp, exp_dir, python, nodes)
+
+    if "train" not in plain:
+        raise ConfigError("the config has no train section: add a task YAML to the defaults list "
+                          "(e.g. `- train: tiny`)")
+    world_size = exp.runner.nproc_per_node * len(hosts)
+    train = _resolve_paths(train_settings(plain["train"]), exp_dir)
+    train.check(world_size)
+    _check_inputs(train)
+    device_env = device_environment(exp)
+    if train.system.precision == "fp16" and device_env.get("MEGATRON_DEVICE_TYPE") == "cpu":
+        raise ConfigError("train.system.precision=fp16 needs an accelerator; on the cpu device use fp32 or bf16")
+
+    remote = bool(exp.runner.hostfile)
+    if not remote and python == sys.executable:
+        _check_runtime(python)
+    master_addr = exp.runner.master_addr or (hosts[0].host if remote else "127.0.0.1")
+    master_port = exp.runner.master_port or (29500 if remote else _free_port())
+    config_file = exp_dir / "config" / "train.json"
+    nodes = []
+    for i, host in enumerate(hosts):
+        node = NodePlan(i, host.host, exp.runner.nproc_per_node, host.type, remote,
+                        exp_dir / "scripts" / f"node{i}.sh", "")
+        cmd = torchrun_command(python, exp, i, len(hosts), node.nproc, master_addr, master_port, config_file)
+        text = launch_script(exp, node, len(hosts), exp_dir, node_environment(exp, host, device_env), cmd)
+        nodes.append(replace(node, script_text=text))
+    return Plan(exp, exp_dir, python, tuple(nodes), train, config_file, world_size)
+
+
+# ------------------------------------------------------------------------------------ ssh and agent
+def ssh_command(exp: ExperimentSettings, host: str, remote_argv: list[str]) -> list[str]:
+    """ssh argv running `remote_argv` on `host`: the remote shell sees one string of quoted words."""
+    cmd = ["ssh", "-o", "BatchMode=yes", "-p", str(exp.runner.ssh_port)]
+    for option in exp.runner.ssh_options:
+        if option.startswith("-") or "=" not in option:
+            raise ConfigError(f"experiment.runner.ssh_options: {option!r} is not an ssh option (Key=Value)")
+        cmd += ["-o", option]
+    return cmd + ["--", host, shlex.join(remote_argv)]
+
+
+def agent_argv(plan_: Plan, action: str, node: NodePlan, *extra: str) -> list[str]:
+    return [plan_.python, "-m", NODE_AGENT, action, "--run-dir", str(plan_.exp_dir), "--name", node.name, *extra]
+
+
+def _ssh(plan_: Plan, node: NodePlan, argv: list[str], stdin: str | None = None) -> str:
+    cmd = ssh_command(plan_.exp, node.host, argv)
+    try:
+        result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=SSH_TIMEOUT,
+                                stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"{node.name} ({node.host}): ssh did not answer within {SSH_TIMEOUT} s") from None
+    except OSError as exc:
+        raise LaunchError(f"{node.name} ({node.host}): cannot run ssh: {exc}") from None
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise LaunchError(f"{node.name} ({node.host}): {detail}")
+    return result.stdout
+
+
+def _agent(plan_: Plan, node: NodePlan, action: str, *extra: str) -> dict:
+    out = _ssh(plan_, node, agent_argv(plan_, action, node, *extra))
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise LaunchError(f"{node.name} ({node.host}): unexpected answer from the node agent: {out[-300:]!r}") \
+            from None
+
+
+def _upload_argv(node: NodePlan) -> list[str]:
+    folder = shlex.quote(str(node.script.parent))
+    return ["sh", "-c", f"mkdir -p {folder} && cat > {shlex.quote(str(node.script))}"]
+
+
+# ------------------------------------------------------------------------------------------ actions
+def _local_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _INHERITED_DROP}
+
+
+def _write_files(p: Plan) -> None:
+    (p.exp_dir / "logs").mkdir(parents=True, exist_ok=True)
+    p.config_file.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"exp_name": p.exp.exp_name, "exp_dir": str(p.exp_dir), "world_size": p.world_size,
+               "train": as_dict(p.train), "experiment": as_dict(p.exp)}
+    p.config_file.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    for node in p.nodes:
+        node.script.parent.mkdir(parents=True, exist_ok=True)
+        node.script.write_text(node.script_text)
+        node.script.chmod(0o755)
+
+
+def dryrun(p: Plan, out=None) -> int:
+    out = out or sys.stdout
+    print(f"# flagscale train (dry run): experiment {p.exp.exp_name}, {len(p.nodes)} node(s), "
+          f"world size {p.world_size}, folder {p.exp_dir}", file=out)
+    print(f"# driver config -> {p.config_file}", file=out)
+    for node in p.nodes:
+        print(f"\n# node {node.rank} on {node.host}: {node.script}", file=out)
+        print(node.script_text, end="", file=out)
+        if node.remote:
+            print(f"$ {shlex.join(ssh_command(p.exp, node.host, _upload_argv(node)))} < {node.script}", file=out)
+            print(f"$ {shlex.join(ssh_command(p.exp, node.host, agent_argv(p, 'start', node, '--', 'bash', str(node.script))))}",
+                  file=out)
+        else:
+            print(f"$ bash {shlex.quote(str(node.script))}   "
+                  f"(detached; log {p.exp_dir / 'logs' / (node.name + '.log')})", file=out)
+    return 0
+
+
+def run(p: Plan, out=None) -> int:
+    from flagscale.runner import process
+
+    out = out or sys.stdout
+    running = [n for n, s in status_of(p).items() if s == "running"]
+    if running:  # before rewriting the scripts and config a running job was started from
+        raise LaunchError(f"experiment {p.exp.exp_name} is already running ({', '.join(running)} in {p.exp_dir}): "
+                          "stop it first with action=stop")
+    _write_files(p)
+    if not p.multi_node:
+        node = p.nodes[0]
+        cmd = ["bash", str(node.script)]
+        if p.exp.runner.foreground:
+            return process.run_foreground(cmd, name=node.name, run_dir=p.exp_dir, env=_local_env())
+        record = process.start(cmd, name=node.name, run_dir=p.exp_dir, env=_local_env())
+        print(f"started {node.name} (pid {record.pid}); log {record.log}; stop with action=stop", file=out)
+        return 0
+    started: list[NodePlan] = []
+    try:
+        for node in p.nodes:
+            _ssh(p, node, _upload_argv(node), stdin=node.script_text)
+            answer = _agent(p, node, "start", "--", "bash", str(node.script))
+            started.append(node)
+            print(f"started {node.name} on {node.host} (pid {answer.get('pid')}); log {answer.get('log')}", file=out)
+    except FlagScaleError:
+        for node in started:  # a job with a node missing would hang in rendezvous: take it down
+            try:
+                _agent(p, node, "stop")
+            except FlagScaleError:
+                pass
+        raise
+    if p.exp.runner.foreground:
+        return _follow(p, out)
+    return 0
+
+
+def _follow(p: Plan, out) -> int:
+    """Foreground multi-node: wait for every node; stopping this process stops the job."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # a scheduler ending the attached command ends the job
+    try:
+        while True:
+            states = status_of(p)
+            if all(s not in ("running",) for s in states.values()):
+                break
+            time.sleep(2)
+    except KeyboardInterrupt:
+        stop(p, out)
+        return 130
+    print(_format_states(p, states), file=out)
+    return 0 if all(s == "finished" for s in states.values()) else 1
+
+
+def status_of(p: Plan) -> dict[str, str]:
+    from flagscale.runner import process
+
+    result = {}
+    for node in p.nodes:
+        if node.remote:
+            result[node.name] = _agent(p, node, "status").get(node.name, "unknown")
+        else:
+            result[node.name] = process.state(p.exp_dir, node.name)
+    return result
+
+
+def _format_states(p: Plan, states: dict[str, str]) -> str:
+    return "\n".join(f"{n.name}\t{n.host}\t{states.get(n.name, 'unknown')}" for n in p.nodes)
+
+
+def status(p: Plan, out=None) -> int:
+    out = out or sys.stdout
+    states = status_of(p)
+    print(_format_states(p, states), file=out)
+    return 0
+
+
+def stop(p: Plan, out=None) -> int:
+    from flagscale.runner import process
+
+    out = out or sys.stdout
+    stopped: list[str] = []
+    remote = [n for n in p.nodes if n.remote]
+    if remote:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Mark every node first, then signal them all at once: the nodes still running fail as soon as
+        # one is gone, and should read as stopped, not failed.
+        with ThreadPoolExecutor(len(remote)) as pool:
+            marked = [n for answer in pool.map(lambda n: _agent(p, n, "mark"), remote) for n in answer["marked"]]
+            signalled = pool.map(lambda n: _agent(p, n, "stop", "--timeout", str(p.exp.runner.stop_timeout)), remote)
+            done = {name for answer in signalled for name in answer.get("stopped", [])}
+        stopped += [n.name for n in remote if n.name in done or n.name in marked]
+    for node in p.nodes:
+        if not node.remote:
+            known = {r.name for r in process.records(p.exp_dir)} if (p.exp_dir / "pids").is_dir() else set()
+            if node.name in known:
+                stopped += process.stop(p.exp_dir, [node.name], timeout=p.exp.runner.stop_timeout)
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=out)
+    return 0

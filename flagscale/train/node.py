@@ -1,0 +1,56 @@
+"""The node agent: what `flagscale train` runs over ssh on every node of a multi-node job.
+
+    python -m flagscale.train.node start  --run-dir D --name node1 -- bash D/scripts/node1.sh
+    python -m flagscale.train.node mark   --run-dir D --name node1     (a stop is coming: exits read as stopped)
+    python -m flagscale.train.node stop   --run-dir D --name node1 [--timeout 15]
+    python -m flagscale.train.node status --run-dir D --name node1
+
+It starts, stops and reports the node's own processes with `flagscale.runner.process`, so pid records,
+logs and exit statuses live on the node, exactly as for a local run. It answers one JSON line; errors
+are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flagscale.train.node")
+    parser.add_argument("action", choices=("start", "mark", "stop", "status"))
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--timeout", type=float, default=15.0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # the command after -- is never parsed as options
+    args, cmd = parser.parse_args(argv[:cut]), argv[cut + 1:]
+
+    from flagscale.errors import FlagScaleError
+    from flagscale.runner import process
+
+    try:
+        if args.action == "start":
+            if not cmd:
+                raise SystemExit("start needs a command after --")
+            answer = asdict(process.start(cmd, name=args.name, run_dir=args.run_dir))
+        elif args.action == "mark":  # phase 1 of a multi-node stop: see process.mark_stopping
+            answer = {"marked": process.mark_stopping(args.run_dir, [args.name])}
+        elif args.action == "stop":
+            known = {r.name for r in process.records(args.run_dir)}
+            stopped = process.stop(args.run_dir, [args.name], timeout=args.timeout) if args.name in known else []
+            answer = {"stopped": stopped}
+        else:
+            answer = {args.name: process.state(args.run_dir, args.name)}
+    except FlagScaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(answer, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
