@@ -1,4 +1,5 @@
-"""A bounded load test of `flagscale serve` (direct mode) on loopback: zero errors, p50/p99 reported."""
+"""A bounded load test of `flagscale serve` (direct mode) on loopback: 16 clients for 30 s ($FLAGSCALE_LOAD_SECONDS),
+zero errors, p50/p99 reported."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_sixteen_clients_without_errors(tmp_path):
     result = flagscale("serve", str(CONF), *args, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     try:
-        seconds = float(os.environ.get("FLAGSCALE_LOAD_SECONDS", "10"))
+        seconds = float(os.environ.get("FLAGSCALE_LOAD_SECONDS", "30"))
         report = _bench().load(f"http://127.0.0.1:{port}", concurrency=16, duration=seconds, max_tokens=16)
         print(f"\nload: {report}")
     finally:
