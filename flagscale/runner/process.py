@@ -180,6 +180,21 @@ def exit_status(run_dir: Path, name: str) -> int | None:
         return None
 
 
+def _wait_gone(records_: list[ProcessRecord], groups: dict[str, bool], timeout: float) -> list[ProcessRecord]:
+    """Wait up to `timeout` for the processes (their whole groups) to end; returns those still there."""
+    deadline = time.monotonic() + timeout
+    pending = list(records_)
+    while pending:
+        for r in pending:
+            _reap(r.pid)
+        # a group outlives its leader while a child ignores SIGTERM: wait for every member
+        pending = [r for r in pending if (_group_alive(r.pid) if groups[r.name] else is_alive(r))]
+        if not pending or time.monotonic() >= deadline:
+            return pending
+        time.sleep(0.05)
+    return pending
+
+
 def _leads_group(record: ProcessRecord) -> bool:
     try:
         return os.getpgid(record.pid) == record.pid
@@ -222,24 +237,10 @@ def stop(run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.
     for record in live:
         _paths(run_dir, record.name)[2].touch()
         _signal(record, signal.SIGTERM, groups[record.name])
-    deadline = time.monotonic() + timeout
-    pending = list(live)
-    while pending and time.monotonic() < deadline:
-        for r in pending:
-            _reap(r.pid)
-        # a group outlives its leader while a child ignores SIGTERM: wait for every member
-        pending = [r for r in pending if (_group_alive(r.pid) if groups[r.name] else is_alive(r))]
-        if pending:
-            time.sleep(0.05)
+    pending = _wait_gone(live, groups, timeout)
     for record in pending:
         _signal(record, signal.SIGKILL, groups[record.name])
-    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: return once they are gone
-    while pending and time.monotonic() < deadline:
-        for r in pending:
-            _reap(r.pid)
-        pending = [r for r in pending if (_group_alive(r.pid) if groups[r.name] else is_alive(r))]
-        if pending:
-            time.sleep(0.02)
+    _wait_gone(pending, groups, 10)  # SIGKILL is delivered asynchronously: return once they are gone
     for record in live:
         _reap(record.pid)
     return [r.name for r in live]
