@@ -41,6 +41,8 @@ SAVE_EVERY = 10
 # Runs that are stopped mid-way save more often: each save takes ~1 s here, which keeps the run going
 # well past the moment `action=stop` lands (the losses do not depend on it).
 SAVE_OFTEN = 5
+# Stopping two nodes goes through ssh (mark, then stop, on each): slower still, so that run saves every 2.
+SAVE_VERY_OFTEN = 2
 # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP: with 130 the 257
 # byte-level ids pad to 260 for TP=1 and TP=2 alike, so both layouts start from the same embedding.
 VOCAB_DIVISIBLE_BY = 130
@@ -278,7 +280,7 @@ def test_two_nodes_over_ssh_stop_and_resume(venv, world1, sshd):
                  f"experiment.runner.hostfile={hostfile}", f"experiment.runner.ssh_port={port}",
                  f"experiment.runner.master_port={_free_port()}", "experiment.runner.master_addr=127.0.0.1",
                  "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in options) + "]",
-                 f"train.system.checkpoint.save_interval={SAVE_OFTEN}"]
+                 f"train.system.checkpoint.save_interval={SAVE_VERY_OFTEN}"]
     start = time.perf_counter()
     started = venv.train(name, *overrides, config="dp2")
     assert started.returncode == 0, started.stdout + started.stderr

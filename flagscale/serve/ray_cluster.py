@@ -96,6 +96,8 @@ def start(settings: ServeSettings) -> dict[str, str]:
     env = _env(settings)
     started: list[str] = []
     try:
+        app_log = settings.run_dir / "logs" / f"{APP}.log"
+        app_log_start = app_log.stat().st_size if app_log.exists() else 0  # the log is appended to, run after run
         for item in planned:
             if item["name"] == APP:
                 _wait_for_head(settings)
@@ -107,11 +109,32 @@ def start(settings: ServeSettings) -> dict[str, str]:
                    lambda: process.state(settings.run_dir, APP) == "running" and
                    process.state(settings.run_dir, HEAD) == "running",
                    "the Ray Serve application", record.log if record else None, interval=0.5)
+        # The router answers /health as soon as it is up; serve.run returns (and the app says so) only once
+        # every model's replicas are healthy too.
+        _wait_deployed(settings, app_log, app_log_start, settings.ready_timeout + 60)
     except BaseException:
         for name in reversed(started):
             process.stop(settings.run_dir, [name])
         raise
     return {m.name: url for m in settings.models}
+
+
+def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(start)
+            if b"\ndeployed " in b"\n" + f.read():
+                return
+        if process.state(settings.run_dir, APP) != "running":
+            break
+        time.sleep(0.3)
+    from flagscale.serve.health import log_tail
+
+    raise LaunchError(f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last lines "
+                      f"of its log:\n{log_tail(str(log))}")
 
 
 def _wait_for_head(settings: ServeSettings, timeout: float = 90.0) -> None:
