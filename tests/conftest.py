@@ -4,6 +4,7 @@ release sdists (downloaded once from the package index and cached between runs).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -118,3 +119,15 @@ def real_cache() -> Cache:
 @pytest.fixture(scope="session")
 def real_project() -> Project:
     return Project(REPO_ROOT)
+
+
+def copy_project(dest: Path) -> Project:
+    """A scratch copy of this checkout's pins, patches and devices that a test may rewrite."""
+    for part in ("third_party/upstreams.toml", "patches", "hardware"):
+        src = REPO_ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part)
+        else:
+            (dest / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / part)
+    return Project(dest)

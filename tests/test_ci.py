@@ -9,12 +9,11 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_project
 from flagscale.ci import github_outputs, matrix
 from flagscale.cli import app
 from flagscale.devices import load_devices
 from flagscale.project import Project
-from test_devices import copy_project
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "flagscale.yml"
 CELL_KEYS = {"name", "device", "backend", "vendor", "torch_device", "torch_extension", "collective",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_project
 from flagscale.devices import BackendBuild, load_devices, resolve_device
 from flagscale.errors import ConfigError
 from flagscale.project import Project
@@ -20,16 +20,6 @@ from flagscale.series import read_series, series_for
 ALL_DEVICES = ["ascend", "cambricon", "cpu", "cuda", "hygon", "iluvatar", "kunlunxin", "metax", "musa"]
 
 
-def copy_project(dest: Path) -> Project:
-    """A scratch copy of this checkout's pins, patches and devices that a test may rewrite."""
-    for part in ("third_party/upstreams.toml", "patches", "hardware"):
-        src = REPO_ROOT / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part)
-        else:
-            (dest / part).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / part)
-    return Project(dest)
 
 
 def write_manifest(project: Project, name: str, text: str) -> Path:

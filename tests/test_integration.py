@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import git
+from conftest import copy_project, git
 from flagscale.apply import copy_tree
 from flagscale.errors import RebaseConflict
 from flagscale.patchtool import check, checkout, export, rebase, write_pin
@@ -26,16 +26,6 @@ PROBES = {"megatron": "megatron/core/utils.py", "vllm": "vllm/envs.py",
           "sglang": "python/sglang/srt/server_args.py", "llama.cpp": "ggml/src/ggml.c"}
 
 
-def project_copy(real_project: Project, dest: Path) -> Project:
-    """A scratch copy of this checkout's pins, patches and devices that a test may rewrite."""
-    for part in ("third_party/upstreams.toml", "patches", "hardware"):
-        src = real_project.root / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part)
-        else:
-            (dest / part).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / part)
-    return Project(dest)
 
 
 @pytest.mark.parametrize("backend", list(PROBES))
@@ -80,7 +70,7 @@ def test_our_tree_is_byte_identical_to_git_apply(real_project, real_cache, backe
 
 
 def test_megatron_round_trip_checkout_edit_export_check(real_project, real_cache, tmp_path):
-    project = project_copy(real_project, tmp_path / "project")
+    project = copy_project(tmp_path / "project")
     work = tmp_path / "megatron"
     commits = checkout(project, "megatron", work, source="sdist", cache=real_cache)
     assert len(commits) == len(series_for(project, "megatron")[0].names)
@@ -98,7 +88,7 @@ def test_megatron_round_trip_checkout_edit_export_check(real_project, real_cache
 
 
 def _pin_megatron_0160(real_project: Project, dest: Path) -> Project:
-    project = project_copy(real_project, dest)
+    project = copy_project(dest)
     pin = project.pins.resolve("megatron")
     import dataclasses
 
@@ -169,7 +159,7 @@ def test_rebase_conflict_reports_and_leaves_series_untouched(real_project, real_
 
 def test_rebase_real_megatron_series_written_against_0160(real_project, real_cache, tmp_path):
     """FlagScale's own megatron series, pinned back to 0.16.0, moves forward to 0.16.1."""
-    project = project_copy(real_project, tmp_path / "project")
+    project = copy_project(tmp_path / "project")
     pin = project.pins.resolve("megatron")
     import dataclasses
 
