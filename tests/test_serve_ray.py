@@ -43,7 +43,8 @@ def _replicas(run_dir) -> list[dict]:
 
 def test_routes_by_model_name_with_json_errors(cluster):
     url = cluster["url"]
-    code, body = post(url + "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+    code, body = post(url + "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4,
+                                                     "ignore_eos": True})  # random weights: no early end-of-text
     assert code == 200 and body["usage"]["completion_tokens"] == 4
     code, body = post(url + "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                      "max_tokens": 3})
@@ -57,7 +58,7 @@ def test_routes_by_model_name_with_json_errors(cluster):
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as response:
         assert [m["id"] for m in json.loads(response.read())["data"]] == ["tiny"]
     request = urllib.request.Request(url + "/v1/completions", json.dumps(
-        {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "stream": True}).encode(),
+        {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}).encode(),
         {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
