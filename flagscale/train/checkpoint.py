@@ -3,13 +3,24 @@
 Layout, as Megatron-LM's: `<save>/iter_0000010/` (one sharded checkpoint, any parallel layout can
 read it) and `<save>/latest_checkpointed_iteration.txt`, written only after every rank finished the
 save, so a run killed mid-save resumes from the previous complete checkpoint.
+
+RNG state, as Megatron-LM keeps it: every rank's Python, numpy, torch (and accelerator) generator states
+and Megatron's tensor-parallel RNG tracker states go into the same checkpoint, one `ShardedObject`
+shard per rank at (pp_rank, tp_rank, dp_rank), and the common state records the layout. With dropout
+on, a resumed run then draws the same masks as an uninterrupted one. A checkpoint from another layout
+has other ranks, so its RNG shards fit none of ours: then, and for checkpoints saved without RNG
+state, only weights, optimizer and schedule load.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
 TRACKER = "latest_checkpointed_iteration.txt"
+LAYOUT = "parallel_layout"
+RNG = "rng_state"
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -25,14 +36,71 @@ def latest_iteration(root: str | Path | None) -> int | None:
         return None
 
 
-def _state(model, optimizer, scheduler, iteration: int, is_loading: bool) -> dict:
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"TP": ps.get_tensor_model_parallel_world_size(), "PP": ps.get_pipeline_model_parallel_world_size(),
+            "DP": ps.get_data_parallel_world_size()}
+
+
+def _describe(layout: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in layout.items())
+
+
+def _device_rng() -> Any:
+    """The accelerator's generator accessor (get/set_rng_state), or None on the CPU, where it is torch's."""
+    import torch
+
+    try:
+        from megatron.core import device_utils  # the patched megatron-core's device accessor
+        return None if device_utils.is_cpu() else device_utils
+    except ImportError:
+        return torch.cuda if torch.cuda.is_available() else None
+
+
+def _rng_shard(layout: dict[str, int]) -> Any:
+    """This rank's RNG states as its own shard of the (PP, TP, DP) grid."""
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if (device := _device_rng()) is not None:
+        state["device"] = device.get_rng_state()
+    return ShardedObject(RNG, state, (layout["PP"], layout["TP"], layout["DP"]),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_data_parallel_rank()), replica_id=0)
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "device" in state and (device := _device_rng()) is not None:
+        device.set_rng_state(state["device"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state(model, optimizer, scheduler, iteration: int, is_loading: bool, rng: bool = True) -> dict:
     model_sd = model.module.sharded_state_dict()
-    return {
+    layout = _layout()
+    state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
         "scheduler": scheduler.state_dict(),
         "iteration": iteration,
+        LAYOUT: layout,
     }
+    if rng:
+        state[RNG] = _rng_shard(layout)
+    return state
 
 
 def save(root: str | Path, iteration: int, model, optimizer, scheduler) -> Path:
@@ -53,15 +121,30 @@ def save(root: str | Path, iteration: int, model, optimizer, scheduler) -> Path:
     return target
 
 
-def load(root: str | Path, model, optimizer, scheduler) -> int:
-    """Load the latest checkpoint under `root` into model, optimizer and scheduler; its iteration."""
+def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None]:
+    """Load the latest checkpoint under `root` into model, optimizer and scheduler, and the RNG state when
+    it was saved in this run's layout. Returns its iteration and, when the RNG state stayed as seeded,
+    why (one line for the log)."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
     assert iteration is not None
-    state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True),
-                                    str(iteration_dir(root, iteration)))
+    path = str(iteration_dir(root, iteration))
+    # The layout decides which shards to ask for, so it is read (common state, rank-independent) first.
+    saved = dist_checkpointing.load_common_state_dict(path).get(LAYOUT)
+    current = _layout()
+    with_rng = saved == current
+    state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True, rng=with_rng), path)
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["iteration"])
+    if with_rng:
+        _set_rng(state[RNG])
+        note = None
+    elif saved is None:
+        note = ("RNG state not restored: the checkpoint has none (saved before FlagScale kept it); "
+                "dropout masks differ from the original run's")
+    else:
+        note = (f"RNG state not restored: the checkpoint was saved with {_describe(saved)}, this run is "
+                f"{_describe(current)}; weights and optimizer loaded, dropout masks differ from the original run's")
+    return int(state["iteration"]), note

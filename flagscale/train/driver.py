@@ -175,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     load_from = ckpt.load or ckpt.save
     start_iter = 0
     if checkpoint.latest_iteration(load_from) is not None:
-        start_iter = checkpoint.load(load_from, model, optimizer, scheduler)
+        start_iter, rng_note = checkpoint.load(load_from, model, optimizer, scheduler)
         if rank == 0:
-            log.info(f"resumed from {checkpoint.iteration_dir(load_from, start_iter)} (iteration {start_iter})")
+            log.info(f"resumed from {checkpoint.iteration_dir(load_from, start_iter)} (iteration {start_iter})"
+                     + (" with its RNG state" if rng_note is None else ""))
+            if rng_note:
+                log.info(rng_note)
 
     dataset = build_train_dataset(t, tokenizer, exp_dir / "cache" / "data")
     batches = Batches(dataset, m.global_batch_size, m.micro_batch_size, dp, dp_rank)
