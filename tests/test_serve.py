@@ -80,6 +80,13 @@ def test_bad_requests_get_json_errors_and_the_server_stays_up(server):
     assert "error" in json.loads(caught.value.read())
     code, body = post(server["url"] + "/v1/chat/completions", {"model": "tiny", "max_tokens": 4})  # no messages
     assert 400 <= code < 500 and "error" in body
+    for route in ("completions", "chat/completions"):  # a model not served: 404 (patch 0003), not tiny's answer
+        code, body = post(server["url"] + f"/v1/{route}", {"model": "gpt-9", "prompt": "x", "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "x"}]})
+        assert code == 404, (code, body)
+        assert body["error"]["type"] == "not_found_error" and "served: tiny" in body["error"]["message"]
+    code, body = post(server["url"] + "/v1/completions", {"prompt": "no model named", "max_tokens": 2})
+    assert code == 200 and body["model"] == "tiny"
     code, _ = post(server["url"] + "/v1/completions", {"model": "tiny", "prompt": "still up", "max_tokens": 2})
     assert code == 200
 

@@ -64,6 +64,9 @@ def test_routes_by_model_name_with_json_errors(cluster):
         events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(events) >= 3  # chunks: llama-server holds back split UTF-8 bytes
     assert json.loads(events[-2])["usage"]["completion_tokens"] == 4
+    # a streaming request the engine refuses keeps the engine's 4xx and JSON error, not a 200 event stream
+    code, body = post(url + "/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "stream": True})  # no messages
+    assert 400 <= code < 500 and "error" in body, (code, body)
     assert len(_replicas(cluster["run_dir"])) == 2
 
 

@@ -26,6 +26,7 @@ from flagscale.errors import ConfigError, LaunchError
 from flagscale.serve.settings import ModelSpec, ServeSettings
 
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
+STRICT_MODEL_FLAG = "--strict-model-name"
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,12 @@ def command_for(spec: ModelSpec, settings: ServeSettings, host: str, port: int, 
             raise ConfigError(f"{where}.model={model}: no such GGUF file (convert a checkpoint with "
                               "tools/convert_to_gguf.py)")
         binary = str(llama_tool("llama-server"))
-        known = llama_server_flags(binary) if check else None
-        cmd = [binary, "--model", model, "--alias", spec.name, "--host", host, "--port", str(port),
+        flags = llama_server_flags(binary)
+        known = flags if check else None
+        # our patch 0003: a request naming another model gets 404, not this model's answer (a plain
+        # llama.cpp build given with FLAGSCALE_LLAMA_CPP_BIN lacks the flag and answers any name)
+        strict = [STRICT_MODEL_FLAG] if STRICT_MODEL_FLAG in flags else []
+        cmd = [binary, "--model", model, "--alias", spec.name, *strict, "--host", host, "--port", str(port),
                *to_flags(args, known, where)]
     elif spec.engine == "vllm":
         known = python_engine_flags("vllm") if check else None

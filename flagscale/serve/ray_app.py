@@ -3,7 +3,8 @@
 `python -m flagscale.serve.ray_app CONFIG.json` (started by flagscale.serve.ray_cluster) connects to the
 Ray head, deploys, and stays up until it is stopped. The router routes the OpenAI API by the request's
 `model`; an unknown model gets HTTP 404 with a JSON error, a body that is not JSON a 400, a replica lost
-mid-request a 503 the client may retry. A replica whose engine process dies fails Serve's health check
+mid-request a 503 the client may retry, and a streaming request the engine refuses keeps the engine's status
+and JSON error. A replica whose engine process dies fails Serve's health check
 and is replaced; autoscaling bounds come from the task YAML.
 """
 
@@ -83,10 +84,24 @@ def deployments(settings: ServeSettings, config: dict):
             return response.status_code, response.content, response.headers.get("content-type", "application/json")
 
         async def stream(self, path: str, body: bytes):
-            async with self.client.stream("POST", path, content=body,
-                                          headers={"Content-Type": "application/json"}) as response:
-                async for chunk in response.aiter_raw():
-                    yield chunk
+            """Yields (status, content type) first, then the engine's raw body chunks."""
+            import httpx
+
+            started = False
+            try:
+                async with self.client.stream("POST", path, content=body,
+                                              headers={"Content-Type": "application/json"}) as response:
+                    started = True
+                    yield response.status_code, response.headers.get("content-type", "text/event-stream")
+                    async for chunk in response.aiter_raw():
+                        yield chunk
+            except httpx.HTTPError as exc:
+                if started:  # the status has gone out: all that is left is to cut the stream short
+                    raise
+                message = {"error": {"message": f"engine unavailable ({type(exc).__name__}); retry",
+                                     "type": "unavailable", "code": None}}
+                yield 503, "application/json"
+                yield json.dumps(message).encode()
 
         def check_health(self) -> None:
             code = self.proc.poll()
@@ -134,8 +149,16 @@ def deployments(settings: ServeSettings, config: dict):
                 return _error(404, f"model {name!r} is not served here; served: {', '.join(self.handles)}",
                               "invalid_request_error", "model_not_found")
             if data.get("stream"):
+                # The engine's status comes first, so an engine error (a bad request, say) keeps its 4xx/5xx
+                # and JSON body instead of going out as a 200 event stream.
                 chunks = handle.options(stream=True).stream.remote(f"/v1/{endpoint}", body)
-                return StreamingResponse(chunks, media_type="text/event-stream")
+                try:
+                    status, kind = await chunks.__anext__()
+                except Exception as exc:  # the replica died before the engine answered: the client may retry
+                    return _error(503, f"replica of {name} unavailable ({type(exc).__name__}); retry", "unavailable")
+                if status != 200:
+                    return Response(b"".join([chunk async for chunk in chunks]), status_code=status, media_type=kind)
+                return StreamingResponse(chunks, status_code=status, media_type=kind)
             try:
                 status, content, kind = await handle.forward.remote(f"/v1/{endpoint}", body)
             except Exception as exc:  # the replica died mid-request (RayActorError, ...): the client may retry
