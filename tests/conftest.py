@@ -1,12 +1,17 @@
-"""Shared fixtures: synthetic FlagScale projects and upstream trees made by the tests, and the real
-release sdists (downloaded once from the package index and cached between runs)."""
+"""Shared fixtures: synthetic FlagScale projects and upstream trees made by the tests, the real
+release sdists (downloaded once from the package index and cached between runs), and a private sshd
+standing in for other nodes (multi-node train and serve tests)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import textwrap
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -131,3 +136,69 @@ def copy_project(dest: Path) -> Project:
             (dest / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / part)
     return Project(dest)
+
+
+# ------------------------------------------------------------------------------------------ ssh nodes
+@dataclass(frozen=True)
+class Sshd:
+    """A running private sshd: `port, options = sshd` (what `ssh -p PORT -o OPTION...` needs), plus its
+    pid (the parent of every session it serves) and folder (keys, config, sshd.log)."""
+
+    port: int
+    options: list[str] = field(hash=False)
+    pid: int
+    folder: Path
+
+    def __iter__(self):
+        return iter((self.port, self.options))
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """An sshd of our own on 127.0.0.1 and 127.0.0.2 (two "nodes"), accepting one generated key.
+
+    Skipped, with the reason, where no sshd can run (CI: apt-get install openssh-server openssh-client)."""
+    sshd_bin = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+    if not sshd_bin or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        pytest.skip("no OpenSSH server/client here (apt-get install openssh-server openssh-client)")
+    if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
+        Path("/run/sshd").mkdir(mode=0o755)  # sshd's privilege-separation folder (the package ships it empty)
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+    (d / "authorized_keys").chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {d / 'host_key'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+    check = subprocess.run([sshd_bin, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.skip(f"sshd cannot run here: {check.stderr.strip()[:300]}")
+    log = open(d / "sshd.log", "w")
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
+    options = [f"IdentityFile={d / 'user_key'}", "IdentitiesOnly=yes", "StrictHostKeyChecking=no",
+               "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
+    probe = ["ssh", "-o", "BatchMode=yes", "-p", str(port), *sum((["-o", o] for o in options), []), "127.0.0.2", "true"]
+    ok = _wait(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 15)
+    if not ok:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+        pytest.skip(f"could not log in to a local sshd: {(d / 'sshd.log').read_text()[-300:]}")
+    yield Sshd(port, options, proc.pid, d)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    log.close()

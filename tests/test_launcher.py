@@ -133,6 +133,17 @@ def test_multinode_dryrun_quotes_every_ssh_command(exp):
     assert f"export EVIL={shlex.quote(HOSTILE)}" in scripts[1]
 
 
+def test_bad_ssh_option_fails_before_anything_is_written(exp):
+    hostfile = exp.root / "hosts"
+    hostfile.write_text("127.0.0.1 slots=2\nnode-b slots=2\n")
+    result = train(exp, "experiment.runner.nnodes=2", f"experiment.runner.hostfile={hostfile}",
+                   "experiment.runner.ssh_options=['-oProxyCommand=touch PWNED']", config="dp2")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == ("error: experiment.runner.ssh_options: '-oProxyCommand=touch PWNED' is not an "
+                                     "ssh option (Key=Value)"), result.stderr
+    assert not exp.dir.exists(), "something was written or launched"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["experiment.runner.nnodes=2", "experiment.runner.hostfile={root}/no-hosts"], "hostfile .*no-hosts does not exist"),
     (["experiment.runner.nnodes=2"], "needs experiment.runner.hostfile"),

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -294,47 +293,11 @@ def test_bf16_mixed_precision_trains_on_the_cpu(venv):
     assert sorted(curve) == list(range(1, ITERS + 1)) and curve[ITERS] < 0.6 * curve[1], curve
 
 
-# ------------------------------------------------------------------------------------ two nodes, ssh
+# ------------------------------------------------------------ two nodes, ssh (`sshd`: tests/conftest.py)
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """An sshd of our own on 127.0.0.1 and 127.0.0.2 (two "nodes"), accepting one generated key."""
-    sshd_bin = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
-    if not sshd_bin or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
-        pytest.skip("no OpenSSH server/client here (apt-get install openssh-server openssh-client)")
-    if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
-        Path("/run/sshd").mkdir(mode=0o755)  # sshd's privilege-separation folder (the package ships it empty)
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    (d / "authorized_keys").chmod(0o600)
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {d / 'host_key'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
-    check = subprocess.run([sshd_bin, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"sshd cannot run here: {check.stderr.strip()[:300]}")
-    log = open(d / "sshd.log", "w")
-    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
-    options = [f"IdentityFile={d / 'user_key'}", "IdentitiesOnly=yes", "StrictHostKeyChecking=no",
-               "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
-    probe = ["ssh", "-o", "BatchMode=yes", "-p", str(port), *sum((["-o", o] for o in options), []), "127.0.0.2", "true"]
-    ok = _wait(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 15)
-    if not ok:
-        proc.terminate()
-        pytest.skip(f"could not log in to a local sshd: {(d / 'sshd.log').read_text()[-300:]}")
-    yield port, options
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=10)
-    log.close()
 
 
 def test_two_nodes_over_ssh_stop_and_resume(venv, world1, sshd):

@@ -2,52 +2,86 @@
 
 Every process is started through flagscale.runner.process, so `action=stop` stops exactly these process
 groups (never `ray stop`, which would take down every Ray cluster of the machine).
+
+Worker nodes: each hostfile line (`host slots=N`, flagscale.train.hostfile) is one `ssh -tt HOST` (the
+runner's ssh_port and ssh_options, flagscale.runner.ssh) running `ray start --block --address=HEAD
+--num-cpus=N` with the head's own `ray` (an absolute path: nodes share the install layout, as `flagscale
+train` assumes for python) and `experiment.envs`. Stopping the ssh stops the node: its terminal hangs up,
+SIGHUP ends `ray start`, Ray's fate sharing takes its raylet (and the raylet its agents, workers and their
+engines) down with it; nothing on the node outlives it, and nothing else there (another Ray cluster) is
+touched. Without a terminal all of it would outlive the ssh, so the node refuses to start Ray without one.
+A node that cannot join (ssh fails, `ray` missing there, no terminal) fails the start with its log.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
-from flagscale.errors import ConfigError, LaunchError
+from flagscale.errors import LaunchError
 from flagscale.runner import process
-from flagscale.serve.health import port_free, wait_ready
+from flagscale.runner.ssh import ssh_command
+from flagscale.serve.health import log_tail, port_free, wait_ready
 from flagscale.serve.settings import ServeSettings
+from flagscale.train.hostfile import Node, read_hostfile
 
 HEAD, APP = "ray-head", "serve-app"
+WORKER = "ray-worker-"  # + host
+JOINED = "Ray runtime started"  # what `ray start` prints once its node has joined the cluster
+# Run on the node before `ray start` (exec'd: same process): without a terminal (an sshd with PermitTTY no
+# ignores -tt) nothing would take the node down when its ssh ends, so it does not start at all.
+NEEDS_TERMINAL = ('[ -t 0 ] || { echo "flagscale: ssh gave this node no terminal (sshd PermitTTY?); a Ray node '
+                  'started without one would outlive action=stop" >&2; exit 1; }; exec "$@"')
 
 
 def _ray_cli() -> str:
+    """This installation's `ray`, as an absolute path: the head runs it, and so does every worker node."""
     beside = Path(sys.executable).parent / "ray"
-    return str(beside) if beside.exists() else "ray"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("ray")
+    if found:
+        return os.path.abspath(found)
+    raise LaunchError(f"Ray is not installed for {sys.executable} (no `ray` beside it or on PATH): "
+                      "pip install 'ray[serve]'")
 
 
-def hosts(hostfile: Path | None) -> list[tuple[str, int]]:
-    """`host slots=N` lines (the FlagScale/DeepSpeed hostfile form); `#` comments."""
-    if hostfile is None:
-        return []
-    out = []
-    for number, line in enumerate(hostfile.read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = 0
-        for part in parts[1:]:
-            key, _, value = part.partition("=")
-            if key != "slots" or not value.isdigit():
-                raise ConfigError(f"{hostfile}:{number}: expected `host slots=N`, got {line!r}")
-            slots = int(value)
-        out.append((parts[0], slots))
-    return out
+def worker_nodes(settings: ServeSettings) -> list[Node]:
+    """The hostfile's nodes; each joins the head as a Ray worker node (the head is this machine)."""
+    return read_hostfile(settings.hostfile) if settings.hostfile is not None else []
+
+
+def worker_command(settings: ServeSettings, node: Node, ray: str, address: str) -> list[str]:
+    """ssh argv of one worker node: `ray start --block` joining `address` with the node's slots as CPUs."""
+    env = [f"{k}={v}" for k, v in (("RAY_USAGE_STATS_ENABLED", "0"), *settings.envs)]
+    remote = ["env", "--", *env, "sh", "-c", NEEDS_TERMINAL, "flagscale-ray-node", ray, "start", "--block",
+              f"--address={address}", f"--num-cpus={node.slots}", "--disable-usage-stats"]
+    # -tt: the node's terminal hangs up when this ssh is stopped, and `ray start` with its raylet goes down
+    return ssh_command(node.host, remote, port=settings.ssh_port, options=settings.ssh_options, tty=True)
 
 
 def head_address(settings: ServeSettings) -> str:
-    ip = "127.0.0.1" if settings.hostfile is None else socket.gethostbyname(socket.gethostname())
-    return f"{ip}:{settings.ray_port}"
+    """host:port the head listens on and the worker nodes join."""
+    nodes = worker_nodes(settings)
+    return f"{_route_source(nodes[0].host) if nodes else '127.0.0.1'}:{settings.ray_port}"
+
+
+def _route_source(host: str) -> str:
+    """This machine's address on its route to `host`: one that host can reach back. (The hostname's address
+    is no good: Debian and Ubuntu map it to 127.0.1.1.) A UDP connect picks the route and sends nothing."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(host), 9))
+            return probe.getsockname()[0]
+    except OSError as exc:
+        raise LaunchError(f"worker node {host} (experiment.runner.hostfile): no route to it from here ({exc})") \
+            from None
 
 
 def commands(settings: ServeSettings) -> list[tuple[str, list[str]]]:
@@ -58,12 +92,8 @@ def commands(settings: ServeSettings) -> list[tuple[str, list[str]]]:
     head = [ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={port}", f"--num-cpus={cpus}",
             "--include-dashboard=false", "--disable-usage-stats"]
     out = [(HEAD, head)]
-    for host, slots in hosts(settings.hostfile):
-        join = [ray, "start", "--block", f"--address={ip}:{port}", "--disable-usage-stats"]
-        if slots:
-            join.append(f"--num-cpus={slots}")
-        # -tt: the remote command dies with the ssh session when stop signals the ssh process group
-        out.append((f"ray-worker-{host}", ["ssh", "-tt", "-o", "BatchMode=yes", host, " ".join(join)]))
+    for node in worker_nodes(settings):
+        out.append((WORKER + node.host, worker_command(settings, node, ray, f"{ip}:{port}")))
     out.append((APP, [sys.executable, "-m", "flagscale.serve.ray_app", str(settings.run_dir / "serve-app.json")]))
     return out
 
@@ -98,11 +128,19 @@ def start(settings: ServeSettings) -> dict[str, str]:
     try:
         app_log = settings.run_dir / "logs" / f"{APP}.log"
         app_log_start = app_log.stat().st_size if app_log.exists() else 0  # the log is appended to, run after run
+        joining: dict[str, int] = {}  # worker node -> where this run's part of its log starts
         for item in planned:
-            if item["name"] == APP:
-                _wait_for_head(settings)
-            record = process.start(item["cmd"], name=item["name"], run_dir=settings.run_dir, env=env)
-            started.append(item["name"])
+            name = item["name"]
+            if name == APP:  # every node is in the cluster before Serve places replicas
+                _wait_joined(settings, joining, settings.ready_timeout)
+            log = settings.run_dir / "logs" / f"{name}.log"
+            log_start = log.stat().st_size if log.exists() else 0
+            process.start(item["cmd"], name=name, run_dir=settings.run_dir, env=env)
+            started.append(name)
+            if name == HEAD:
+                _wait_for_head(settings)  # the worker nodes join a head that listens
+            elif name.startswith(WORKER):
+                joining[name] = log_start
         record = process.read_record(settings.run_dir, APP)
         url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
         wait_ready(f"{url}/health", settings.ready_timeout + 60,
@@ -119,9 +157,39 @@ def start(settings: ServeSettings) -> dict[str, str]:
     return {m.name: url for m in settings.models}
 
 
-def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: float) -> None:
-    import time
+def _wait_joined(settings: ServeSettings, joining: dict[str, int], timeout: float) -> None:
+    """Until every worker node's `ray start` says its node joined; a node whose ssh ended fails the start."""
+    def text(name: str, start: int) -> str:
+        with open(settings.run_dir / "logs" / f"{name}.log", "rb") as f:
+            f.seek(start)
+            raw = f.read().decode(errors="replace")
+        return re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", raw)  # its terminal's colours and line ends
 
+    def tail(name: str, start: int) -> str:
+        return "\n".join(text(name, start).strip().splitlines()[-8:])
+
+    deadline = time.monotonic() + timeout
+    pending = dict(joining)
+    while pending:
+        for name, start in list(pending.items()):
+            running = process.state(settings.run_dir, name) == "running"
+            if JOINED in text(name, start):
+                del pending[name]
+            elif not running:
+                code = process.exit_status(settings.run_dir, name)
+                raise LaunchError(f"Ray worker node {name[len(WORKER):]} did not join the head: its ssh exited"
+                                  f"{f' ({code})' if code is not None else ''}; last lines of its log:\n"
+                                  f"{tail(name, start)}")
+        if pending and time.monotonic() > deadline:
+            name, start = next(iter(pending.items()))
+            raise LaunchError(f"Ray worker node(s) {', '.join(n[len(WORKER):] for n in pending)} did not join the "
+                              f"head within {timeout:.0f} s (experiment.runner.ready_timeout); last lines of "
+                              f"{name}'s log:\n{tail(name, start)}")
+        if pending:
+            time.sleep(0.3)
+
+
+def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(log, "rb") as f:
@@ -131,23 +199,17 @@ def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: floa
         if process.state(settings.run_dir, APP) != "running":
             break
         time.sleep(0.3)
-    from flagscale.serve.health import log_tail
-
     raise LaunchError(f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last lines "
                       f"of its log:\n{log_tail(str(log))}")
 
 
 def _wait_for_head(settings: ServeSettings, timeout: float = 90.0) -> None:
     """The head's GCS port answers once `ray start` has it up."""
-    import time
-
     ip, port = head_address(settings).split(":")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.state(settings.run_dir, HEAD) != "running":
             record = process.read_record(settings.run_dir, HEAD)
-            from flagscale.serve.health import log_tail
-
             raise LaunchError(f"the Ray head exited; last lines of its log:\n{log_tail(record.log if record else None)}")
         with socket.socket() as sock:
             sock.settimeout(1.0)

@@ -39,7 +39,7 @@ RUNNER_OWNED = {"host": "experiment.runner.host", "port": "experiment.runner.por
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MODEL_KEYS = {"serve_id", "engine", "engine_args", "replicas", "autoscaling", "port", "ray_actor_options"}
 RUNNER_KEYS = {"host", "port", "deploy", "hostfile", "ready_timeout", "device", "visible_devices", "ray_port",
-               "ssh_port", "health_check_period_s"}
+               "ssh_port", "ssh_options", "health_check_period_s"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ class ServeSettings:
     device: str = "cpu"
     visible_devices: str | None = None
     ray_port: int = 6379
+    ssh_port: int = 22  # Ray mode with a hostfile: how worker nodes are reached (as `flagscale train` does)
+    ssh_options: tuple[str, ...] = ()  # extra `ssh -o Key=Value` options
     health_check_period_s: float = 2.0
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -118,6 +120,16 @@ def _unknown(keys, allowed: set[str], where: str) -> None:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" (did you mean {near[0]}?)" if near else f"; known: {', '.join(sorted(allowed))}"
             raise ConfigError(f"{where}.{key} is not a setting{hint}")
+
+
+def _ssh_options(value: Any) -> tuple[str, ...]:
+    from flagscale.runner.ssh import check_options
+
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"experiment.runner.ssh_options={value!r}: expected a list of Key=Value ssh options")
+    return check_options(value)
 
 
 def engine_name(value: Any, where: str) -> str:
@@ -208,5 +220,7 @@ def from_config(cfg: Any) -> ServeSettings:
         ready_timeout=float(runner.get("ready_timeout", 120)), device=str(runner.get("device") or "cpu"),
         visible_devices=str(runner["visible_devices"]) if runner.get("visible_devices") is not None else None,
         ray_port=_port(runner.get("ray_port", 6379), "experiment.runner.ray_port"),
+        ssh_port=_port(runner.get("ssh_port", 22), "experiment.runner.ssh_port"),
+        ssh_options=_ssh_options(runner.get("ssh_options")),
         health_check_period_s=float(runner.get("health_check_period_s", 2.0)),
         extra={"config": {"experiment": exp, "serve": models_raw}})  # what Ray replicas re-validate

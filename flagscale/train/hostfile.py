@@ -7,6 +7,9 @@
 `host` is a name or address ssh can reach; `slots` is how many processes the node runs; `type` names
 the node's device type (for per-device-type environment variables). Anything else is an error, with
 the file and line, so a typo cannot silently launch the wrong job.
+
+The one parser of `experiment.runner.hostfile`: `flagscale train` runs torchrun on its nodes, and
+`flagscale serve` (Ray mode) joins each line as a Ray worker node with `slots` CPUs (`type` unused there).
 """
 
 from __future__ import annotations

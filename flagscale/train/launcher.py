@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flagscale.errors import ConfigError, FlagScaleError, LaunchError
+from flagscale.runner.ssh import check_options as check_ssh_options
+from flagscale.runner.ssh import ssh_command as ssh_argv
 from flagscale.train.hostfile import Node, read_hostfile
 from flagscale.train.settings import (ExperimentSettings, TrainSettings, as_dict, experiment_settings,
                                       train_settings)
@@ -226,6 +228,8 @@ def plan(plain: dict, *, for_launch: bool = True) -> Plan:
     exp_dir = Path(exp.exp_dir).expanduser().resolve()
     python = exp.runner.python or sys.executable
     hosts = _nodes_of(exp)
+    if exp.runner.hostfile:
+        check_ssh_options(exp.runner.ssh_options)  # now, not at the first ssh (after the files are written)
     if not for_launch:
         nodes = tuple(NodePlan(i, n.host, exp.runner.nproc_per_node, n.type, bool(exp.runner.hostfile),
                                exp_dir / "scripts" / f"node{i}.sh", "") for i, n in enumerate(hosts))
@@ -260,13 +264,8 @@ def plan(plain: dict, *, for_launch: bool = True) -> Plan:
 
 # ------------------------------------------------------------------------------------ ssh and agent
 def ssh_command(exp: ExperimentSettings, host: str, remote_argv: list[str]) -> list[str]:
-    """ssh argv running `remote_argv` on `host`: the remote shell sees one string of quoted words."""
-    cmd = ["ssh", "-o", "BatchMode=yes", "-p", str(exp.runner.ssh_port)]
-    for option in exp.runner.ssh_options:
-        if option.startswith("-") or "=" not in option:
-            raise ConfigError(f"experiment.runner.ssh_options: {option!r} is not an ssh option (Key=Value)")
-        cmd += ["-o", option]
-    return cmd + ["--", host, shlex.join(remote_argv)]
+    """ssh argv running `remote_argv` on `host`, with the runner's ssh port and options."""
+    return ssh_argv(host, remote_argv, port=exp.runner.ssh_port, options=exp.runner.ssh_options)
 
 
 def agent_argv(plan_: Plan, action: str, node: NodePlan, *extra: str) -> list[str]:
