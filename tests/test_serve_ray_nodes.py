@@ -126,8 +126,8 @@ def test_dryrun_shows_each_worker_node_s_ssh_command(backend, tmp_path):
     hostfile.write_text("localhost slots=3 type=cpu\n127.0.0.2 slots=1\n")
     base = ["serve=tiny_ray", f"experiment.exp_dir={tmp_path / 'run'}", f"experiment.runner.hostfile={hostfile}",
             "action=dryrun"]
-    result = flagscale("serve", str(CONF), *base, "+experiment.runner.ssh_port=2200",
-                       "+experiment.runner.ssh_options=['StrictHostKeyChecking=no','ConnectTimeout=5']",
+    result = flagscale("serve", str(CONF), *base, "experiment.runner.ssh_port=2200",
+                       "experiment.runner.ssh_options=['StrictHostKeyChecking=no','ConnectTimeout=5']",
                        f"+experiment.envs.EVIL={_hydra_quote(HOSTILE)}", env=backend, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     processes = json.loads(result.stdout)["processes"]
@@ -159,8 +159,8 @@ def test_a_node_without_a_terminal_does_not_start_ray(backend, sshd, tmp_path):
     hostfile.write_text("127.0.0.2 slots=1\n")
     marker = uuid.uuid4().hex
     result = flagscale("serve", str(CONF), "serve=tiny_ray", f"experiment.exp_dir={tmp_path / 'run'}",
-                       f"experiment.runner.hostfile={hostfile}", f"+experiment.runner.ssh_port={sshd.port}",
-                       "+experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
+                       f"experiment.runner.hostfile={hostfile}", f"experiment.runner.ssh_port={sshd.port}",
+                       "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
                        f"+experiment.envs.{MARK}={marker}", "action=dryrun", env=backend, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cmd = json.loads(result.stdout)["processes"][1]["cmd"]
@@ -180,10 +180,10 @@ def test_a_worker_node_with_no_route_fails_before_anything_starts(backend, tmp_p
 
 
 @pytest.mark.parametrize("override, hosts, message", [
-    ("+experiment.runner.ssh_options=['-oProxyCommand=x']", "node-a slots=1\n",
+    ("experiment.runner.ssh_options=['-oProxyCommand=x']", "node-a slots=1\n",
      "experiment.runner.ssh_options: '-oProxyCommand=x' is not an ssh option (Key=Value)"),
-    ("+experiment.runner.ssh_options=StrictHostKeyChecking", "node-a slots=1\n", "expected a list of Key=Value"),
-    ("+experiment.runner.ssh_port=70000", "node-a slots=1\n", "experiment.runner.ssh_port=70000: a TCP port"),
+    ("experiment.runner.ssh_options=StrictHostKeyChecking", "node-a slots=1\n", "expected a list of Key=Value"),
+    ("experiment.runner.ssh_port=70000", "node-a slots=1\n", "experiment.runner.ssh_port=70000: a TCP port"),
     (None, "node-a gpus=2\n", "hosts:1: 'gpus=2': expected slots=N or type=NAME"),
     (None, "-oProxyCommand=x slots=1\n", "hosts:1: '-oProxyCommand=x' is not a host"),
     (None, "node-a slots=0\n", "slots=0: expected a positive integer"),
@@ -208,8 +208,8 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
     run_dir, port, marker = tmp_path / "run", free_port(), uuid.uuid4().hex
     args = ["serve=tiny_ray", f"experiment.exp_dir={run_dir}", f"experiment.runner.port={port}",
             f"+experiment.runner.ray_port={free_port()}", "experiment.runner.deploy=ray",
-            f"experiment.runner.hostfile={hostfile}", f"+experiment.runner.ssh_port={sshd.port}",
-            "+experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
+            f"experiment.runner.hostfile={hostfile}", f"experiment.runner.ssh_port={sshd.port}",
+            "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
             "experiment.runner.ready_timeout=300",
             # what the worker node's replicas need too (a node gets experiment.envs, not this shell's variables)
             f"+experiment.envs.FLAGSCALE_LLAMA_CPP_BIN={env['FLAGSCALE_LLAMA_CPP_BIN']}",
@@ -300,7 +300,7 @@ def test_a_node_that_cannot_join_fails_the_start_and_leaves_nothing(backend, ssh
                *(o for o in sshd.options if not o.startswith("IdentityFile="))]
     args = ["serve=tiny_ray", f"experiment.exp_dir={run_dir}", f"experiment.runner.port={free_port()}",
             f"+experiment.runner.ray_port={free_port()}", f"experiment.runner.hostfile={hostfile}",
-            f"+experiment.runner.ssh_port={sshd.port}", "+experiment.runner.ssh_options=[" +
+            f"experiment.runner.ssh_port={sshd.port}", "experiment.runner.ssh_options=[" +
             ",".join(f"'{o}'" for o in options) + "]", f"+experiment.envs.{MARK}={marker}"]
     result = flagscale("serve", str(CONF), *args, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
