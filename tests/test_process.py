@@ -88,6 +88,38 @@ def test_stop_spares_a_decoy_and_a_reused_pid(tmp_path):
         decoy.wait()
 
 
+# A command that, on SIGTERM, notes it and shuts its child down itself; the child notes a SIGTERM it gets.
+ORDERLY = """
+import os, signal, subprocess, sys, time
+out = sys.argv[1]
+child = subprocess.Popen([sys.executable, "-c", (
+    "import signal, sys, time\\n"
+    "signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1] + '/child', 'w').close(), sys.exit(0)))\\n"
+    "open(sys.argv[1] + '/child-up', 'w').close()\\n"
+    "time.sleep(300)"), out])
+def on_term(*_):
+    open(out + "/command", "w").close()
+    time.sleep(0.3)  # time for a group-wide SIGTERM to reach the child too
+    child.kill()
+    child.wait()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("command_only", [False, True])
+def test_stop_command_only_leaves_the_children_to_the_command(tmp_path, command_only):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    process.start([sys.executable, "-c", ORDERLY, str(out)], name="orderly", run_dir=run_dir)
+    wait_for(lambda: (out / "child-up").exists())
+    assert process.stop(run_dir, ["orderly"], timeout=10, command_only=command_only) == ["orderly"]
+    assert (out / "command").exists()  # the command got the SIGTERM either way
+    assert (out / "child").exists() is not command_only  # its child only when the whole group is signalled
+    assert process.state(run_dir, "orderly") == "stopped"
+
+
 def test_sigkill_without_exit_status_is_failed(tmp_path):
     rec = process.start(py("import time; time.sleep(600)"), name="job", run_dir=tmp_path)
     os.killpg(rec.pid, signal.SIGKILL)

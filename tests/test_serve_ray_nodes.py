@@ -275,7 +275,7 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
         stopped = flagscale("serve", str(CONF), *args, "action=stop", env=env, cwd=tmp_path, timeout=300)
         stop_s = time.monotonic() - start
     assert stopped.returncode == 0, stopped.stderr
-    assert "stopped serve-app, ray-head, ray-worker-127.0.0.2" in stopped.stdout, stopped.stdout
+    assert "stopped serve-app, ray-worker-127.0.0.2, ray-head" in stopped.stdout, stopped.stdout
 
     deadline = time.monotonic() + 60  # the worker node goes down as its terminal hangs up: a moment after stop
     while (left := _of_run(_processes(), marker)) and time.monotonic() < deadline:

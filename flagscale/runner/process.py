@@ -222,9 +222,26 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def stop(run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.0) -> list[str]:
+def _supervised(record: ProcessRecord) -> list[int]:
+    """The command(s) the supervisor runs: its children."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == record.pid:  # field 4: the parent's pid
+            children.append(int(stat.parent.name))
+    return children
+
+
+def stop(run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.0,
+         command_only: bool = False) -> list[str]:
     """SIGTERM the recorded process groups that are still ours, SIGKILL what is left after `timeout`.
 
+    `command_only`: the SIGTERM goes to the supervised command alone, for a command that shuts its own
+    children down in order and stalls when they get the signal at the same time (`ray start --block`: ~2 s
+    alone, over 30 s as a group). The SIGKILL after `timeout` still goes to the whole group.
     Returns the names that were running and are now stopped.
     """
     chosen = [r for r in records(run_dir) if names is None or r.name in names]
@@ -236,7 +253,14 @@ def stop(run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.
     groups = {r.name: _leads_group(r) for r in live}  # asked before signalling: a dead leader has no pgid
     for record in live:
         _paths(run_dir, record.name)[2].touch()
-        _signal(record, signal.SIGTERM, groups[record.name])
+        if command_only and groups[record.name]:
+            for pid in _supervised(record):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        else:
+            _signal(record, signal.SIGTERM, groups[record.name])
     pending = _wait_gone(live, groups, timeout)
     for record in pending:
         _signal(record, signal.SIGKILL, groups[record.name])

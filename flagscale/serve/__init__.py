@@ -70,12 +70,15 @@ def stop(settings) -> int:
     if not (settings.run_dir / "pids").is_dir():
         print(f"nothing was started in {settings.run_dir}")
         return 0
-    # the app first: it holds Serve deployments whose replicas run on the Ray head
+    from flagscale.serve.ray_cluster import HEAD
+
+    # the app first (it holds the Serve deployments), then the worker nodes, the head last
     names = [r.name for r in process.records(settings.run_dir)]
-    ordered = sorted(names, key=lambda n: (n.startswith("ray-"), n))
+    ordered = sorted(names, key=lambda n: (n == HEAD, n.startswith("ray-"), n))
     stopped = []
     for name in ordered:
-        stopped += process.stop(settings.run_dir, [name])
+        # `ray start --block` stops its Ray processes in order when it alone gets the SIGTERM
+        stopped += process.stop(settings.run_dir, [name], command_only=name == HEAD)
     _state_file(settings).unlink(missing_ok=True)
     print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return 0
