@@ -153,13 +153,27 @@ class Sshd:
         return iter((self.port, self.options))
 
 
-def _wait(predicate, timeout: float) -> bool:
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.1)
+        time.sleep(interval)
     return False
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +206,7 @@ def sshd(tmp_path_factory):
     options = [f"IdentityFile={d / 'user_key'}", "IdentitiesOnly=yes", "StrictHostKeyChecking=no",
                "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
     probe = ["ssh", "-o", "BatchMode=yes", "-p", str(port), *sum((["-o", o] for o in options), []), "127.0.0.2", "true"]
-    ok = _wait(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 15)
+    ok = wait_until(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 15)
     if not ok:
         proc.terminate()
         proc.wait(timeout=10)

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import REPO_ROOT, real_cache_dir
+from conftest import REPO_ROOT, pid_alive, real_cache_dir  # noqa: F401 (pid_alive: for the serve tests)
 
 TOOLS = REPO_ROOT / "tools"
 
@@ -98,17 +98,6 @@ def post(url: str, body: dict, timeout: float = 30.0) -> tuple[int, dict]:
 def flagscale(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flagscale.cli", *args], env={**os.environ, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_gone(pid: int, timeout: float = 20.0) -> bool:

@@ -16,12 +16,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, pid_alive, wait_until
 
 CONF = REPO_ROOT / "examples" / "tiny_gpt" / "conf"
 HOSTILE = "$(touch PWNED) `touch PWNED2`; touch PWNED3 'x\" &"
@@ -194,29 +193,11 @@ def test_config_values_reach_the_job_verbatim(exp):
     assert (exp.dir / "pids" / "node0.exit").read_text().strip() == "0"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_stop_stops_the_job_and_leaves_a_lookalike_alive(exp):
     started = train(exp, "+experiment.envs.FAKE_SLEEP=300")
     assert started.returncode == 0, started.stderr
     assert "started node0" in started.stdout
-    assert _wait(lambda: len(exp.fakes()) == 1), "the job did not start"
+    assert wait_until(lambda: len(exp.fakes()) == 1), "the job did not start"
     [job] = exp.fakes()
     record = json.loads((exp.dir / "pids" / "node0.json").read_text())
     script = exp.dir / "scripts" / "node0.sh"
@@ -232,7 +213,7 @@ def test_stop_stops_the_job_and_leaves_a_lookalike_alive(exp):
 
         stopped = train(exp, "action=stop")
         assert stopped.returncode == 0 and "stopped: node0" in stopped.stdout, stopped.stdout + stopped.stderr
-        assert _wait(lambda: not _alive(job["pid"]) and not _alive(record["pid"]), 10)
+        assert wait_until(lambda: not pid_alive(job["pid"]) and not pid_alive(record["pid"]), 10)
         assert all(d.poll() is None for d in decoys), "action=stop killed an unrelated process"
         status = train(exp, "action=status")
         assert status.stdout.split() == ["node0", "localhost", "stopped"], status.stdout

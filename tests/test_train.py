@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, real_cache_dir
+from conftest import REPO_ROOT, real_cache_dir, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -124,15 +124,6 @@ def losses(exp_dir: Path) -> dict[int, float]:
     return {m["iteration"]: m["loss"] for m in metrics(exp_dir)}
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _status(venv: Env, name: str, *overrides: str) -> list[str]:
     result = venv.train(name, "action=status", *overrides)
     assert result.returncode == 0, result.stderr
@@ -145,7 +136,7 @@ def world1(venv) -> Path:
     start = time.perf_counter()
     result = venv.train("world1", f"train.system.checkpoint.save_interval={SAVE_EVERY}")
     assert result.returncode == 0 and "started node0" in result.stdout, result.stdout + result.stderr
-    assert _wait(lambda: _status(venv, "world1") != ["running"], 240)
+    assert wait_until(lambda: _status(venv, "world1") != ["running"], 240)
     venv.timings["world1"] = round(time.perf_counter() - start, 1)
     exp = venv.exp("world1")
     log = (exp / "logs" / "node0.log").read_text()
@@ -209,7 +200,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(venv, request, dropout):
     started = venv.train(name, f"train.system.checkpoint.save_interval={SAVE_OFTEN}", *extra)
     assert started.returncode == 0, started.stderr
     tracker = exp / "checkpoints" / "latest_checkpointed_iteration.txt"
-    assert _wait(tracker.exists, 240), (exp / "logs" / "node0.log").read_text()[-3000:]
+    assert wait_until(tracker.exists, 240), (exp / "logs" / "node0.log").read_text()[-3000:]
     stopped = venv.train(name, "action=stop")  # mid-run: ITERS - SAVE_OFTEN iterations are left
     assert stopped.returncode == 0 and "stopped: node0" in stopped.stdout, stopped.stdout + stopped.stderr
     assert _status(venv, name) == ["stopped"]
@@ -318,7 +309,7 @@ def test_two_nodes_over_ssh_stop_and_resume(venv, world1, sshd):
     assert started.returncode == 0, started.stdout + started.stderr
     assert "started node0 on 127.0.0.1" in started.stdout and "started node1 on 127.0.0.2" in started.stdout
     tracker = exp / "checkpoints" / "latest_checkpointed_iteration.txt"
-    assert _wait(tracker.exists, 240), {p.name: p.read_text()[-2000:] for p in (exp / "logs").glob("node*.log")}
+    assert wait_until(tracker.exists, 240), {p.name: p.read_text()[-2000:] for p in (exp / "logs").glob("node*.log")}
     stopped = venv.train(name, "action=stop", *overrides)
     assert stopped.returncode == 0 and "stopped: node0, node1" in stopped.stdout, stopped.stdout + stopped.stderr
     assert _status(venv, name, *overrides) == ["stopped", "stopped"]
