@@ -42,13 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-from flagscale.apply import copy_tree, plan_patches, write_plan  # noqa: E402
-from flagscale.cache import Cache, remove_tree  # noqa: E402
-from flagscale.patchfile import read_patch  # noqa: E402
-from flagscale.project import Project  # noqa: E402
-from flagscale.series import series_for  # noqa: E402
-from flagscale.sources import materialize  # noqa: E402
-from flagscale.tree import patched_tree  # noqa: E402
+from flagscale.patches.apply import copy_tree, plan_patches, write_plan  # noqa: E402
+from flagscale.upstream.cache import Cache, remove_tree  # noqa: E402
+from flagscale.patches.patchfile import read_patch  # noqa: E402
+from flagscale.upstream.project import Project  # noqa: E402
+from flagscale.patches.series import series_for  # noqa: E402
+from flagscale.upstream.sources import materialize  # noqa: E402
+from flagscale.patches.tree import patched_tree  # noqa: E402
 
 RATIO_TARGET = 1.2
 CACHE_HIT_TARGET_S = 0.1
@@ -58,8 +58,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "apply.raw.json"
 SUBPROCESS_CODE = """\
 import sys
 from pathlib import Path
-from flagscale.apply import plan_patches, write_plan
-from flagscale.patchfile import read_patch
+from flagscale.patches.apply import plan_patches, write_plan
+from flagscale.patches.patchfile import read_patch
 root = Path(sys.argv[1])
 patches = [read_patch(Path(p)) for p in sys.argv[2:]]
 write_plan(plan_patches(root, patches), root)

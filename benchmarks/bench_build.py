@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flagscale.cache import Cache  # noqa: E402
-from flagscale.project import Project  # noqa: E402
-from flagscale.sources import fetch_sdist  # noqa: E402
+from flagscale.upstream.cache import Cache  # noqa: E402
+from flagscale.upstream.project import Project  # noqa: E402
+from flagscale.upstream.sources import fetch_sdist  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> float:

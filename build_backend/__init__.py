@@ -1,8 +1,8 @@
 """FlagScale's in-tree PEP 517 backend (`backend-path = ["."]`): thin hooks over the core.
 
 flit_core packages FlagScale itself; with `-C device=D -C backend=B` each backend is built from its
-patched pin by the upstream's own build system (flagscale.build), and the FlagScale wheel is
-re-versioned `X+D`, pinned to those wheels and given its provenance (flagscale.distribution).
+patched pin by the upstream's own build system (flagscale.wheels.backend_wheel), and the FlagScale wheel is
+re-versioned `X+D`, pinned to those wheels and given its provenance (flagscale.wheels.device_wheel).
 No prepare_metadata hook: the metadata depends on the backend wheels, so pip takes it from the wheel.
 """
 
@@ -14,7 +14,7 @@ from build_backend.settings import parse_settings
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    from flagscale.distribution import backend_build_requires
+    from flagscale.wheels.device_wheel import backend_build_requires
 
     settings = parse_settings(config_settings)
     return _flit.get_requires_for_build_wheel() + backend_build_requires(settings)
@@ -30,13 +30,13 @@ def get_requires_for_build_sdist(config_settings=None):
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    from flagscale.distribution import build_distribution
+    from flagscale.wheels.device_wheel import build_distribution
 
     return build_distribution(parse_settings(config_settings), wheel_directory, _flit.build_wheel)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    from flagscale.distribution import build_distribution
+    from flagscale.wheels.device_wheel import build_distribution
 
     return build_distribution(parse_settings(config_settings), wheel_directory, _flit.build_editable, editable=True)
 

@@ -36,13 +36,13 @@ def parse_settings(config_settings: dict | None, root: Path | None = None):
             value = ",".join(value) if normalized == "backend" else value[-1]
         raw[normalized] = str(value)
     from flagscale.errors import ConfigError
-    from flagscale.project import Project
+    from flagscale.upstream.project import Project
 
     project = Project.find(root)  # as the build itself does: $FLAGSCALE_ROOT, else the checkout around the cwd
     try:
         device = None
         if raw.get("device", "").strip().lower() not in ("", "none"):
-            from flagscale.devices import resolve_device
+            from flagscale.hardware.registry import resolve_device
 
             device = resolve_device(project, raw["device"]).name
         backends = []
@@ -57,6 +57,6 @@ def parse_settings(config_settings: dict | None, root: Path | None = None):
         raise SettingsError(f"upstream-source={source!r}: use auto, submodule, sdist or an existing folder")
     if backends and device is None:
         raise SettingsError("backend=... needs a device: add -C device=cpu (or another device from `flagscale devices`)")
-    from flagscale.distribution import BuildSettings
+    from flagscale.wheels.device_wheel import BuildSettings
 
     return BuildSettings(device, tuple(backends), source)

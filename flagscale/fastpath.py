@@ -27,8 +27,8 @@ def cached_apply(argv: list[str]) -> int | None:
     from pathlib import Path
 
     from flagscale.errors import FlagScaleError
-    from flagscale.project import Project
-    from flagscale.tree import cached_patched_tree
+    from flagscale.upstream.project import Project
+    from flagscale.patches.tree import cached_patched_tree
 
     try:
         project = Project.find(Path(args.root) if args.root else None)

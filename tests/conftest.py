@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flagscale.cache import Cache
-from flagscale.project import Project
+from flagscale.upstream.cache import Cache
+from flagscale.upstream.project import Project
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_SHA = "0" * 64

@@ -31,9 +31,9 @@ def work_root() -> Path:
 @functools.lru_cache(maxsize=None)
 def backend_wheel() -> Path:
     """The cpu llama.cpp wheel, from $FLAGSCALE_TEST_CACHE/build-cache or built now (~5-8 min on 2 cores)."""
-    from flagscale.cache import Cache
-    from flagscale.install import build_in_isolation
-    from flagscale.project import Project
+    from flagscale.upstream.cache import Cache
+    from flagscale.wheels.install import build_in_isolation
+    from flagscale.upstream.project import Project
 
     cache = Cache(real_cache_dir() / "build-cache")
     return build_in_isolation(Project(REPO_ROOT), "llama.cpp", "cpu", cache=cache,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TOY_BASE, make_patch, write_tree
-from flagscale.apply import Placement, apply_to_new_tree, plan_patches, write_plan
+from flagscale.patches.apply import Placement, apply_to_new_tree, plan_patches, write_plan
 from flagscale.errors import ApplyError, FlagScaleError, PatchError
-from flagscale.patchfile import Patch, parse_patch
+from flagscale.patches.patchfile import Patch, parse_patch
 
 GIT_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
            "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org",

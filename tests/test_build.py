@@ -29,16 +29,16 @@ import pytest
 from build_backend import get_requires_for_build_sdist, get_requires_for_build_wheel
 from build_backend.settings import KNOWN_KEYS, SettingsError, parse_settings
 from conftest import REPO_ROOT, real_cache_dir
-from flagscale.build import PROVENANCE_FILE, device_settings
-from flagscale.cache import Cache
-from flagscale.distribution import BuildSettings
+from flagscale.wheels.backend_wheel import PROVENANCE_FILE, device_settings
+from flagscale.upstream.cache import Cache
+from flagscale.wheels.device_wheel import BuildSettings
 from flagscale.errors import FlagScaleError
-from flagscale.index import sha256_file
-from flagscale.project import Project
-from flagscale.series import series_for
-from flagscale.sources import fetch_sdist, tree_digest
-from flagscale.tree import patched_tree
-from flagscale.wheelfile import read_dist_info_file
+from flagscale.upstream.index import sha256_file
+from flagscale.upstream.project import Project
+from flagscale.patches.series import series_for
+from flagscale.upstream.sources import fetch_sdist, tree_digest
+from flagscale.patches.tree import patched_tree
+from flagscale.wheels.wheelfile import read_dist_info_file
 
 SETTINGS_ENV = ("FLAGSCALE_DEVICE", "FLAGSCALE_BACKEND", "FLAGSCALE_UPSTREAM_SOURCE")
 MEGATRON_CPU = ["-C", "device=cpu", "-C", "backend=megatron"]
@@ -619,7 +619,7 @@ def test_wheelhouse_serves_an_install_and_flagscale_install_reuses_the_build(tmp
 
 
 def test_a_long_compile_reports_its_progress(tmp_path):
-    from flagscale.build import _wait_reporting, compile_progress
+    from flagscale.wheels.backend_wheel import _wait_reporting, compile_progress
 
     log = tmp_path / "build.log"
     assert compile_progress(log) is None  # no log yet

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO_ROOT, copy_project
-from flagscale.ci import github_outputs, matrix
+from flagscale.hardware.ci_matrix import github_outputs, matrix
 from flagscale.cli import app
-from flagscale.devices import load_devices
-from flagscale.project import Project
+from flagscale.hardware.registry import load_devices
+from flagscale.upstream.project import Project
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "flagscale.yml"
 CELL_KEYS = {"name", "device", "backend", "vendor", "torch_device", "torch_extension", "collective",
@@ -187,8 +187,8 @@ def toy_chip(tmp_path) -> Project:
 
 def test_new_device_folder_shows_up_everywhere(toy_chip):
     from build_backend.settings import parse_settings
-    from flagscale.build import device_settings
-    from flagscale.patchtool import cells
+    from flagscale.wheels.backend_wheel import device_settings
+    from flagscale.patches.workflow import cells
 
     root = str(toy_chip.root)
     listed = cli("devices", "--root", root)
@@ -208,8 +208,8 @@ def test_new_device_folder_shows_up_everywhere(toy_chip):
 
 @pytest.mark.integration
 def test_new_device_series_applies(toy_chip, real_cache):
-    from flagscale.patchtool import check
-    from flagscale.series import series_for
+    from flagscale.patches.workflow import check
+    from flagscale.patches.series import series_for
 
     patches = sum(len(s.names) for s in series_for(toy_chip, "megatron", "toychip"))
     results = check(toy_chip, "megatron", "toychip", source="sdist", cache=real_cache)

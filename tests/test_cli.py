@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, TOY_BASE, make_patch
-from flagscale.tree import patched_tree
+from flagscale.patches.tree import patched_tree
 
 FLAGSCALE = [sys.executable, "-m", "flagscale.cli"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, copy_project
-from flagscale.devices import BackendBuild, load_devices, resolve_device
+from flagscale.hardware.registry import BackendBuild, load_devices, resolve_device
 from flagscale.errors import ConfigError
-from flagscale.project import Project
-from flagscale.series import read_series, series_for
+from flagscale.upstream.project import Project
+from flagscale.patches.series import read_series, series_for
 
 ALL_DEVICES = ["ascend", "cambricon", "cpu", "cuda", "hygon", "iluvatar", "kunlunxin", "metax", "musa"]
 
@@ -212,7 +212,7 @@ VENDOR_SERIES = ["ascend", "cambricon", "kunlunxin", "musa"]
 
 
 def test_vendor_series_exist_and_say_why_and_upstream_status():
-    from flagscale.series import lint_folder
+    from flagscale.patches.series import lint_folder
 
     project = Project(REPO_ROOT)
     for device in VENDOR_SERIES:
@@ -251,7 +251,7 @@ def test_patched_megatron_compiles_and_selects_the_manifest_device(real_cache, d
     file compiles, and the patched accessor maps the manifest's torch device to the manifest's collective
     and, where the manifest names an extension module, imports it and prefers that device (read from the
     code itself: no chip is faked)."""
-    from flagscale.tree import patched_tree
+    from flagscale.patches.tree import patched_tree
 
     project = Project(REPO_ROOT)
     dev = resolve_device(project, device)
@@ -276,7 +276,7 @@ def test_patched_megatron_compiles_and_selects_the_manifest_device(real_cache, d
 
 @pytest.mark.integration
 def test_every_vendor_cell_applies(real_cache):
-    from flagscale.patchtool import check
+    from flagscale.patches.workflow import check
 
     results = check(Project(REPO_ROOT), source="sdist", cache=real_cache)
     cells = {(r.backend, r.device) for r in results}

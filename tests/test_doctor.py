@@ -1,4 +1,4 @@
-"""flagscale.doctor on small wheels written with flagscale.wheelfile: unpacked into a temporary
+"""flagscale.wheels.doctor on small wheels written with flagscale.wheels.wheelfile: unpacked into a temporary
 site folder (read through importlib.metadata as installed distributions), and once installed by real
 pip into a real (bare) virtual environment."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from flagscale.build import PROVENANCE_FILE
-from flagscale.doctor import diagnose, verify_files
-from flagscale.wheelfile import write_wheel
+from flagscale.wheels.backend_wheel import PROVENANCE_FILE
+from flagscale.wheels.doctor import diagnose, verify_files
+from flagscale.wheels.wheelfile import write_wheel
 
 BACKEND_VERSION = "1.0+fs.cpu.0badc0de"
 
@@ -208,7 +208,7 @@ def test_doctor_after_a_real_pip_install(tmp_path):
     pip = [*_pip(), "--python", str(python), "install", "--no-deps", "--no-index", "--quiet"]
     subprocess.run([*pip, *map(str, wheels)], check=True)
     assert (venv / "bin" / "toy-run").is_file()
-    probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); from flagscale.doctor import diagnose; r = diagnose(); "
+    probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); from flagscale.wheels.doctor import diagnose; r = diagnose(); "
              "print(json.dumps([r.ok] + [[b.backend, b.version, b.changed, b.missing, b.problem] for b in r.backends]))")
 
     def doctor():

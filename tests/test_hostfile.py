@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flagscale.errors import ConfigError
-from flagscale.train.hostfile import Node, parse_hostfile, read_hostfile
+from flagscale.runner.hostfile import Node, parse_hostfile, read_hostfile
 
 
 def test_hosts_slots_types_and_comments():

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_project, git
-from flagscale.apply import copy_tree
+from flagscale.patches.apply import copy_tree
 from flagscale.errors import RebaseConflict
-from flagscale.patchtool import check, checkout, export, rebase, write_pin
-from flagscale.project import Project
-from flagscale.series import series_for
-from flagscale.sources import materialize
-from flagscale.tree import patched_tree
+from flagscale.patches.workflow import check, checkout, export, rebase, write_pin
+from flagscale.upstream.project import Project
+from flagscale.patches.series import series_for
+from flagscale.upstream.sources import materialize
+from flagscale.patches.tree import patched_tree
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import git, make_patch, write_tree
 from flagscale.errors import FlagScaleError, PatchError
-from flagscale.patchfile import parse_patch, read_patch
+from flagscale.patches.patchfile import parse_patch, read_patch
 
 HEADER = (b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
           b"From: Jane Developer <jane@example.org>\n"

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import TOY_BASE, git, make_patch, write_tree
 from flagscale.errors import ConfigError, RebaseConflict
-from flagscale.patchtool import check, checkout, export, rebase
-from flagscale.series import read_series
+from flagscale.patches.workflow import check, checkout, export, rebase
+from flagscale.patches.series import read_series
 
 REPO_BASE = {f"python/{k}": v for k, v in TOY_BASE.items() if k != "PKG-INFO"}
 

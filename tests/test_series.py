@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO_ROOT, make_patch
 from flagscale.errors import SeriesError
-from flagscale.series import lint_folder, read_series
+from flagscale.patches.series import lint_folder, read_series
 
 BASE = {"a.py": "one\ntwo\n"}
 

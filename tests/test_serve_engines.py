@@ -24,9 +24,9 @@ CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
 
 @functools.lru_cache(maxsize=None)
 def _installed(backend: str):
-    from flagscale.cache import Cache
-    from flagscale.install import build_in_isolation
-    from flagscale.project import Project
+    from flagscale.upstream.cache import Cache
+    from flagscale.wheels.install import build_in_isolation
+    from flagscale.upstream.project import Project
 
     wheel = build_in_isolation(Project(REPO_ROOT), backend, "cpu", cache=Cache(real_cache_dir() / "build-cache")).path
     site = real_cache_dir() / "engine-tests" / wheel.stem

@@ -18,9 +18,9 @@ import pytest
 
 from conftest import TOY_BASE, git, write_tree
 from flagscale.errors import ConfigError, FetchError
-from flagscale.index import configured_index_url, json_api_url
-from flagscale.project import Project
-from flagscale.sources import materialize
+from flagscale.upstream.index import configured_index_url, json_api_url
+from flagscale.upstream.project import Project
+from flagscale.upstream.sources import materialize
 
 
 def make_sdist(path: Path, files: dict[str, str], top: str = "toy-1.0") -> str:
@@ -106,7 +106,7 @@ def test_wrong_sha256_is_refused_and_nothing_is_cached(toy_project, index, cache
 def test_corrupted_cached_sdist_is_downloaded_again(toy_project, index, cache):
     project = with_sha(toy_project, index["sha"])
     pin = project.pins.resolve("toy")
-    from flagscale.sources import fetch_sdist
+    from flagscale.upstream.sources import fetch_sdist
 
     archive = fetch_sdist(pin, cache)
     archive.chmod(0o644)
@@ -119,7 +119,7 @@ def test_concurrent_fetches_of_one_pin_build_it_once(toy_project, index, cache, 
     project = with_sha(toy_project, index["sha"])
     script = (
         "import sys, dataclasses; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from flagscale.project import Project\nfrom flagscale.sources import materialize\n"
+        "from flagscale.upstream.project import Project\nfrom flagscale.upstream.sources import materialize\n"
         "p = Project(__import__('pathlib').Path(sys.argv[3]))\npin = p.pins.resolve('toy')\n"
         "pin = dataclasses.replace(pin, sdist=dataclasses.replace(pin.sdist, sha256=sys.argv[4]))\n"
         "print(materialize(p, pin, 'sdist').tree)\n")

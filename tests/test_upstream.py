@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from flagscale.errors import ConfigError
-from flagscale.upstream import load_pins
+from flagscale.upstream.pins import load_pins
 
 
 def test_real_pins_parse_with_the_design_facts():

@@ -1,4 +1,4 @@
-"""flagscale.wheelfile: re-versioning and reproducible re-packing of wheels, on small wheels the tests
+"""flagscale.wheels.wheelfile: re-versioning and reproducible re-packing of wheels, on small wheels the tests
 write with zipfile (unsorted entries, wall-clock times, odd permissions, a stale RECORD)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flagscale.errors import FlagScaleError
-from flagscale.wheelfile import WheelEdit, read_dist_info_file, rewrite_wheel, source_date_epoch, wheel_parts
+from flagscale.wheels.wheelfile import WheelEdit, read_dist_info_file, rewrite_wheel, source_date_epoch, wheel_parts
 
 METADATA = (
     "Metadata-Version: 2.1\n"

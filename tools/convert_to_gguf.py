@@ -27,8 +27,8 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def converter_root(device: str | None = "cpu", source: str = "auto") -> Path:
     """The patched llama.cpp repository root (holding convert_hf_to_gguf.py and gguf-py/)."""
-    from flagscale.project import Project
-    from flagscale.tree import patched_tree
+    from flagscale.upstream.project import Project
+    from flagscale.patches.tree import patched_tree
 
     project = Project.find(Path(__file__).resolve().parent.parent)
     tree = patched_tree(project, "llama.cpp", device, source)

@@ -128,8 +128,8 @@ def device_env(settings: ServeSettings) -> dict[str, str]:
     """The device's visible-devices variable when runner.visible_devices is set (e.g. CUDA_VISIBLE_DEVICES)."""
     if settings.visible_devices is None:
         return {}
-    from flagscale.devices import resolve_device
-    from flagscale.project import Project
+    from flagscale.hardware.registry import resolve_device
+    from flagscale.upstream.project import Project
 
     try:
         device = resolve_device(Project.find(), settings.device)

@@ -15,7 +15,7 @@ from flagscale.errors import ConfigError
 def _examples_dirs() -> list[Path]:
     dirs = [Path.cwd() / "examples"]
     try:
-        from flagscale.project import Project
+        from flagscale.upstream.project import Project
 
         dirs.append(Project.find().root / "examples")
     except Exception:  # not inside a checkout: only ./examples

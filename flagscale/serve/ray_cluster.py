@@ -3,7 +3,7 @@
 Every process is started through flagscale.runner.process, so `action=stop` stops exactly these process
 groups (never `ray stop`, which would take down every Ray cluster of the machine).
 
-Worker nodes: each hostfile line (`host slots=N`, flagscale.train.hostfile) is one `ssh -tt HOST` (the
+Worker nodes: each hostfile line (`host slots=N`, flagscale.runner.hostfile) is one `ssh -tt HOST` (the
 runner's ssh_port and ssh_options, flagscale.runner.ssh) running `ray start --block --address=HEAD
 --num-cpus=N` with the head's own `ray` (an absolute path: nodes share the install layout, as `flagscale
 train` assumes for python) and `experiment.envs`. Stopping the ssh stops the node: its terminal hangs up,
@@ -29,7 +29,7 @@ from flagscale.runner import process
 from flagscale.runner.ssh import ssh_command
 from flagscale.serve.health import log_tail, port_free, wait_ready
 from flagscale.serve.settings import ServeSettings
-from flagscale.train.hostfile import Node, read_hostfile
+from flagscale.runner.hostfile import Node, read_hostfile
 
 HEAD, APP = "ray-head", "serve-app"
 WORKER = "ray-worker-"  # + host

@@ -26,7 +26,7 @@ from pathlib import Path
 from flagscale.errors import ConfigError, FlagScaleError, LaunchError
 from flagscale.runner.ssh import check_options as check_ssh_options
 from flagscale.runner.ssh import ssh_command as ssh_argv
-from flagscale.train.hostfile import Node, read_hostfile
+from flagscale.runner.hostfile import Node, read_hostfile
 from flagscale.train.settings import (ExperimentSettings, TrainSettings, as_dict, experiment_settings,
                                       train_settings)
 
@@ -104,8 +104,8 @@ def _installed_device() -> str | None:
 
 def device_environment(exp: ExperimentSettings) -> dict[str, str]:
     """What the device manifest tells the runtime: device type, collective backend, visible devices."""
-    from flagscale.devices import resolve_device
-    from flagscale.project import Project
+    from flagscale.hardware.registry import resolve_device
+    from flagscale.upstream.project import Project
 
     name = exp.runner.device or _installed_device() or "cpu"
     try:

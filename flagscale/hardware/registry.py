@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flagscale.errors import ConfigError, FlagScaleError
-from flagscale.project import Project
-from flagscale.upstream import nearest
+from flagscale.upstream.project import Project
+from flagscale.upstream.pins import nearest
 
 # A plain runner: what CI uses for cells whose build needs no vendor toolchain, and for patch checks.
 PLAIN_RUNNER = ("ubuntu-latest",)
@@ -306,7 +306,7 @@ def _ci(project: Project, path: Path, table: Any, backends: list[str]) -> CISett
 
 def _check_series(project: Project, path: Path, name: str, backends: list[str]) -> None:
     """The device's series folders: one per supported backend, each listing files that exist."""
-    from flagscale.series import read_series
+    from flagscale.patches.series import read_series
 
     patches = path.parent / "patches"
     if patches.is_dir():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import shlex
 
-from flagscale.devices import PLAIN_RUNNER, Device, load_devices, resolve_device
-from flagscale.project import Project
+from flagscale.hardware.registry import PLAIN_RUNNER, Device, load_devices, resolve_device
+from flagscale.upstream.project import Project
 
 
 def cell(device: Device, backend: str) -> dict:

@@ -61,7 +61,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _project(root: Optional[Path]):
-    from flagscale.project import Project
+    from flagscale.upstream.project import Project
 
     return Project.find(root)
 
@@ -69,7 +69,7 @@ def _project(root: Optional[Path]):
 def _device(project, device: Optional[str]) -> Optional[str]:
     if device is None:
         return None
-    from flagscale.devices import resolve_device
+    from flagscale.hardware.registry import resolve_device
 
     return resolve_device(project, device).name
 
@@ -111,8 +111,8 @@ def upstream_status(root: Optional[Path] = RootOpt) -> None:
     """Show every pin: tag, commit, release sdist, submodule state, and what is cached."""
     from rich.table import Table
 
-    from flagscale.cache import Cache
-    from flagscale.sources import submodule_state
+    from flagscale.upstream.cache import Cache
+    from flagscale.upstream.sources import submodule_state
 
     with _reported():
         project = _project(root)
@@ -132,7 +132,7 @@ def upstream_status(root: Optional[Path] = RootOpt) -> None:
 @upstream_app.command("fetch")
 def upstream_fetch(backend: str, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
     """Materialize BACKEND's pinned source into the read-only cache and print its path."""
-    from flagscale.sources import materialize
+    from flagscale.upstream.sources import materialize
 
     with _reported():
         project = _project(root)
@@ -146,7 +146,7 @@ def upstream_fetch(backend: str, source: str = SourceOpt, root: Optional[Path] =
 def patch_checkout(backend: str, dest: Path, device: Optional[str] = DeviceOpt, source: str = SourceOpt,
                    root: Optional[Path] = RootOpt) -> None:
     """Create DEST: a git repo of the pinned upstream with one commit per patch, ready to edit."""
-    from flagscale.patchtool import checkout
+    from flagscale.patches.workflow import checkout
 
     with _reported():
         project = _project(root)
@@ -158,7 +158,7 @@ def patch_checkout(backend: str, dest: Path, device: Optional[str] = DeviceOpt, 
 @patch_app.command("export")
 def patch_export(backend: str, repo: Path, device: Optional[str] = DeviceOpt, root: Optional[Path] = RootOpt) -> None:
     """Write REPO's commits back to the series; only changed patches are rewritten."""
-    from flagscale.patchtool import export
+    from flagscale.patches.workflow import export
 
     with _reported():
         project = _project(root)
@@ -177,7 +177,7 @@ def patch_rebase(backend: str, to: str = typer.Option(..., "--to", help="New rel
                  old_source: str = typer.Option("auto", "--old-source", help="Source of the current pin."),
                  root: Optional[Path] = RootOpt) -> None:
     """Replay every series of BACKEND onto a new pin (3-way merge); write patches and pin only on success."""
-    from flagscale.patchtool import rebase
+    from flagscale.patches.workflow import rebase
 
     with _reported():
         report = rebase(_project(root), backend, to, sha256, source, old_source)
@@ -204,7 +204,7 @@ def patch_check(device: Optional[str] = DeviceOpt,
     """Does every (device, backend) cell's series apply to its pin? Non-zero exit if any does not."""
     from rich.table import Table
 
-    from flagscale.patchtool import check
+    from flagscale.patches.workflow import check
 
     with _reported():
         project = _project(root)
@@ -222,7 +222,7 @@ def patch_check(device: Optional[str] = DeviceOpt,
 @patch_app.command("lint")
 def patch_lint(root: Optional[Path] = RootOpt) -> None:
     """Check every series folder: headers, whitespace damage, and that `series` lists exactly its files."""
-    from flagscale.series import lint_folder
+    from flagscale.patches.series import lint_folder
 
     with _reported():
         project = _project(root)
@@ -240,8 +240,8 @@ def patch_lint(root: Optional[Path] = RootOpt) -> None:
 def patch_apply(backend: str, dest: Optional[Path] = typer.Argument(None, help="Also copy the patched tree here."),
                 device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
     """Apply the common (and device) series to the pin; print the cached patched tree's path."""
-    from flagscale.apply import copy_tree
-    from flagscale.tree import patched_tree
+    from flagscale.patches.apply import copy_tree
+    from flagscale.patches.tree import patched_tree
 
     with _reported():
         project = _project(root)
@@ -290,7 +290,7 @@ def _default_device(project, device: Optional[str]) -> str:
 def install_cmd(backend: str = typer.Option(..., "--backend", "-b", help="Backend(s), comma-separated."),
                 device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
     """Build (or reuse) the patched backend wheel(s) and install them with the device's runtime requirements."""
-    from flagscale.install import install
+    from flagscale.wheels.install import install
 
     with _reported():
         project = _project(root)
@@ -304,7 +304,7 @@ def build_cmd(backend: str = typer.Option(..., "--backend", "-b", help="Backend(
               out: Path = typer.Option(..., "--out", "-o", help="Wheelhouse folder to write."),
               device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
     """Write a wheelhouse: the flagscale wheel (X+device) and the patched backend wheels it pins."""
-    from flagscale.install import build_wheelhouse
+    from flagscale.wheels.install import build_wheelhouse
 
     with _reported():
         project = _project(root)
@@ -318,7 +318,7 @@ def doctor_cmd() -> None:
     """Check that installed backends still match what FlagScale built (files, versions)."""
     from rich.table import Table
 
-    from flagscale.doctor import diagnose
+    from flagscale.wheels.doctor import diagnose
 
     report = diagnose()
     console = _console()
@@ -343,7 +343,7 @@ def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device
     """List the devices of the hardware registry, or show one."""
     from rich.table import Table
 
-    from flagscale.devices import load_devices, resolve_device
+    from flagscale.hardware.registry import load_devices, resolve_device
 
     if name == "show":
         if shown is None:
@@ -404,7 +404,7 @@ def ci_matrix(fmt: str = typer.Option("json", "--format", "-f", help="json: {\"i
     """The (device, backend) cells of the registry, as a GitHub Actions strategy.matrix (fromJSON)."""
     import json
 
-    from flagscale.ci import github_outputs, matrix
+    from flagscale.hardware.ci_matrix import github_outputs, matrix
 
     with _reported():
         project = _project(root)

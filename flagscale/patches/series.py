@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flagscale.errors import FlagScaleError, SeriesError
-from flagscale.patchfile import UPSTREAM_STATUSES, Patch, read_patch
-from flagscale.project import Project
+from flagscale.patches.patchfile import UPSTREAM_STATUSES, Patch, read_patch
+from flagscale.upstream.project import Project
 
 SERIES_FILE = "series"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flagscale.errors import ApplyError, PatchError
-from flagscale.patchfile import FileChange, Hunk, Patch
+from flagscale.patches.patchfile import FileChange, Hunk, Patch
 
 _MISSING = object()
 
@@ -238,7 +238,7 @@ def apply_to_new_tree(plan: Plan, source: Path, dest: Path, *, link: bool = Fals
         write_plan(plan, staging)
         os.rename(staging, dest)
     except BaseException:
-        from flagscale.cache import remove_tree
+        from flagscale.upstream.cache import remove_tree
 
         remove_tree(staging)
         raise

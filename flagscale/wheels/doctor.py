@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flagscale.build import PROVENANCE_FILE
+from flagscale.wheels.backend_wheel import PROVENANCE_FILE
 
 
 @dataclass

@@ -5,7 +5,7 @@ The wheel is re-versioned with a local label naming FlagScale, the device and th
 cached by a key over every input, so a no-change rebuild is a cache hit.
 
 Build requirements are *not* installed here: inside a PEP 517 build pip installs what
-`build_requires` reports; the CLI prepares an isolated environment first (flagscale.install).
+`build_requires` reports; the CLI prepares an isolated environment first (flagscale.wheels.install).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flagscale import __version__
-from flagscale.apply import copy_tree
-from flagscale.cache import Cache
-from flagscale.devices import BackendBuild, Device, resolve_device
+from flagscale.patches.apply import copy_tree
+from flagscale.upstream.cache import Cache
+from flagscale.hardware.registry import BackendBuild, Device, resolve_device
 from flagscale.errors import FlagScaleError
-from flagscale.project import Project
-from flagscale.tree import PatchedTree, patched_tree
-from flagscale.wheelfile import WheelEdit, rewrite_wheel, source_date_epoch
+from flagscale.upstream.project import Project
+from flagscale.patches.tree import PatchedTree, patched_tree
+from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel, source_date_epoch
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def build_backend_wheel(project: Project, backend: str, device: str | None, sour
         version = _with_label(_wheel_version(built), label)
         rewrite_wheel(built, tmp, WheelEdit(version=version, dist_info_files={
             PROVENANCE_FILE: (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode()}))
-        from flagscale.cache import remove_tree
+        from flagscale.upstream.cache import remove_tree
 
         remove_tree(work)
         remove_tree(raw)

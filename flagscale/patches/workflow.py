@@ -11,17 +11,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagscale import git as g
-from flagscale.apply import plan_patches, write_plan
-from flagscale.cache import Cache, remove_tree
+from flagscale.upstream import git as g
+from flagscale.patches.apply import plan_patches, write_plan
+from flagscale.upstream.cache import Cache, remove_tree
 from flagscale.errors import ApplyError, ConfigError, FlagScaleError, GitError, RebaseConflict
-from flagscale.index import find_sdist
-from flagscale.patchfile import Patch, read_patch
-from flagscale.project import Project
-from flagscale.series import read_series, series_for, series_header, write_series
-from flagscale.sources import Source, materialize
-from flagscale.tree import load_series_patches, patched_tree
-from flagscale.upstream import Pin
+from flagscale.upstream.index import find_sdist
+from flagscale.patches.patchfile import Patch, read_patch
+from flagscale.upstream.project import Project
+from flagscale.patches.series import read_series, series_for, series_header, write_series
+from flagscale.upstream.sources import Source, materialize
+from flagscale.patches.tree import load_series_patches, patched_tree
+from flagscale.upstream.pins import Pin
 
 TRAILER = "FlagScale-Patch"
 STATE_FILE = "flagscale-checkout.json"
@@ -274,7 +274,7 @@ def _import_tree(repo: Path, src: Source, parent: str) -> str:
         for entry in repo.iterdir():
             if entry.name != ".git":
                 remove_tree(entry)
-        from flagscale.apply import copy_tree
+        from flagscale.patches.apply import copy_tree
 
         copy_tree(staged, repo)
     return g.commit_all(repo, f"upstream: {src.pin.label}\n\nFlagScale-Source: {src.key}\n", env=g.BOT_IDENTITY)
@@ -372,7 +372,7 @@ class CellResult:
 
 def cells(project: Project, backend: str | None = None, device: str | None = None) -> list[tuple[str, str | None]]:
     """Every (backend, device) pair to check: each backend alone, and with every device that supports it."""
-    from flagscale.devices import load_devices
+    from flagscale.hardware.registry import load_devices
 
     backends = [project.pins.resolve(backend).backend] if backend else project.pins.names
     devices = load_devices(project)

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flagscale import __version__
-from flagscale.build import (PROVENANCE_FILE, BackendWheel, build_backend_wheel, build_requires, device_settings,
+from flagscale.wheels.backend_wheel import (PROVENANCE_FILE, BackendWheel, build_backend_wheel, build_requires, device_settings,
                              local_segment)
-from flagscale.index import sha256_file
-from flagscale.project import PINS_FILE, Project
-from flagscale.tree import patched_tree
-from flagscale.wheelfile import WheelEdit, rewrite_wheel
+from flagscale.upstream.index import sha256_file
+from flagscale.upstream.project import PINS_FILE, Project
+from flagscale.patches.tree import patched_tree
+from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel
 
 PROJECT_DATA = "flagscale/_project"
 
@@ -86,7 +86,7 @@ def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build
     pin = requirement or (lambda w: f"{w.distribution} @ {w.path.as_uri()}")
     runtime: list[str] = []
     if settings.device:
-        from flagscale.devices import resolve_device
+        from flagscale.hardware.registry import resolve_device
 
         dev = resolve_device(project, settings.device)
         runtime = list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from flagscale.build import BackendWheel, build_backend_wheel, build_requires, device_settings
-from flagscale.cache import Cache
+from flagscale.wheels.backend_wheel import BackendWheel, build_backend_wheel, build_requires, device_settings
+from flagscale.upstream.cache import Cache
 from flagscale.errors import FlagScaleError
-from flagscale.project import Project
-from flagscale.tree import patched_tree
+from flagscale.upstream.project import Project
+from flagscale.patches.tree import patched_tree
 
 log = logging.getLogger(__name__)
 Step = Callable[[str], None]
@@ -87,7 +87,7 @@ def install(project: Project, backends: list[str], device: str | None, source: s
     wheels = [build_in_isolation(project, b, device, source, cache, step) for b in backends]
     runtime: list[str] = []
     if device:
-        from flagscale.devices import resolve_device
+        from flagscale.hardware.registry import resolve_device
 
         dev = resolve_device(project, device)
         runtime = list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
@@ -105,7 +105,7 @@ def install(project: Project, backends: list[str], device: str | None, source: s
 def build_wheelhouse(project: Project, backends: list[str], device: str | None, out: Path, source: str = "auto",
                      cache: Cache | None = None, step: Step = _no_step) -> list[Path]:
     """FlagScale's wheel (`X+device`, plain `name==version` pins) and the backend wheels, in `out`."""
-    from flagscale.distribution import BuildSettings, build_distribution
+    from flagscale.wheels.device_wheel import BuildSettings, build_distribution
 
     wheels = [build_in_isolation(project, b, device, source, cache, step) for b in backends]
     out.mkdir(parents=True, exist_ok=True)

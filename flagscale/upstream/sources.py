@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagscale.cache import Cache, remove_tree
+from flagscale.upstream.cache import Cache, remove_tree
 from flagscale.errors import ConfigError, FetchError
-from flagscale.project import Project
-from flagscale.upstream import Pin
+from flagscale.upstream.project import Project
+from flagscale.upstream.pins import Pin
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def materialize(project: Project, pin: Pin, source: str = "auto", cache: Cache |
 
 def fetch_sdist(pin: Pin, cache: Cache, progress=None) -> Path:
     """The pin's sdist in the cache, downloaded and sha256-verified; a corrupted copy is replaced."""
-    from flagscale.index import download, find_sdist, sha256_file  # lazy: urllib is slow to import
+    from flagscale.upstream.index import download, find_sdist, sha256_file  # lazy: urllib is slow to import
 
     sd = pin.sdist
 

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flagscale.cache import Cache
-from flagscale.patchfile import Patch
-from flagscale.project import Project
-from flagscale.series import series_for
-from flagscale.sources import Source, materialize
+from flagscale.upstream.cache import Cache
+from flagscale.patches.patchfile import Patch
+from flagscale.upstream.project import Project
+from flagscale.patches.series import series_for
+from flagscale.upstream.sources import Source, materialize
 
 if TYPE_CHECKING:
-    from flagscale.apply import Plan
+    from flagscale.patches.apply import Plan
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def hint_for(backend: str, device: str | None) -> str:
 
 
 def plan_series(source: Source, labelled: list[tuple[str, Patch]], backend: str, device: str | None) -> Plan:
-    from flagscale.apply import plan_patches  # lazy: a cache hit never plans (see flagscale.fastpath)
+    from flagscale.patches.apply import plan_patches  # lazy: a cache hit never plans (see flagscale.fastpath)
 
     return plan_patches(source.tree, [p for _, p in labelled], to_tree=source.to_tree_path,
                         pin_label=source.pin.label, hint=hint_for(backend, device))
@@ -92,7 +92,7 @@ def patched_tree(project: Project, backend: str, device: str | None = None, sour
     def build(tmp: Path) -> None:
         plan = plan_series(src, labelled, pin.backend, device)
         log.info("applying %d patches to %s", len(labelled), pin.label)
-        from flagscale.apply import apply_to_new_tree
+        from flagscale.patches.apply import apply_to_new_tree
 
         apply_to_new_tree(plan, src.tree, tmp / "tree", link=True)
         result = PatchedTree(pin.backend, device, src, tmp / "tree", key, tuple(applied), False)
@@ -110,7 +110,7 @@ def cached_patched_tree(project: Project, backend: str, device: str | None = Non
 
     Submodule and local-path sources are not looked up here (their keys need the tree itself).
     """
-    from flagscale.sources import submodule_state
+    from flagscale.upstream.sources import submodule_state
 
     cache = cache or Cache()
     pin = project.pins.resolve(backend)

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from flagscale.errors import ConfigError
-from flagscale.upstream import Pins, load_pins
+from flagscale.upstream.pins import Pins, load_pins
 
 PINS_FILE = Path("third_party") / "upstreams.toml"
 

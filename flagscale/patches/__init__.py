@@ -1,0 +1,1 @@
+"""Patch series: the strict parser, `series` files, the apply engine, patched trees, and the devtool workflow."""

@@ -1,0 +1,1 @@
+"""Wheels: each backend's patched wheel, FlagScale's device wheel, wheel rewriting, install and doctor."""
