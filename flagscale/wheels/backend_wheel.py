@@ -26,7 +26,7 @@ from flagscale import __version__
 from flagscale.patches.apply import copy_tree
 from flagscale.upstream.cache import Cache
 from flagscale.hardware.registry import BackendBuild, Device, resolve_device
-from flagscale.errors import FlagScaleError
+from flagscale.errors import BuildError, ConfigError
 from flagscale.upstream.project import Project
 from flagscale.patches.tree import PatchedTree, patched_tree
 from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel, source_date_epoch
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
 PROVENANCE_FILE = "flagscale_build.json"
-
-
-class BuildError(FlagScaleError):
-    """The upstream's own build failed; the message names its log."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,7 @@ def build_dir(tree: PatchedTree) -> Path:
         return tree.path / repo_root_of_sdist[0]
     if all(repo == sdist for repo, sdist in src.pin.sdist.paths):
         return tree.path  # the repository root builds the same distribution
-    raise FlagScaleError(f"{src.pin.backend}: its wheel builds from the {src.pin.sdist.name} sdist, not from the "
+    raise ConfigError(f"{src.pin.backend}: its wheel builds from the {src.pin.sdist.name} sdist, not from the "
                          f"{src.pin.name} repository; use --source sdist (upstream-source=sdist)")
 
 
@@ -87,7 +83,7 @@ def device_settings(project: Project, device: str | None, backend: str) -> tuple
         return None, BackendBuild()
     dev = resolve_device(project, device)
     if backend not in dev.backends:
-        raise FlagScaleError(f"device {dev.name} does not support backend {backend}; it supports "
+        raise ConfigError(f"device {dev.name} does not support backend {backend}; it supports "
                              f"{', '.join(dev.backends) or 'none'} (see {dev.manifest})")
     return dev, dev.build_for(backend)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flagscale.wheels.backend_wheel import BackendWheel, build_backend_wheel, build_requires, device_settings
 from flagscale.upstream.cache import Cache
-from flagscale.errors import FlagScaleError
+from flagscale.errors import BuildError
 from flagscale.upstream.project import Project
 from flagscale.patches.tree import patched_tree
 
@@ -71,7 +71,7 @@ def build_in_isolation(project: Project, backend: str, device: str | None, sourc
             try:
                 env.install(requires)
             except subprocess.CalledProcessError as exc:
-                raise FlagScaleError(f"{pin.backend}: installing its build requirements failed ({exc}); "
+                raise BuildError(f"{pin.backend}: installing its build requirements failed ({exc}); "
                                      "check your package index") from None
             finally:
                 if os.environ.get("PIP_CONSTRAINT") == constraints:
@@ -97,7 +97,7 @@ def install(project: Project, backends: list[str], device: str | None, source: s
                *runtime]
         result = subprocess.run(cmd)
     if result.returncode != 0:
-        raise FlagScaleError(f"pip could not install {', '.join(w.path.name for w in wheels)} (exit "
+        raise BuildError(f"pip could not install {', '.join(w.path.name for w in wheels)} (exit "
                              f"{result.returncode}); see pip's output above")
     return wheels
 

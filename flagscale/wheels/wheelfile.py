@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flagscale.errors import FlagScaleError
+from flagscale.errors import BuildError, ConfigError
 
 _EPOCH_1980 = 315532800  # zip cannot store earlier times
 
@@ -39,14 +39,14 @@ def source_date_epoch() -> int:
     try:
         return max(int(raw), _EPOCH_1980)
     except ValueError:
-        raise FlagScaleError(f"SOURCE_DATE_EPOCH={raw!r} is not an integer number of seconds") from None
+        raise ConfigError(f"SOURCE_DATE_EPOCH={raw!r} is not an integer number of seconds") from None
 
 
 def wheel_parts(path: Path) -> tuple[str, str, str]:
     """(distribution, version, tags) from a wheel file name."""
     match = re.match(r"^([^-]+)-([^-]+)-(.+)\.whl$", path.name)
     if not match:
-        raise FlagScaleError(f"{path.name} is not a wheel file name")
+        raise BuildError(f"{path.name} is not a wheel file name")
     return match.group(1), match.group(2), match.group(3)
 
 
@@ -69,7 +69,7 @@ def rewrite_wheel(source: Path, out_dir: Path, edit: WheelEdit) -> Path:
     entries.pop(f"{dist_info}/RECORD", None)
     metadata_name = f"{dist_info}/METADATA"
     if metadata_name not in entries:
-        raise FlagScaleError(f"{source.name}: no {old_prefix}.dist-info/METADATA; not a valid wheel")
+        raise BuildError(f"{source.name}: no {old_prefix}.dist-info/METADATA; not a valid wheel")
     metadata = entries[metadata_name][0].decode("utf-8")
     entries[metadata_name] = (_edit_metadata(metadata, version, edit).encode("utf-8"), False)
     for rel, data in edit.dist_info_files.items():
