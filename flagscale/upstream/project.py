@@ -28,7 +28,7 @@ class Project:
                 raise ConfigError(f"{root}: not a FlagScale checkout (no {PINS_FILE})")
             return cls(root)
         # A checkout above the cwd, the checkout this module lives in, or the data an installed wheel carries.
-        package = Path(__file__).resolve().parent
+        package = Path(__file__).resolve().parents[1]  # the flagscale package (this is flagscale/upstream/)
         for candidate in (Path.cwd(), *Path.cwd().parents, package.parent, package / "_project"):
             if (candidate / PINS_FILE).is_file():
                 return cls(candidate)
