@@ -49,6 +49,7 @@ from flagscale.upstream.project import Project  # noqa: E402
 from flagscale.patches.series import series_for  # noqa: E402
 from flagscale.upstream.sources import materialize  # noqa: E402
 from flagscale.patches.tree import patched_tree  # noqa: E402
+from flagscale.upstream.target import Target  # noqa: E402
 
 RATIO_TARGET = 1.2
 CACHE_HIT_TARGET_S = 0.1
@@ -330,13 +331,13 @@ def bench_cache(project: Project, backend: str, device: str | None, source: str,
     print(f"\n== cache: patched_tree({backend!r}, device={device!r}, source={source!r})", flush=True)
     cache = Cache()
     first = time.perf_counter()
-    tree = patched_tree(project, backend, device, source, cache)
+    tree = patched_tree(Target.of(project, backend, device, source, cache))
     first = time.perf_counter() - first
     print(f"  first call: {'hit' if tree.cache_hit else 'miss (built the entry)'} in {fmt(first)}", flush=True)
     hits = []
     for _ in range(max(runs, 15)):
         t0 = time.perf_counter()
-        again = patched_tree(project, backend, device, source, cache)
+        again = patched_tree(Target.of(project, backend, device, source, cache))
         hits.append(time.perf_counter() - t0)
         if not again.cache_hit or again.path != tree.path:
             raise BenchFailure("a second patched_tree call was not a cache hit on the same entry")
@@ -369,7 +370,7 @@ def bench_cache(project: Project, backend: str, device: str | None, source: str,
         (root / "sources").mkdir(parents=True)
         (root / "sources" / tree.source.key).symlink_to(tree.source.tree)
         t0 = time.perf_counter()
-        built = patched_tree(project, backend, device, source, Cache(root))
+        built = patched_tree(Target.of(project, backend, device, source, Cache(root)))
         cold.append(time.perf_counter() - t0)
         if built.cache_hit:
             raise BenchFailure("the cold build was a cache hit")
@@ -448,7 +449,7 @@ def main() -> int:
     project = Project.find(ROOT)
     cache = Cache()
     pin = project.pins.resolve(args.backend)
-    src = materialize(project, pin, "sdist", cache)
+    src = materialize(Target(project, pin, None, "sdist", cache))
     series = series_for(project, pin.backend, device)
     paths = [p for s in series for p in s.paths]
     patches = [read_patch(p) for p in paths]
@@ -477,7 +478,7 @@ def main() -> int:
     try:
         oracle = None
         if not args.no_cache_bench:
-            oracle = patched_tree(project, pin.backend, device, "sdist", cache).path
+            oracle = patched_tree(Target(project, pin, device, "sdist", cache)).path
         label = f"{pin.backend} series ({'+'.join(s.label for s in series)})"
         results["apply"].append(bench_apply(label, src.tree, paths, src.to_tree_path, args.runs, work, oracle))
         if args.synthetic:

@@ -29,13 +29,14 @@ def cached_apply(argv: list[str]) -> int | None:
     from flagscale.errors import FlagScaleError
     from flagscale.upstream.project import Project
     from flagscale.patches.tree import cached_patched_tree
+    from flagscale.upstream.target import Target
 
     try:
         project = Project.find(Path(args.root) if args.root else None)
         device = args.device
         if device is not None and not (project.root / "hardware" / device / "device.toml").is_file():
             return None  # an alias or a typo: the full CLI resolves or reports it (loading every manifest)
-        tree = cached_patched_tree(project, args.backend, device, args.source)
+        tree = cached_patched_tree(Target.of(project, args.backend, device, args.source))
     except FlagScaleError:
         return None  # the full CLI reports it in its own words
     if tree is None:

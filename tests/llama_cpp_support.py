@@ -34,10 +34,10 @@ def backend_wheel() -> Path:
     from flagscale.upstream.cache import Cache
     from flagscale.wheels.install import build_in_isolation
     from flagscale.upstream.project import Project
+    from flagscale.upstream.target import Target
 
-    cache = Cache(real_cache_dir() / "build-cache")
-    return build_in_isolation(Project(REPO_ROOT), "llama.cpp", "cpu", cache=cache,
-                              step=lambda m: print(m, file=sys.stderr, flush=True)).path
+    target = Target.of(Project(REPO_ROOT), "llama.cpp", "cpu", cache=Cache(real_cache_dir() / "build-cache"))
+    return build_in_isolation(target, step=lambda m: print(m, file=sys.stderr, flush=True)).path
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,6 +35,7 @@ from flagscale.wheels.device_wheel import BuildSettings
 from flagscale.errors import FlagScaleError
 from flagscale.upstream.index import sha256_file
 from flagscale.upstream.project import Project
+from flagscale.upstream.target import Target
 from flagscale.patches.series import series_for
 from flagscale.upstream.sources import fetch_sdist, tree_digest
 from flagscale.patches.tree import patched_tree
@@ -256,10 +257,10 @@ def tpu_project(tmp_path, monkeypatch):
 
 
 def test_backend_the_device_does_not_support(tpu_project, monkeypatch):
-    dev, build = device_settings(tpu_project, "xla", "megatron")
+    dev, build = device_settings(Target.of(tpu_project, "megatron", "xla"))
     assert dev.name == "tpu" and build.environ() == {}
     with pytest.raises(FlagScaleError) as info:
-        device_settings(tpu_project, "tpu", "vllm")
+        device_settings(Target.of(tpu_project, "vllm", "tpu"))
     message = str(info.value)
     assert "device tpu does not support backend vllm; it supports megatron" in message
     assert str(tpu_project.root / "hardware" / "tpu" / "device.toml") in message
@@ -481,10 +482,10 @@ def test_corrupted_cached_sdist_is_downloaded_again(tmp_path, real_project, capl
     archive.write_bytes(archive.read_bytes()[: 4096] + b"\0" * 1024)  # truncated and damaged
     os.chmod(archive, 0o444)
     os.chmod(archive.parent, 0o555)  # as the cache leaves entries: read-only
-    tree = patched_tree(real_project, "megatron", "cpu", "sdist", cache)
+    tree = patched_tree(Target.of(real_project, "megatron", "cpu", "sdist", cache))
     assert sha256_file(only(cache.root / "sdists" / pin.sdist.sha256, "*.tar.gz")) == good
     assert "corrupted" in caplog.text
-    reference = patched_tree(real_project, "megatron", "cpu", "sdist", Cache(build_cache_dir()))
+    reference = patched_tree(Target.of(real_project, "megatron", "cpu", "sdist", Cache(build_cache_dir())))
     assert tree.key == reference.key
     assert tree_digest(tree.path) == tree_digest(reference.path)
     assert leftovers(cache.root) == []

@@ -14,6 +14,7 @@ from flagscale.hardware.ci_matrix import github_outputs, matrix
 from flagscale.cli import app
 from flagscale.hardware.registry import load_devices
 from flagscale.upstream.project import Project
+from flagscale.upstream.target import Target
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "flagscale.yml"
 CELL_KEYS = {"name", "device", "backend", "vendor", "torch_device", "torch_extension", "collective",
@@ -201,7 +202,7 @@ def test_new_device_folder_shows_up_everywhere(toy_chip):
     assert data[0]["runs_on"] == ["self-hosted", "toychip"] and '("toy", "tccl")' in data[0]["smoke"]
     assert data[1]["build_on"] == ["self-hosted", "toychip"]  # the Toy SDK lives on the vendor's runners
     assert ("megatron", "toychip") in cells(toy_chip) and ("llama.cpp", "toychip") in cells(toy_chip)
-    _, settings = device_settings(toy_chip, "toy", "llama.cpp")
+    _, settings = device_settings(Target.of(toy_chip, "llama.cpp", "toy"))
     assert settings.environ() == {"CMAKE_ARGS": "-DGGML_TOY=ON"}
     assert parse_settings({"device": "toy", "backend": "megatron"}, toy_chip.root).device == "toychip"
 

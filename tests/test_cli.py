@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT, TOY_BASE, make_patch
 from flagscale.patches.tree import patched_tree
+from flagscale.upstream.target import Target
 
 FLAGSCALE = [sys.executable, "-m", "flagscale.cli"]
 
@@ -93,7 +94,7 @@ def test_apply_prints_the_cached_tree_and_copies_it(toy_project, toy_upstream, t
 
 @pytest.mark.integration
 def test_a_cached_apply_is_answered_before_the_full_cli_loads(real_project, real_cache):
-    tree = patched_tree(real_project, "vllm", "cpu", "sdist", real_cache)
+    tree = patched_tree(Target.of(real_project, "vllm", "cpu", "sdist", real_cache))
     env = {"FLAGSCALE_CACHE_DIR": str(real_cache.root)}
     for face in ([sys.executable, "-X", "importtime", "-m", "flagscale"],
                  [sys.executable, "-X", "importtime", str(REPO_ROOT / "tools" / "patch.py")]):

@@ -15,6 +15,7 @@ from conftest import REPO_ROOT, copy_project
 from flagscale.hardware.registry import BackendBuild, load_devices, resolve_device
 from flagscale.errors import ConfigError
 from flagscale.upstream.project import Project
+from flagscale.upstream.target import Target
 from flagscale.patches.series import read_series, series_for
 
 ALL_DEVICES = ["ascend", "cambricon", "cpu", "cuda", "hygon", "iluvatar", "kunlunxin", "metax", "musa"]
@@ -257,7 +258,7 @@ def test_patched_megatron_compiles_and_selects_the_manifest_device(real_cache, d
     dev = resolve_device(project, device)
     if "megatron" not in dev.backends:
         pytest.skip(f"{device} does not support megatron")
-    tree = patched_tree(project, "megatron", device, "sdist", real_cache)
+    tree = patched_tree(Target.of(project, "megatron", device, "sdist", real_cache))
     assert len(tree.patches) == sum(len(s.names) for s in series_for(project, "megatron", device))
     for path in sorted(tree.path.rglob("*.py")):
         py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
@@ -270,7 +271,7 @@ def test_patched_megatron_compiles_and_selects_the_manifest_device(real_cache, d
         assert dev.torch_extension in _imports(_function(module, "get_device_module"))
     # The plain tree (no device) keeps CUDA's own collective: the vendor change is confined to its build.
     if dev.torch_device == "cuda" and dev.collective != "nccl":
-        plain = patched_tree(project, "megatron", None, "sdist", real_cache)
+        plain = patched_tree(Target.of(project, "megatron", None, "sdist", real_cache))
         assert _collectives(_device_utils(plain.path))["cuda"] == "nccl"
 
 

@@ -18,6 +18,7 @@ from flagscale.upstream.project import Project
 from flagscale.patches.series import series_for
 from flagscale.upstream.sources import materialize
 from flagscale.patches.tree import patched_tree
+from flagscale.upstream.target import Target
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ PROBES = {"megatron": "megatron/core/utils.py", "vllm": "vllm/envs.py",
 @pytest.mark.parametrize("backend", list(PROBES))
 def test_real_sdist_is_verified_and_maps_repo_paths(real_project, real_cache, backend):
     pin = real_project.pins.resolve(backend)
-    src = materialize(real_project, pin, "sdist", real_cache)
+    src = materialize(Target(real_project, pin, None, "sdist", real_cache))
     assert src.key == f"sdist-{pin.sdist.sha256}"
     tree_path = src.to_tree_path(PROBES[backend])
     assert (src.tree / tree_path).is_file(), tree_path
@@ -47,7 +48,7 @@ def test_every_cell_applies_to_its_real_pin(real_project, real_cache):
 
 @pytest.mark.parametrize("backend", list(PROBES))
 def test_our_tree_is_byte_identical_to_git_apply(real_project, real_cache, backend, tmp_path):
-    tree = patched_tree(real_project, backend, "cpu", "sdist", real_cache)
+    tree = patched_tree(Target.of(real_project, backend, "cpu", "sdist", real_cache))
     pin = tree.source.pin
     reference = tmp_path / "git-apply"
     reference.mkdir()
@@ -143,8 +144,8 @@ def _changed_line(old_tree: Path, new_tree: Path) -> tuple[str, str]:
 
 def test_rebase_conflict_reports_and_leaves_series_untouched(real_project, real_cache, tmp_path):
     project = _pin_megatron_0160(real_project, tmp_path / "project")
-    old_tree = materialize(project, project.pins.resolve("megatron"), "sdist", real_cache).tree
-    new_tree = materialize(real_project, real_project.pins.resolve("megatron"), "sdist", real_cache).tree
+    old_tree = materialize(Target.of(project, "megatron", None, "sdist", real_cache)).tree
+    new_tree = materialize(Target.of(real_project, "megatron", None, "sdist", real_cache)).tree
     rel, line = _changed_line(old_tree, new_tree)
     _series_from_edits(project, real_cache, tmp_path / "work", [
         ("megatron: touch a line 0.16.1 changes", rel, line, line + "  # FlagScale conflict"),

@@ -193,8 +193,9 @@ def test_two_process_layouts_train_and_match(venv, world1, layout):
 def test_the_same_driver_fails_on_unpatched_megatron_core(venv, real_project, real_cache):
     """Upstream 0.16.1 (the verified release sdist, first on PYTHONPATH) cannot train on the CPU."""
     from flagscale.upstream.sources import materialize
+    from flagscale.upstream.target import Target
 
-    src = materialize(real_project, real_project.pins.resolve("megatron"), "sdist", real_cache)
+    src = materialize(Target.of(real_project, "megatron", None, "sdist", real_cache))
     assert (src.tree / "megatron" / "core" / "__init__.py").is_file()
     assert not (src.tree / "megatron" / "core" / "device_utils.py").exists()
     result = venv.train([], env=_run_env({"PYTHONPATH": str(src.tree)}), label="unpatched")

@@ -27,8 +27,10 @@ def _installed(backend: str):
     from flagscale.upstream.cache import Cache
     from flagscale.wheels.install import build_in_isolation
     from flagscale.upstream.project import Project
+    from flagscale.upstream.target import Target
 
-    wheel = build_in_isolation(Project(REPO_ROOT), backend, "cpu", cache=Cache(real_cache_dir() / "build-cache")).path
+    target = Target.of(Project(REPO_ROOT), backend, "cpu", cache=Cache(real_cache_dir() / "build-cache"))
+    wheel = build_in_isolation(target).path
     site = real_cache_dir() / "engine-tests" / wheel.stem
     if not site.is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",

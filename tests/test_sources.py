@@ -21,6 +21,7 @@ from flagscale.errors import ConfigError, FetchError
 from flagscale.upstream.index import configured_index_url, json_api_url
 from flagscale.upstream.project import Project
 from flagscale.upstream.sources import materialize
+from flagscale.upstream.target import Target
 
 
 def make_sdist(path: Path, files: dict[str, str], top: str = "toy-1.0") -> str:
@@ -80,25 +81,25 @@ def test_index_url_comes_from_pip_configuration(monkeypatch, tmp_path):
 
 def test_sdist_is_downloaded_verified_extracted_and_read_only(toy_project, index, cache):
     project = with_sha(toy_project, index["sha"])
-    src = materialize(project, project.pins.resolve("toy"), "sdist", cache)
+    src = materialize(Target.of(project, "toy", None, "sdist", cache))
     assert src.kind == "sdist" and src.layout == "sdist"
     assert (src.tree / "toy" / "device.py").read_text() == TOY_BASE["toy/device.py"]
     assert src.to_tree_path("python/toy/device.py") == "toy/device.py"
     assert src.to_tree_path("README.md") is None  # outside the mapped folder: not shipped
     assert not (src.tree / "toy" / "device.py").stat().st_mode & 0o222  # read-only cache entry
     assert (src.tree / "toy" / "bin" / "run.sh").stat().st_mode & 0o100
-    again = materialize(project, project.pins.resolve("toy"), "auto", cache)
+    again = materialize(Target.of(project, "toy", None, "auto", cache))
     assert again.tree == src.tree
 
 
 def test_wrong_sha256_is_refused_and_nothing_is_cached(toy_project, index, cache):
     project = with_sha(toy_project, "f" * 64)
     with pytest.raises(FetchError, match="sha256"):
-        materialize(project, project.pins.resolve("toy"), "sdist", cache)
+        materialize(Target.of(project, "toy", None, "sdist", cache))
     # The index lies about the digest too: the download itself is verified.
     index["publish"]("f" * 64)
     with pytest.raises(FetchError, match="sha256 is"):
-        materialize(project, project.pins.resolve("toy"), "sdist", cache)
+        materialize(Target.of(project, "toy", None, "sdist", cache))
     assert not list((cache.root / "sources").glob("sdist-*")) if (cache.root / "sources").exists() else True
     assert not list((cache.root / "sdists").glob("f*/*.tar.gz"))
 
@@ -119,10 +120,10 @@ def test_concurrent_fetches_of_one_pin_build_it_once(toy_project, index, cache, 
     project = with_sha(toy_project, index["sha"])
     script = (
         "import sys, dataclasses; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from flagscale.upstream.project import Project\nfrom flagscale.upstream.sources import materialize\n"
+        "from flagscale.upstream.project import Project\nfrom flagscale.upstream.sources import materialize\nfrom flagscale.upstream.target import Target\n"
         "p = Project(__import__('pathlib').Path(sys.argv[3]))\npin = p.pins.resolve('toy')\n"
         "pin = dataclasses.replace(pin, sdist=dataclasses.replace(pin.sdist, sha256=sys.argv[4]))\n"
-        "print(materialize(p, pin, 'sdist').tree)\n")
+        "print(materialize(Target(p, pin, None, 'sdist')).tree)\n")
     repo = Path(__file__).resolve().parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", script, str(repo), str(repo / "tests"), str(project.root), index["sha"]],
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
@@ -150,13 +151,13 @@ def test_killed_builder_leaves_no_poisoned_entry(cache):
 
 def test_local_path_source_is_copied_and_keyed_by_content(toy_project, toy_upstream, cache):
     pin = toy_project.pins.resolve("toy")
-    first = materialize(toy_project, pin, str(toy_upstream), cache)
+    first = materialize(Target(toy_project, pin, None, str(toy_upstream), cache))
     assert first.kind == "path" and first.layout == "sdist"
     (toy_upstream / "toy" / "device.py").write_text("changed\n")
-    second = materialize(toy_project, pin, str(toy_upstream), cache)
+    second = materialize(Target(toy_project, pin, None, str(toy_upstream), cache))
     assert second.key != first.key and (second.tree / "toy" / "device.py").read_text() == "changed\n"
     with pytest.raises(ConfigError, match="not a folder"):
-        materialize(toy_project, pin, str(toy_upstream / "missing"), cache)
+        materialize(Target(toy_project, pin, None, str(toy_upstream / "missing"), cache))
 
 
 def test_initialized_submodule_is_preferred_and_checked_against_the_pin(toy_project, cache, tmp_path):
@@ -171,16 +172,16 @@ def test_initialized_submodule_is_preferred_and_checked_against_the_pin(toy_proj
     pins_file = root / "third_party" / "upstreams.toml"
     pins_file.write_text(pins_file.read_text().replace('tag = "v1.0"', f'tag = "v1.0"\ncommit = "{head}"\nsubmodule = "third_party/toy"'))
     project = Project(root)
-    src = materialize(project, project.pins.resolve("toy"), "auto", cache)
+    src = materialize(Target.of(project, "toy", None, "auto", cache))
     assert src.kind == "submodule" and src.layout == "repo" and src.key == f"git-{head}"
     assert (src.tree / "README.md").read_text() == "toy\n"  # whole repo, not just the sdist part
     (root / "third_party/toy/README.md").write_text("local edit\n")
     with pytest.raises(FetchError, match="local changes"):
-        materialize(project, project.pins.resolve("toy"), "auto", cache)
+        materialize(Target.of(project, "toy", None, "auto", cache))
     git(root / "third_party/toy", "checkout", "-q", "README.md")
     git(root / "third_party/toy", "commit", "-q", "--allow-empty", "-m", "moved on")
     with pytest.raises(FetchError, match="but the pin is"):
-        materialize(project, project.pins.resolve("toy"), "submodule", cache)
+        materialize(Target.of(project, "toy", None, "submodule", cache))
 
 
 def test_uninitialized_submodule_requested_explicitly_says_how_to_fix(toy_project, cache):
@@ -188,4 +189,4 @@ def test_uninitialized_submodule_requested_explicitly_says_how_to_fix(toy_projec
     pins_file.write_text(pins_file.read_text().replace('tag = "v1.0"', 'tag = "v1.0"\nsubmodule = "third_party/toy"'))
     project = Project(toy_project.root)
     with pytest.raises(FetchError, match="git submodule update --init"):
-        materialize(project, project.pins.resolve("toy"), "submodule", cache)
+        materialize(Target.of(project, "toy", None, "submodule", cache))

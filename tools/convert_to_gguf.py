@@ -29,9 +29,10 @@ def converter_root(device: str | None = "cpu", source: str = "auto") -> Path:
     """The patched llama.cpp repository root (holding convert_hf_to_gguf.py and gguf-py/)."""
     from flagscale.upstream.project import Project
     from flagscale.patches.tree import patched_tree
+    from flagscale.upstream.target import Target
 
     project = Project.find(Path(__file__).resolve().parent.parent)
-    tree = patched_tree(project, "llama.cpp", device, source)
+    tree = patched_tree(Target.of(project, "llama.cpp", device, source))
     root = tree.path / (tree.source.to_tree_path("") or "")
     if not (root / "convert_hf_to_gguf.py").is_file():
         raise FlagScaleError(f"{root} has no convert_hf_to_gguf.py: is the llama.cpp pin complete?")

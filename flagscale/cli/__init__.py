@@ -133,10 +133,11 @@ def upstream_status(root: Optional[Path] = RootOpt) -> None:
 def upstream_fetch(backend: str, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
     """Materialize BACKEND's pinned source into the read-only cache and print its path."""
     from flagscale.upstream.sources import materialize
+    from flagscale.upstream.target import Target
 
     with _reported():
         project = _project(root)
-        src = materialize(project, project.pins.resolve(backend), source, progress=_progress())
+        src = materialize(Target.of(project, backend, None, source), progress=_progress())
         _console(stderr=True).print(f"{src.pin.backend}: {src.origin}")
         typer.echo(src.tree)
 
@@ -242,10 +243,11 @@ def patch_apply(backend: str, dest: Optional[Path] = typer.Argument(None, help="
     """Apply the common (and device) series to the pin; print the cached patched tree's path."""
     from flagscale.patches.apply import copy_tree
     from flagscale.patches.tree import patched_tree
+    from flagscale.upstream.target import Target
 
     with _reported():
         project = _project(root)
-        tree = patched_tree(project, backend, _device(project, device), source, progress=_progress())
+        tree = patched_tree(Target.of(project, backend, _device(project, device), source), progress=_progress())
         _console(stderr=True).print(f"{len(tree.patches)} patch(es) on {tree.source.origin}"
                                     f"{' (cached)' if tree.cache_hit else ''}")
         if dest is not None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flagscale.upstream.cache import Cache
 from flagscale.patches.patchfile import Patch
-from flagscale.upstream.project import Project
 from flagscale.patches.series import series_for
-from flagscale.upstream.sources import Source, materialize
+from flagscale.upstream.project import Project
+from flagscale.upstream.sources import Source, materialize, submodule_state
+from flagscale.upstream.target import Target
 
 if TYPE_CHECKING:
     from flagscale.patches.apply import Plan
@@ -79,13 +79,11 @@ def tree_key(source: Source, device: str | None, applied: list[AppliedPatch]) ->
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def patched_tree(project: Project, backend: str, device: str | None = None, source: str = "auto",
-                 cache: Cache | None = None, progress=None) -> PatchedTree:
-    """The pin of `backend` with its common and device series applied, from the cache when possible."""
-    cache = cache or Cache()
-    pin = project.pins.resolve(backend)
-    src = materialize(project, pin, source, cache, progress)
-    labelled = load_series_patches(project, pin.backend, device)
+def patched_tree(target: Target, progress=None) -> PatchedTree:
+    """The target's pin with its common and device series applied, from the cache when possible."""
+    pin, device = target.pin, target.device
+    src = materialize(target, progress)
+    labelled = load_series_patches(target.project, pin.backend, device)
     applied = [AppliedPatch(label, p.name, p.sha256) for label, p in labelled]
     key = tree_key(src, device, applied)
 
@@ -100,24 +98,20 @@ def patched_tree(project: Project, backend: str, device: str | None = None, sour
         manifest["offsets"] = [f"{o.patch}: {o.path} hunk {o.hunk} {o.offset:+d}" for o in plan.offsets()]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    entry, hit = cache.get_or_create("trees", key, build)
+    entry, hit = target.cache.get_or_create("trees", key, build)
     return PatchedTree(pin.backend, device, src, entry / "tree", key, tuple(applied), hit)
 
 
-def cached_patched_tree(project: Project, backend: str, device: str | None = None, source: str = "auto",
-                        cache: Cache | None = None) -> PatchedTree | None:
+def cached_patched_tree(target: Target) -> PatchedTree | None:
     """The patched tree of the pin's sdist if it is cached already, else None; never downloads or builds.
 
     Submodule and local-path sources are not looked up here (their keys need the tree itself).
     """
-    from flagscale.upstream.sources import submodule_state
-
-    cache = cache or Cache()
-    pin = project.pins.resolve(backend)
-    sdist = source == "sdist" or (source == "auto" and submodule_state(project, pin)[0] is None)
+    project, pin, device, cache = target.project, target.pin, target.device, target.cache
+    sdist = target.source == "sdist" or (target.source == "auto" and submodule_state(project, pin)[0] is None)
     if not sdist or not cache.path("sources", f"sdist-{pin.sdist.sha256}").exists():
         return None  # only the sdist source is known from the pin alone; the full path handles the rest
-    src = materialize(project, pin, "sdist", cache)  # a cache hit
+    src = materialize(replace(target, source="sdist"))  # a cache hit
     applied = [AppliedPatch(label, p.name, p.sha256) for label, p in load_series_patches(project, pin.backend, device)]
     key = tree_key(src, device, applied)
     entry = cache.path("trees", key)

@@ -22,6 +22,7 @@ from flagscale.patches.series import read_series, series_for, series_header, wri
 from flagscale.upstream.sources import Source, materialize
 from flagscale.patches.tree import load_series_patches, patched_tree
 from flagscale.upstream.pins import Pin
+from flagscale.upstream.target import Target
 
 TRAILER = "FlagScale-Patch"
 STATE_FILE = "flagscale-checkout.json"
@@ -31,10 +32,11 @@ STATE_FILE = "flagscale-checkout.json"
 def checkout(project: Project, backend: str, dest: Path, device: str | None = None, source: str = "auto",
              cache: Cache | None = None) -> list[str]:
     """Create `dest` as a git repo of the pin (repository layout) plus one commit per patch."""
-    pin = project.pins.resolve(backend)
+    target = Target.of(project, backend, device, source, cache)
+    pin = target.pin
     if dest.exists() and any(dest.iterdir()):
         raise ConfigError(f"{dest} is not empty; choose a new folder for the checkout")
-    src = materialize(project, pin, source, cache)
+    src = materialize(target)
     labelled = load_series_patches(project, pin.backend, device)
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -210,11 +212,11 @@ class PatchReport:
 def rebase(project: Project, backend: str, to_version: str, sha256: str | None = None,
            source: str | None = None, old_source: str = "auto", cache: Cache | None = None) -> list[PatchReport]:
     """Replay every series of `backend` onto a new pin with a 3-way merge; write only if all succeed."""
-    cache = cache or Cache()
-    old_pin = project.pins.resolve(backend)
+    old = Target.of(project, backend, None, old_source, cache)
+    old_pin = old.pin
     new_pin = _new_pin(old_pin, to_version, sha256)
-    old_src = materialize(project, old_pin, old_source, cache)
-    new_src = materialize(project, new_pin, source or "sdist", cache)
+    old_src = materialize(old)
+    new_src = materialize(old.with_pin(new_pin, source or "sdist"))
     devices = [d for d in project.devices if read_series(project.device_series_dir(d, old_pin.backend), "").names]
     report: list[PatchReport] = []
     outputs: list[tuple[str, str, bytes]] = []
@@ -390,11 +392,11 @@ def cells(project: Project, backend: str | None = None, device: str | None = Non
 
 def check(project: Project, backend: str | None = None, device: str | None = None, source: str = "auto",
           cache: Cache | None = None) -> list[CellResult]:
-    cache = cache or Cache()
+    cache = cache or Cache()  # one cache for every cell
     results = []
     for b, d in cells(project, backend, device):
         try:
-            tree = patched_tree(project, b, d, source, cache)
+            tree = patched_tree(Target.of(project, b, d, source, cache))
             manifest = json.loads((tree.path.parent / "manifest.json").read_text())
             offsets = manifest.get("offsets", [])
             status = "offset" if offsets else "ok"

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagscale.upstream.cache import Cache, remove_tree
 from flagscale.errors import ConfigError, FetchError
-from flagscale.upstream.project import Project
+from flagscale.upstream.cache import Cache, remove_tree
 from flagscale.upstream.pins import Pin
+from flagscale.upstream.project import Project
+from flagscale.upstream.target import Target
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def submodule_state(project: Project, pin: Pin) -> tuple[Path | None, str | None
     return path, head
 
 
-def materialize(project: Project, pin: Pin, source: str = "auto", cache: Cache | None = None,
-                progress: Callable[[int, int], None] | None = None) -> Source:
-    cache = cache or Cache()
+def materialize(target: Target, progress: Callable[[int, int], None] | None = None) -> Source:
+    """The target's pinned upstream as a read-only tree in the cache (its device plays no part)."""
+    project, pin, source, cache = target.project, target.pin, target.source, target.cache
     if source not in SOURCE_KINDS:
         return _from_path(pin, Path(source), cache)
     if source in ("auto", "submodule"):

@@ -19,22 +19,22 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flagscale import __version__
-from flagscale.patches.apply import copy_tree
-from flagscale.upstream.cache import Cache
-from flagscale.hardware.registry import BackendBuild, Device, resolve_device
 from flagscale.errors import BuildError, ConfigError
-from flagscale.upstream.project import Project
+from flagscale.hardware.registry import BackendBuild, Device, resolve_device
+from flagscale.patches.apply import copy_tree
 from flagscale.patches.tree import PatchedTree, patched_tree
+from flagscale.upstream.cache import remove_tree
+from flagscale.upstream.target import Target
+from flagscale.wheels.provenance import PROVENANCE_FILE, BackendProvenance, to_bytes, upstream_record
 from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel, source_date_epoch
 
 log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
-PROVENANCE_FILE = "flagscale_build.json"
+__all__ = ["PROVENANCE_FILE", "BackendWheel", "build_backend_wheel", "cached_backend_wheel", "device_settings"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class BackendWheel:
     path: Path
     distribution: str
     version: str
-    provenance: dict
+    provenance: BackendProvenance
     cache_hit: bool
 
 
@@ -78,71 +78,84 @@ def _dist_name(requirement: str) -> str:
     return canonicalize_name(Requirement(requirement).name)
 
 
-def device_settings(project: Project, device: str | None, backend: str) -> tuple[Device | None, BackendBuild]:
-    if device is None:
+def device_settings(target: Target) -> tuple[Device | None, BackendBuild]:
+    """The target's device (None for the plain toolchain) and how it builds the target's backend."""
+    if target.device is None:
         return None, BackendBuild()
-    dev = resolve_device(project, device)
-    if backend not in dev.backends:
-        raise ConfigError(f"device {dev.name} does not support backend {backend}; it supports "
-                             f"{', '.join(dev.backends) or 'none'} (see {dev.manifest})")
-    return dev, dev.build_for(backend)
+    dev = resolve_device(target.project, target.device)
+    if target.backend not in dev.backends:
+        raise ConfigError(f"device {dev.name} does not support backend {target.backend}; it supports "
+                          f"{', '.join(dev.backends) or 'none'} (see {dev.manifest})")
+    return dev, dev.build_for(target.backend)
 
 
-def build_backend_wheel(project: Project, backend: str, device: str | None, source: str = "auto",
-                        cache: Cache | None = None, python: str | None = None,
-                        log_dir: Path | None = None, only_cached: bool = False,
-                        progress: Callable[[str], None] | None = None) -> BackendWheel:
-    """The patched backend wheel for (backend, device), from the cache or built now.
+@dataclass(frozen=True)
+class _Planned:
+    """A backend wheel worked out before building: where it is cached and what it will say about itself."""
 
-    `only_cached=True` raises LookupError instead of building (the CLI then prepares a build env).
-    `progress` hears how far a long compile is (`llama.cpp: compiled 120/268 (44%)`).
-    """
-    cache = cache or Cache()
-    pin = project.pins.resolve(backend)
-    dev, settings = device_settings(project, device, pin.backend)
-    device_name = dev.name if dev else None
-    tree = patched_tree(project, pin.backend, device_name, source, cache)
-    python = python or sys.executable
+    target: Target
+    tree: PatchedTree
+    settings: BackendBuild
+    key: str
+    label: str
+    provenance: BackendProvenance
+
+
+def _plan(target: Target, python: str) -> _Planned:
+    dev, settings = device_settings(target)
+    target = replace(target, device=dev.name if dev else None)
+    tree = patched_tree(target)
     inputs = {"builder": BUILDER_VERSION, "tree": tree.key, "env": settings.environ(),
               "config_settings": dict(settings.config_settings), "python": _python_tag(python),
               "source_date_epoch": source_date_epoch()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    label = f"fs.{local_segment(device_name)}.{key[:8]}" if device_name else f"fs.{key[:8]}"
-    provenance = {
-        "toolchain": {"name": "flagscale", "version": __version__},
-        "backend": pin.backend,
-        "device": device_name,
-        "upstream": {"name": pin.name, "git": pin.git, "tag": pin.tag, "commit": pin.commit,
-                     "sdist": {"name": pin.sdist.name, "version": pin.sdist.version, "sha256": pin.sdist.sha256},
-                     "source": tree.source.kind},
-        "patches": [{"series": p.series, "name": p.name, "sha256": p.sha256} for p in tree.patches],
-        "build": {"env": settings.environ(), "config_settings": dict(settings.config_settings),
-                  "python": inputs["python"], "source_date_epoch": inputs["source_date_epoch"]},
-        "key": key,
-    }
+    label = f"fs.{local_segment(target.device)}.{key[:8]}" if target.device else f"fs.{key[:8]}"
+    provenance = BackendProvenance(
+        target.backend, target.device, key, tree.patches, upstream_record(target.pin, tree.source.kind),
+        {"env": settings.environ(), "config_settings": dict(settings.config_settings), "python": inputs["python"],
+         "source_date_epoch": inputs["source_date_epoch"]})
+    return _Planned(target, tree, settings, key, label, provenance)
+
+
+def _wheel_of(planned: _Planned, entry: Path, hit: bool) -> BackendWheel:
+    (wheel,) = entry.glob("*.whl")
+    dist, version = wheel.name.split("-")[:2]
+    return BackendWheel(planned.target.backend, planned.target.device, wheel, dist, version, planned.provenance, hit)
+
+
+def cached_backend_wheel(target: Target, python: str | None = None) -> BackendWheel | None:
+    """The target's patched backend wheel if it is built already, else None (nothing is built)."""
+    planned = _plan(target, python or sys.executable)
+    entry = target.cache.path("wheels", planned.key)
+    return _wheel_of(planned, entry, True) if entry.exists() else None
+
+
+def build_backend_wheel(target: Target, python: str | None = None, log_dir: Path | None = None,
+                        progress: Callable[[str], None] | None = None) -> BackendWheel:
+    """The target's patched backend wheel, from the cache or built now with the upstream's own build system.
+
+    `progress` hears how far a long compile is (`llama.cpp: compiled 120/268 (44%)`).
+    """
+    python = python or sys.executable
+    planned = _plan(target, python)
+    target, key = planned.target, planned.key
 
     def build(tmp: Path) -> None:
         work = tmp / "src"
         work.mkdir()
-        copy_tree(build_dir(tree), work)
+        copy_tree(build_dir(planned.tree), work)
         raw = tmp / "raw"
-        logfile = (log_dir or cache.root / "logs") / f"{pin.backend}-{device_name or 'none'}-{key[:12]}.log"
+        logfile = (log_dir or target.cache.root / "logs") / f"{target.backend}-{target.device or 'none'}-{key[:12]}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        built = _run_upstream_build(work, raw, python, settings, logfile, pin.backend, progress)
-        version = _with_label(_wheel_version(built), label)
-        rewrite_wheel(built, tmp, WheelEdit(version=version, dist_info_files={
-            PROVENANCE_FILE: (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode()}))
-        from flagscale.upstream.cache import remove_tree
-
+        built = _run_upstream_build(work, raw, python, planned.settings, logfile, target.backend, progress)
+        version = _with_label(_wheel_version(built), planned.label)
+        rewrite_wheel(built, tmp, WheelEdit(version=version,
+                                            dist_info_files={PROVENANCE_FILE: to_bytes(planned.provenance)}))
         remove_tree(work)
         remove_tree(raw)
 
-    if only_cached and not cache.path("wheels", key).exists():
-        raise LookupError(key)
-    entry, hit = cache.get_or_create("wheels", key, build)
-    (wheel,) = entry.glob("*.whl")
-    dist, version = wheel.name.split("-")[:2]
-    return BackendWheel(pin.backend, device_name, wheel, dist, version, provenance, hit)
+    entry, hit = target.cache.get_or_create("wheels", key, build)
+    return _wheel_of(planned, entry, hit)
 
 
 def _wheel_version(wheel: Path) -> str:

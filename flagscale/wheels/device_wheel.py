@@ -4,7 +4,6 @@ patch series, device manifests) that `flagscale install` and `flagscale doctor` 
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -12,11 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flagscale import __version__
-from flagscale.wheels.backend_wheel import (PROVENANCE_FILE, BackendWheel, build_backend_wheel, build_requires, device_settings,
-                             local_segment)
+from flagscale.hardware.registry import resolve_device
+from flagscale.patches.tree import patched_tree
 from flagscale.upstream.index import sha256_file
 from flagscale.upstream.project import PINS_FILE, Project
-from flagscale.patches.tree import patched_tree
+from flagscale.upstream.target import Target
+from flagscale.wheels.backend_wheel import (BackendWheel, build_backend_wheel, build_requires, cached_backend_wheel,
+                                            device_settings, local_segment)
+from flagscale.wheels.provenance import PROVENANCE_FILE, DeviceProvenance, PinnedBackend, to_bytes
 from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel
 
 PROJECT_DATA = "flagscale/_project"
@@ -31,32 +33,33 @@ class BuildSettings:
     upstream_source: str = "auto"  # auto | submodule | sdist | a path
 
 
+    def targets(self, project: Project) -> list[Target]:
+        return [Target.of(project, b, self.device, self.upstream_source) for b in self.backends]
+
+
 def backend_build_requires(settings: BuildSettings) -> list[str]:
     """What pip must install into the build environment for the selected backends."""
-    project = Project.find()
     requires: list[str] = []
-    for backend in settings.backends:
-        try:  # a cached backend wheel needs no build environment: the warm rebuild stays cheap
-            build_backend_wheel(project, backend, settings.device, settings.upstream_source, only_cached=True)
-            continue
-        except LookupError:
-            pass
-        _, build = device_settings(project, settings.device, backend)
-        tree = patched_tree(project, backend, settings.device, settings.upstream_source)
-        requires += [r for r in build_requires(tree, build) if r not in requires]
+    for target in settings.targets(Project.find()):
+        if cached_backend_wheel(target) is not None:
+            continue  # a cached backend wheel needs no build environment: the warm rebuild stays cheap
+        _, build = device_settings(target)
+        requires += [r for r in build_requires(patched_tree(target), build) if r not in requires]
     return requires
 
 
-def provenance(settings: BuildSettings, wheels: list[BackendWheel], requires: list[str]) -> dict:
-    return {
-        "toolchain": {"name": "flagscale", "version": __version__},
-        "device": settings.device,
-        "settings": {"device": settings.device, "backend": list(settings.backends),
-                     "upstream-source": settings.upstream_source},
-        "runtime_requires": requires,
-        "backends": [{**w.provenance, "distribution": w.distribution, "version": w.version,
-                      "wheel": w.path.name, "wheel_sha256": sha256_file(w.path)} for w in wheels],
-    }
+def device_provenance(settings: BuildSettings, wheels: list[BackendWheel], requires: list[str]) -> DeviceProvenance:
+    pinned = tuple(PinnedBackend(w.provenance, w.distribution, w.version, w.path.name, sha256_file(w.path))
+                   for w in wheels)
+    return DeviceProvenance(settings.device, pinned, tuple(requires), settings.upstream_source)
+
+
+def runtime_requires(project: Project, device: str | None, wheels: list[BackendWheel]) -> list[str]:
+    """The device's runtime requirements for the backends built (torch, a platform plugin, ...)."""
+    if not device:
+        return []
+    dev = resolve_device(project, device)
+    return list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
 
 
 def project_data(project: Project) -> dict[str, bytes]:
@@ -81,21 +84,14 @@ def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build
     pip for local installs), `name==version` for a wheelhouse served as an index.
     """
     project = Project.find()
-    wheels = [build_backend_wheel(project, b, settings.device, settings.upstream_source, progress=_to_stderr)
-              for b in settings.backends]
+    wheels = [build_backend_wheel(target, progress=_to_stderr) for target in settings.targets(project)]
     pin = requirement or (lambda w: f"{w.distribution} @ {w.path.as_uri()}")
-    runtime: list[str] = []
-    if settings.device:
-        from flagscale.hardware.registry import resolve_device
-
-        dev = resolve_device(project, settings.device)
-        runtime = list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
+    runtime = runtime_requires(project, settings.device, wheels)
     with tempfile.TemporaryDirectory(prefix="flagscale-wheel-") as tmp:
         name = flit_build(tmp)
         edit = WheelEdit(
             version=f"{__version__}+{local_segment(settings.device)}" if settings.device else None,
             add_requires=tuple(pin(w) for w in wheels) + tuple(runtime),
-            dist_info_files={PROVENANCE_FILE: (json.dumps(provenance(settings, wheels, runtime), indent=2,
-                                                          sort_keys=True) + "\n").encode()},
+            dist_info_files={PROVENANCE_FILE: to_bytes(device_provenance(settings, wheels, runtime))},
             files={} if editable else project_data(project))
         return rewrite_wheel(Path(tmp) / name, Path(wheel_directory), edit).name

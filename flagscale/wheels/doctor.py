@@ -7,16 +7,14 @@ a later plain `pip install` replaced (its version lost the `+fs.` label or its p
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import importlib.metadata as md
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flagscale.wheels.backend_wheel import PROVENANCE_FILE
+from flagscale.wheels.provenance import PinnedBackend, backend_provenance, installed_device_provenance
+from flagscale.wheels.wheelfile import record_hash
 
 
 @dataclass
@@ -47,11 +45,6 @@ class Report:
         return all(b.ok for b in self.backends)
 
 
-def _provenance(dist: md.Distribution) -> dict | None:
-    text = dist.read_text(PROVENANCE_FILE)
-    return json.loads(text) if text else None
-
-
 def verify_files(dist: md.Distribution) -> tuple[list[str], list[str]]:
     """(changed, missing) files of an installed distribution, against its RECORD."""
     record = dist.read_text("RECORD") or ""
@@ -63,50 +56,50 @@ def verify_files(dist: md.Distribution) -> tuple[list[str], list[str]]:
         if not path.is_file():
             missing.append(row[0])
             continue
-        digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode()
-        if digest != row[1][len("sha256="):]:
+        if record_hash(path.read_bytes()) != row[1]:
             changed.append(row[0])
     return changed, missing
 
 
 def diagnose() -> Report:
-    try:
-        flagscale = md.distribution("flagscale")
-        own = _provenance(flagscale) or {}
-        version = flagscale.version
-    except md.PackageNotFoundError:
-        own, version = {}, None
-    expected = {b["distribution"]: b for b in own.get("backends", [])}
+    found_flagscale = installed_device_provenance()
+    version, own = found_flagscale if found_flagscale else (None, None)
+    expected = {_norm(b.distribution): b for b in own.backends} if own else {}
     found: dict[str, BackendHealth] = {}
     for dist in md.distributions():
-        prov = _provenance(dist)
-        if prov is None or "backend" not in prov:
-            continue  # also skips broken dist-info folders (no METADATA, so no Name)
+        prov = backend_provenance(dist)
+        if prov is None:
+            continue  # not ours; also skips broken dist-info folders (no METADATA, so no Name)
         name = dist.metadata["Name"]
         key = _norm(name)
         if key == "flagscale" or key in found:
             continue  # a copy later on sys.path is shadowed: the first is what Python imports
         changed, missing = verify_files(dist)
-        want = next((e for d, e in expected.items() if _norm(d) == key), None)
-        found[key] = BackendHealth(prov["backend"], name, dist.version, want["version"] if want else None,
-                                   prov.get("device"), len(prov.get("patches", [])), changed, missing)
-    for dist_name, want in expected.items():
-        key = _norm(dist_name)
+        want = expected.get(key)
+        found[key] = BackendHealth(prov.backend, name, dist.version, want.version if want else None,
+                                   prov.device, len(prov.patches), changed, missing)
+    for key, want in expected.items():
         if key in found:
             health = found[key]
             if health.expected_version and health.version != health.expected_version:
                 health.problem = f"installed {health.version}, flagscale {version} was built with {health.expected_version}"
             continue
-        try:
-            installed = md.distribution(dist_name)
-            problem = (f"replaced by {installed.version} without FlagScale's patches (a plain pip install?); "
-                       f"reinstall with `flagscale install --backend {want['backend']}`")
-            found[key] = BackendHealth(want["backend"], dist_name, installed.version, want["version"],
-                                       want.get("device"), len(want.get("patches", [])), problem=problem)
-        except md.PackageNotFoundError:
-            found[key] = BackendHealth(want["backend"], dist_name, None, want["version"], want.get("device"),
-                                       len(want.get("patches", [])), problem="not installed")
-    return Report(version, own.get("device"), sorted(found.values(), key=lambda h: h.backend))
+        found[key] = _absent(want)
+    return Report(version, own.device if own else None, sorted(found.values(), key=lambda h: h.backend))
+
+
+def _absent(want: PinnedBackend) -> BackendHealth:
+    """A backend the flagscale wheel pins but no FlagScale build of which is installed."""
+    prov = want.provenance
+    try:
+        installed = md.distribution(want.distribution)
+    except md.PackageNotFoundError:
+        return BackendHealth(prov.backend, want.distribution, None, want.version, prov.device, len(prov.patches),
+                             problem="not installed")
+    problem = (f"replaced by {installed.version} without FlagScale's patches (a plain pip install?); "
+               f"reinstall with `flagscale install --backend {prov.backend}`")
+    return BackendHealth(prov.backend, want.distribution, installed.version, want.version, prov.device,
+                         len(prov.patches), problem=problem)
 
 
 def _norm(name: str) -> str:

@@ -14,11 +14,14 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from flagscale.wheels.backend_wheel import BackendWheel, build_backend_wheel, build_requires, device_settings
-from flagscale.upstream.cache import Cache
 from flagscale.errors import BuildError
-from flagscale.upstream.project import Project
 from flagscale.patches.tree import patched_tree
+from flagscale.upstream.cache import Cache
+from flagscale.upstream.project import Project
+from flagscale.upstream.target import Target
+from flagscale.wheels.backend_wheel import (BackendWheel, build_backend_wheel, build_requires, cached_backend_wheel,
+                                            device_settings)
+from flagscale.wheels.device_wheel import BuildSettings, build_distribution, runtime_requires
 
 log = logging.getLogger(__name__)
 Step = Callable[[str], None]
@@ -46,22 +49,16 @@ def _constraints_file(extra: list[str]):
         os.unlink(f.name)
 
 
-def build_in_isolation(project: Project, backend: str, device: str | None, source: str = "auto",
-                       cache: Cache | None = None, step: Step = _no_step) -> BackendWheel:
+def build_in_isolation(target: Target, step: Step = _no_step) -> BackendWheel:
     """Build (or reuse) one backend wheel; its build requirements go into a throw-away environment."""
-    cache = cache or Cache()
-    pin = project.pins.resolve(backend)
-    _, settings = device_settings(project, device, pin.backend)
+    pin = target.pin
+    _, settings = device_settings(target)
     step(f"{pin.backend}: fetching {pin.sdist.name} {pin.sdist.version} and applying patches")
-    tree = patched_tree(project, pin.backend, device, source, cache)
+    tree = patched_tree(target)
     from build.env import DefaultIsolatedEnv
 
     with DefaultIsolatedEnv() as env:
-        try:
-            cached = build_backend_wheel(project, pin.backend, device, source, cache, python=env.python_executable,
-                                         only_cached=True)
-        except LookupError:
-            cached = None
+        cached = cached_backend_wheel(target, python=env.python_executable)
         if cached is not None:
             return cached
         requires = build_requires(tree, settings)
@@ -72,25 +69,19 @@ def build_in_isolation(project: Project, backend: str, device: str | None, sourc
                 env.install(requires)
             except subprocess.CalledProcessError as exc:
                 raise BuildError(f"{pin.backend}: installing its build requirements failed ({exc}); "
-                                     "check your package index") from None
+                                 "check your package index") from None
             finally:
                 if os.environ.get("PIP_CONSTRAINT") == constraints:
                     del os.environ["PIP_CONSTRAINT"]
         step(f"{pin.backend}: building its wheel with the upstream build system (this can take minutes)")
-        return build_backend_wheel(project, pin.backend, device, source, cache, python=env.python_executable,
-                                   progress=step)
+        return build_backend_wheel(target, python=env.python_executable, progress=step)
 
 
 def install(project: Project, backends: list[str], device: str | None, source: str = "auto",
             cache: Cache | None = None, step: Step = _no_step) -> list[BackendWheel]:
     """Build (or reuse) the patched backend wheels and pip-install them with the device's runtime needs."""
-    wheels = [build_in_isolation(project, b, device, source, cache, step) for b in backends]
-    runtime: list[str] = []
-    if device:
-        from flagscale.hardware.registry import resolve_device
-
-        dev = resolve_device(project, device)
-        runtime = list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
+    wheels = [build_in_isolation(Target.of(project, b, device, source, cache), step) for b in backends]
+    runtime = runtime_requires(project, device, wheels)
     step(f"installing {', '.join(w.path.name for w in wheels)}" + (f" and {', '.join(runtime)}" if runtime else ""))
     with _constraints_file([]) as constraints:
         cmd = [sys.executable, "-m", "pip", "install", "--constraint", constraints, *map(str, (w.path for w in wheels)),
@@ -98,16 +89,14 @@ def install(project: Project, backends: list[str], device: str | None, source: s
         result = subprocess.run(cmd)
     if result.returncode != 0:
         raise BuildError(f"pip could not install {', '.join(w.path.name for w in wheels)} (exit "
-                             f"{result.returncode}); see pip's output above")
+                         f"{result.returncode}); see pip's output above")
     return wheels
 
 
 def build_wheelhouse(project: Project, backends: list[str], device: str | None, out: Path, source: str = "auto",
                      cache: Cache | None = None, step: Step = _no_step) -> list[Path]:
     """FlagScale's wheel (`X+device`, plain `name==version` pins) and the backend wheels, in `out`."""
-    from flagscale.wheels.device_wheel import BuildSettings, build_distribution
-
-    wheels = [build_in_isolation(project, b, device, source, cache, step) for b in backends]
+    wheels = [build_in_isolation(Target.of(project, b, device, source, cache), step) for b in backends]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for wheel in wheels:

@@ -102,6 +102,11 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def record_hash(data: bytes) -> str:
+    """A RECORD hash entry (`sha256=<urlsafe base64, unpadded>`), as PEP 376/427 define it."""
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
 def write_wheel(target: Path, entries: dict[str, tuple[bytes, bool]], dist_info: str) -> None:
     """Write a wheel deterministically: sorted entries, dist-info last, fixed time, RECORD regenerated."""
     date_time = time.gmtime(source_date_epoch())[:6]
@@ -115,8 +120,7 @@ def write_wheel(target: Path, entries: dict[str, tuple[bytes, bool]], dist_info:
         for arcname in ordered:
             data, executable = entries[arcname]
             _write_entry(zout, arcname, data, executable, date_time)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record_rows.writerow([arcname, f"sha256={digest}", len(data)])
+            record_rows.writerow([arcname, record_hash(data), len(data)])
         record_rows.writerow([record_name, "", ""])
         _write_entry(zout, record_name, record.getvalue().encode(), False, date_time)
     os.replace(tmp, target)
