@@ -18,14 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. action=dryrun train.model.num_layers=4")
     args = parser.parse_args(argv)
 
-    from flagscale.errors import FlagScaleError
+    from flagscale.errors import reported
     from flagscale.runner.config import compose, dispatch
 
-    try:
+    with reported():
         return dispatch(compose(args.config_path, args.config_name, args.overrides))
-    except FlagScaleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

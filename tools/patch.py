@@ -18,8 +18,8 @@ if __name__ == "__main__":
     code = cached_apply(sys.argv[1:])
     if code is not None:
         sys.exit(code)
-    from flagscale.cli import _setup_logging, patch_app
+    from flagscale.cli import patch_app, setup_logging
 
-    _setup_logging("-v" in sys.argv or "--verbose" in sys.argv)
+    setup_logging("-v" in sys.argv or "--verbose" in sys.argv)
     sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
     patch_app(prog_name="tools/patch.py")
