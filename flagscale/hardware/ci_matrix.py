@@ -75,8 +75,10 @@ def github_outputs(project: Project, device: str | None = None, backend: str | N
     """`name=value` lines for `$GITHUB_OUTPUT`: the full matrix, the run matrix and their sizes."""
     full = matrix(project, device, backend)
     run = {"include": [c for c in full["include"] if c["run"]]}
-    compact = dict(separators=(",", ":"), sort_keys=True)
-    return (f"matrix={json.dumps(full, **compact)}\n"
+    def compact(value: dict) -> str:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+    return (f"matrix={compact(full)}\n"
             f"count={len(full['include'])}\n"
-            f"run_matrix={json.dumps(run, **compact)}\n"
+            f"run_matrix={compact(run)}\n"
             f"run_count={len(run['include'])}\n")

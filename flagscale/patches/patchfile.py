@@ -101,10 +101,9 @@ def _parse_message(message: bytes) -> tuple[dict[str, str], str]:
         return {}, message.decode("utf-8", "replace")
     parsed = BytesHeaderParser(policy=compat32).parsebytes(message)
     headers = {key: " ".join(str(make_header(decode_header(value))).split()) for key, value in parsed.items()}
-    body = parsed.get_payload()
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    body = re.split(r"^---[ \t]*$", body or "", maxsplit=1, flags=re.MULTILINE)[0]
+    payload = parsed.get_payload()  # a str for a single-part message such as a patch
+    body = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload or "")
+    body = re.split(r"^---[ \t]*$", body, maxsplit=1, flags=re.MULTILINE)[0]
     return headers, body.strip("\n")
 
 
@@ -182,7 +181,7 @@ class _Parser:
                 raise self.fail(f"renames are not supported ({old_path} -> {new_path}); export with --no-renames", start)
         if path is None:
             raise self.fail("no file name", start)
-        hunks = []
+        hunks: list[Hunk] = []
         while self.i < len(self.lines) and self.lines[self.i].startswith(b"@@"):
             hunks.append(self.hunk(len(hunks) + 1, path))
         if op == "modify" and not hunks and b"new mode " not in modes:

@@ -75,7 +75,7 @@ def _author_env(patch: Patch) -> dict[str, str]:
     from email.utils import parseaddr
 
     name, email = parseaddr(patch.headers.get("From", ""))
-    env = {}
+    env: dict[str, str] = {}
     if email:
         env.update(GIT_AUTHOR_NAME=name or email, GIT_AUTHOR_EMAIL=email)
     if patch.headers.get("Date"):
@@ -132,7 +132,7 @@ def _render_commits(repo: Path, commits: list[str], folders: dict[str, Path],
     # A commit without our trailer was exported before if an unclaimed patch has its subject:
     # reuse that name, so exporting twice changes nothing.
     claimed = {k for k in known if k}
-    by_subject = {}
+    by_subject: dict[str, tuple[str, str]] = {}
     for label, folder in folders.items():
         for path in folder.glob("*.patch"):
             if (label, path.name) not in claimed:
@@ -297,7 +297,7 @@ def _base_repo_files(src: Source, dest: Path) -> None:
 
 def _replay(repo: Path, items: list[tuple[tuple[str, Patch], str]], new_pin: Pin):
     """Cherry-pick each patch commit onto HEAD: (status, detail, refreshed patch bytes or None)."""
-    results = []
+    results: list[tuple[str, str, bytes | None]] = []
     blocked = False
     for (label, patch), commit in items:
         if blocked:

@@ -144,7 +144,7 @@ def deployments(settings: ServeSettings, config: dict):
             if not isinstance(data, dict):
                 return _error(400, "the request body must be a JSON object", "invalid_request_error")
             name = data.get("model") or (next(iter(self.handles)) if len(self.handles) == 1 else None)
-            handle = self.handles.get(name)
+            handle = self.handles.get(name) if isinstance(name, str) else None
             if handle is None:
                 return _error(404, f"model {name!r} is not served here; served: {', '.join(self.handles)}",
                               "invalid_request_error", "model_not_found")
@@ -178,8 +178,9 @@ def deployments(settings: ServeSettings, config: dict):
                                              "target_ongoing_requests": 4}
         else:
             options["num_replicas"] = spec.replicas
-        handles.append(serve.deployment(EngineReplica).options(**options).bind(config, spec.name))
-    router = serve.deployment(serve.ingress(app)(Router)).options(
+        # Ray's stubs type serve.deployment(cls) as the decorator overload; it returns a Deployment here.
+        handles.append(serve.deployment(EngineReplica).options(**options).bind(config, spec.name))  # type: ignore[attr-defined]
+    router = serve.deployment(serve.ingress(app)(Router)).options(  # type: ignore[attr-defined]
         name="router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     return router.bind([m.name for m in settings.models], *handles)
 

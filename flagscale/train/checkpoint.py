@@ -23,7 +23,7 @@ LAYOUT = "parallel_layout"
 RNG = "rng_state"
 
 
-def iteration_dir(root: Path, iteration: int) -> Path:
+def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 

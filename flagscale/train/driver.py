@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = s.checkpoint
     load_from = ckpt.load or ckpt.save
     start_iter = 0
-    if checkpoint.latest_iteration(load_from) is not None:
+    if load_from and checkpoint.latest_iteration(load_from) is not None:
         start_iter, rng_note = checkpoint.load(load_from, model, optimizer, scheduler)
         if rank == 0:
             log.info(f"resumed from {checkpoint.iteration_dir(load_from, start_iter)} (iteration {start_iter})"
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return output, loss_func
 
-    metrics = open(s.logging.metrics_file, "a") if reporter else None
+    # the launcher always sets metrics_file (default <exp_dir>/logs/metrics.jsonl)
+    metrics = open(s.logging.metrics_file, "a") if reporter and s.logging.metrics_file else None
     tokens_per_iter = m.global_batch_size * m.seq_length
     last_saved = start_iter
     if rank == 0:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
             loss = float(loss) / dp
         step_time = time.perf_counter() - t0
-        if logged and reporter:
+        if logged and metrics is not None:
             lr = optimizer.param_groups[0]["lr"]
             gn = float(grad_norm) if grad_norm is not None else float("nan")
             log.info(f" iteration {iteration:8d}/{m.train_iters:8d} | consumed samples: "

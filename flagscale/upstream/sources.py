@@ -60,7 +60,7 @@ def materialize(target: Target, progress: Callable[[int, int], None] | None = No
         return _from_path(pin, Path(source), cache)
     if source in ("auto", "submodule"):
         path, head = submodule_state(project, pin)
-        if path is not None:
+        if path is not None and head is not None:
             return _from_submodule(pin, path, head, cache)
         if source == "submodule":
             raise FetchError(f"{pin.backend}: submodule {pin.submodule} is not initialized; run "

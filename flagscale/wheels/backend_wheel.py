@@ -207,7 +207,7 @@ def _wait_reporting(proc: subprocess.Popen, logfile: Path, backend: str,
         except subprocess.TimeoutExpired:
             pass
         step = compile_progress(logfile) if progress else None
-        if step and step[1] and step[0] * 10 // step[1] > reported:
+        if progress is not None and step and step[1] and step[0] * 10 // step[1] > reported:
             reported = step[0] * 10 // step[1]
             progress(f"{backend}: compiled {step[0]}/{step[1]} ({100 * step[0] // step[1]}%)")
 

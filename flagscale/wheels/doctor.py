@@ -52,7 +52,7 @@ def verify_files(dist: md.Distribution) -> tuple[list[str], list[str]]:
     for row in csv.reader(io.StringIO(record)):
         if len(row) < 2 or not row[1].startswith("sha256="):
             continue
-        path = Path(dist.locate_file(row[0]))
+        path = Path(str(dist.locate_file(row[0])))
         if not path.is_file():
             missing.append(row[0])
             continue
