@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flagscale.errors import LaunchError
+from flagscale.runner.wait import wait_until
 
 STATES = ("running", "finished", "failed", "stopped", "unknown")
 
@@ -182,16 +183,16 @@ def exit_status(run_dir: Path, name: str) -> int | None:
 
 def _wait_gone(records_: list[ProcessRecord], groups: dict[str, bool], timeout: float) -> list[ProcessRecord]:
     """Wait up to `timeout` for the processes (their whole groups) to end; returns those still there."""
-    deadline = time.monotonic() + timeout
     pending = list(records_)
-    while pending:
+
+    def all_gone() -> bool:
         for r in pending:
             _reap(r.pid)
         # a group outlives its leader while a child ignores SIGTERM: wait for every member
-        pending = [r for r in pending if (_group_alive(r.pid) if groups[r.name] else is_alive(r))]
-        if not pending or time.monotonic() >= deadline:
-            return pending
-        time.sleep(0.05)
+        pending[:] = [r for r in pending if (_group_alive(r.pid) if groups[r.name] else is_alive(r))]
+        return not pending
+
+    wait_until(all_gone, timeout, 0.05)
     return pending
 
 

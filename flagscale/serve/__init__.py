@@ -9,36 +9,55 @@ from __future__ import annotations
 import json
 import time
 
+from flagscale.runner import process
+from flagscale.runner.config import action_of
+from flagscale.runner.task import run_action
+from flagscale.serve import direct, ray_cluster
+from flagscale.serve.health import probe
+from flagscale.serve.settings import ServeSettings, from_config
+
 
 def _state_file(settings):
     return settings.run_dir / "serve.json"
 
 
-def main(cfg) -> int:
-    from flagscale.runner.config import action_of
-    from flagscale.serve.settings import from_config
+class ServeTask:
+    """The models of one serve config (flagscale.runner.task.Task) behind their endpoints."""
 
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+
+    def plan(self) -> list[dict]:
+        return plan(self.settings)
+
+    def dryrun(self) -> int:
+        return dryrun(self.settings)
+
+    def run(self) -> int:
+        return run(self.settings)
+
+    def stop(self) -> int:
+        return stop(self.settings)
+
+    def status(self) -> int:
+        return status(self.settings)
+
+
+def make_task(cfg) -> ServeTask:
+    return ServeTask(from_config(cfg))
+
+
+def main(cfg) -> int:
     action = action_of(cfg)
-    settings = from_config(cfg)
-    if action == "dryrun":
-        return dryrun(settings)
-    if action == "stop":
-        return stop(settings)
-    if action == "status":
-        return status(settings)
-    return run(settings)
+    return run_action(make_task(cfg), action)
 
 
 def plan(settings) -> list[dict]:
     """What `run` would start: name, command, environment (validated against the installed engines)."""
     if settings.deploy == "direct":
-        from flagscale.serve.direct import commands
-
         return [{"name": c.name, "cmd": list(c.cmd), "env": dict(c.env), "url": c.base_url}
-                for c in commands(settings)]
-    from flagscale.serve.ray_cluster import plan as ray_plan
-
-    return ray_plan(settings)
+                for c in direct.commands(settings)]
+    return ray_cluster.plan(settings)
 
 
 def dryrun(settings) -> int:
@@ -49,14 +68,7 @@ def dryrun(settings) -> int:
 
 def run(settings) -> int:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    if settings.deploy == "direct":
-        from flagscale.serve.direct import start
-
-        endpoints = start(settings)
-    else:
-        from flagscale.serve.ray_cluster import start
-
-        endpoints = start(settings)
+    endpoints = (direct if settings.deploy == "direct" else ray_cluster).start(settings)
     state = {"deploy": settings.deploy, "endpoints": endpoints, "started_at": time.time()}
     _state_file(settings).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     for name, url in endpoints.items():
@@ -65,29 +77,22 @@ def run(settings) -> int:
 
 
 def stop(settings) -> int:
-    from flagscale.runner import process
-
     if not (settings.run_dir / "pids").is_dir():
         print(f"nothing was started in {settings.run_dir}")
         return 0
-    from flagscale.serve.ray_cluster import HEAD
-
     # the app first (it holds the Serve deployments), then the worker nodes, the head last
     names = [r.name for r in process.records(settings.run_dir)]
-    ordered = sorted(names, key=lambda n: (n == HEAD, n.startswith("ray-"), n))
+    ordered = sorted(names, key=lambda n: (n == ray_cluster.HEAD, n.startswith("ray-"), n))
     stopped = []
     for name in ordered:
         # `ray start --block` stops its Ray processes in order when it alone gets the SIGTERM
-        stopped += process.stop(settings.run_dir, [name], command_only=name == HEAD)
+        stopped += process.stop(settings.run_dir, [name], command_only=name == ray_cluster.HEAD)
     _state_file(settings).unlink(missing_ok=True)
     print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return 0
 
 
 def status(settings) -> int:
-    from flagscale.runner import process
-    from flagscale.serve.health import probe
-
     states = process.states(settings.run_dir) if (settings.run_dir / "pids").is_dir() else {}
     try:
         endpoints = json.loads(_state_file(settings).read_text())["endpoints"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flagscale.errors import ConfigError, LaunchError
+from flagscale.runner.environment import visible_devices_environment
 from flagscale.serve.settings import ModelSpec, ServeSettings
 
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
@@ -124,23 +125,6 @@ def to_flags(args: dict[str, Any], known: frozenset[str] | None, where: str) -> 
 
 
 # ------------------------------------------------------------------------------------------ commands
-def device_env(settings: ServeSettings) -> dict[str, str]:
-    """The device's visible-devices variable when runner.visible_devices is set (e.g. CUDA_VISIBLE_DEVICES)."""
-    if settings.visible_devices is None:
-        return {}
-    from flagscale.hardware.registry import resolve_device
-    from flagscale.upstream.project import Project
-
-    try:
-        device = resolve_device(Project.find(), settings.device)
-    except Exception as exc:  # no checkout: the registry is part of the repository
-        raise ConfigError(f"experiment.runner.visible_devices needs the device registry ({exc})") from None
-    if not device.visible_devices_env:
-        raise ConfigError(f"experiment.runner.visible_devices: device {device.name} has no visible-devices "
-                          "variable")
-    return {device.visible_devices_env: settings.visible_devices}
-
-
 def command_for(spec: ModelSpec, settings: ServeSettings, host: str, port: int, check: bool = True,
                 name: str | None = None) -> EngineCommand:
     """The server command of one model (one replica) bound to host:port."""
@@ -171,7 +155,7 @@ def command_for(spec: ModelSpec, settings: ServeSettings, host: str, port: int, 
         known = python_engine_flags("sglang") if check else None
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--served-model-name",
                spec.name, "--host", host, "--port", str(port), *to_flags(args, known, where)]
-    env = {**dict(settings.envs), **device_env(settings)}
+    env = {**dict(settings.envs), **visible_devices_environment(settings.device, settings.visible_devices)}
     connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{connect}:{port}"
     return EngineCommand(name or spec.name, tuple(cmd), tuple(sorted(env.items())), f"{base}/health", base)

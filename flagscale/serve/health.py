@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flagscale.errors import LaunchError
+from flagscale.runner.wait import wait_until
 
 
 def probe(url: str, timeout: float = 2.0) -> int | None:
@@ -52,14 +53,19 @@ def log_tail(log: str | Path | None, lines: int = 8) -> str:
 def wait_ready(url: str, timeout: float, alive: Callable[[], bool], what: str, log: str | Path | None = None,
                interval: float = 0.2) -> float:
     """Poll `url` until it answers 200; LaunchError when the process dies or `timeout` passes. Returns seconds."""
-    start = time.monotonic()
-    while True:
+    def ready() -> bool:
         if probe(url) == 200:
-            return time.monotonic() - start
+            return True
         if not alive():
             tail = log_tail(log)
-            raise LaunchError(f"{what} exited before it was ready" + (f"; last lines of {log}:\n{tail}" if tail else ""))
-        if time.monotonic() - start > timeout:
-            raise LaunchError(f"{what} did not answer {url} within {timeout:.0f} s (see {log or 'its log'}); "
-                              "raise experiment.runner.ready_timeout for big models")
-        time.sleep(interval)
+            raise LaunchError(f"{what} exited before it was ready"
+                              + (f"; last lines of {log}:\n{tail}" if tail else ""))
+        return False
+
+    def too_slow() -> LaunchError:
+        return LaunchError(f"{what} did not answer {url} within {timeout:.0f} s (see {log or 'its log'}); "
+                           "raise experiment.runner.ready_timeout for big models")
+
+    start = time.monotonic()
+    wait_until(ready, timeout, interval, too_slow)
+    return time.monotonic() - start

@@ -26,10 +26,11 @@ from pathlib import Path
 
 from flagscale.errors import LaunchError
 from flagscale.runner import process
+from flagscale.runner.hostfile import Node, read_hostfile
 from flagscale.runner.ssh import ssh_command
+from flagscale.runner.wait import wait_until
 from flagscale.serve.health import log_tail, port_free, wait_ready
 from flagscale.serve.settings import ServeSettings
-from flagscale.runner.hostfile import Node, read_hostfile
 
 HEAD, APP = "ray-head", "serve-app"
 WORKER = "ray-worker-"  # + host
@@ -168,10 +169,11 @@ def _wait_joined(settings: ServeSettings, joining: dict[str, int], timeout: floa
     def tail(name: str, start: int) -> str:
         return "\n".join(text(name, start).strip().splitlines()[-8:])
 
-    deadline = time.monotonic() + timeout
     pending = dict(joining)
-    while pending:
+
+    def all_joined() -> bool:
         for name, start in list(pending.items()):
+            # asked before the log is read: a node that had exited by then has its whole log there
             running = process.state(settings.run_dir, name) == "running"
             if JOINED in text(name, start):
                 del pending[name]
@@ -180,41 +182,48 @@ def _wait_joined(settings: ServeSettings, joining: dict[str, int], timeout: floa
                 raise LaunchError(f"Ray worker node {name[len(WORKER):]} did not join the head: its ssh exited"
                                   f"{f' ({code})' if code is not None else ''}; last lines of its log:\n"
                                   f"{tail(name, start)}")
-        if pending and time.monotonic() > deadline:
-            name, start = next(iter(pending.items()))
-            raise LaunchError(f"Ray worker node(s) {', '.join(n[len(WORKER):] for n in pending)} did not join the "
-                              f"head within {timeout:.0f} s (experiment.runner.ready_timeout); last lines of "
-                              f"{name}'s log:\n{tail(name, start)}")
-        if pending:
-            time.sleep(0.3)
+        return not pending
+
+    def too_slow() -> LaunchError:
+        name, start = next(iter(pending.items()))
+        return LaunchError(f"Ray worker node(s) {', '.join(n[len(WORKER):] for n in pending)} did not join the "
+                           f"head within {timeout:.0f} s (experiment.runner.ready_timeout); last lines of "
+                           f"{name}'s log:\n{tail(name, start)}")
+
+    wait_until(all_joined, timeout, 0.3, too_slow)
 
 
 def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until the app says `deployed` (serve.run returned: every replica is healthy) in this run's part of its log."""
+    def failed() -> LaunchError:
+        return LaunchError(f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last "
+                           f"lines of its log:\n{log_tail(str(log))}")
+
+    def deployed() -> bool:
         with open(log, "rb") as f:
             f.seek(start)
             if b"\ndeployed " in b"\n" + f.read():
-                return
+                return True
         if process.state(settings.run_dir, APP) != "running":
-            break
-        time.sleep(0.3)
-    raise LaunchError(f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last lines "
-                      f"of its log:\n{log_tail(str(log))}")
+            raise failed()
+        return False
+
+    wait_until(deployed, timeout, 0.3, failed)
 
 
 def _wait_for_head(settings: ServeSettings, timeout: float = 90.0) -> None:
     """The head's GCS port answers once `ray start` has it up."""
     ip, port = head_address(settings).split(":")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if process.state(settings.run_dir, HEAD) != "running":
             record = process.read_record(settings.run_dir, HEAD)
-            raise LaunchError(f"the Ray head exited; last lines of its log:\n{log_tail(record.log if record else None)}")
+            tail = log_tail(record.log if record else None)
+            raise LaunchError(f"the Ray head exited; last lines of its log:\n{tail}")
         with socket.socket() as sock:
             sock.settimeout(1.0)
-            if sock.connect_ex((ip, int(port))) == 0:
-                time.sleep(1.0)  # the GCS listens a moment before the raylet registers
-                return
-        time.sleep(0.3)
-    raise LaunchError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f} s")
+            return sock.connect_ex((ip, int(port))) == 0
+
+    wait_until(listening, timeout, 0.3,
+               lambda: LaunchError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f} s"))
+    time.sleep(1.0)  # the GCS listens a moment before the raylet registers

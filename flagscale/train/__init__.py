@@ -6,16 +6,42 @@ imported here: torch and megatron load only in the training driver, on the nodes
 
 from __future__ import annotations
 
+from flagscale.runner.config import action_of
+from flagscale.runner.task import run_action
+from flagscale.train import launcher
+from flagscale.train.settings import to_plain
+
+
+class TrainTask:
+    """A training job (flagscale.runner.task.Task) from the config as plain data (settings.to_plain)."""
+
+    def __init__(self, plain: dict):
+        self.plain = plain
+
+    def plan(self) -> launcher.LaunchPlan:
+        return launcher.plan(self.plain)
+
+    def _job(self) -> launcher.Job:
+        """What stop and status act on: no task section needed, nothing beyond the experiment checked."""
+        return launcher.job(self.plain)
+
+    def dryrun(self) -> int:
+        return launcher.dryrun(self.plan())
+
+    def run(self) -> int:
+        return launcher.run(self.plan())
+
+    def stop(self) -> int:
+        return launcher.stop(self._job())
+
+    def status(self) -> int:
+        return launcher.status(self._job())
+
+
+def make_task(cfg) -> TrainTask:
+    return TrainTask(to_plain(cfg))
+
 
 def main(cfg) -> int:
-    from flagscale.runner.config import action_of
-    from flagscale.train import launcher
-    from flagscale.train.settings import to_plain
-
     action = action_of(cfg)
-    plain = to_plain(cfg)
-    if action in ("stop", "status"):
-        plan = launcher.plan(plain, for_launch=False)
-        return launcher.stop(plan) if action == "stop" else launcher.status(plan)
-    plan = launcher.plan(plain)
-    return launcher.dryrun(plan) if action == "dryrun" else launcher.run(plan)
+    return run_action(make_task(cfg), action)

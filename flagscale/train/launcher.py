@@ -19,16 +19,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flagscale.errors import ConfigError, FlagScaleError, LaunchError
+from flagscale.runner import process
+from flagscale.runner.environment import device_environment
+from flagscale.runner.hostfile import Node, read_hostfile
 from flagscale.runner.ssh import check_options as check_ssh_options
 from flagscale.runner.ssh import ssh_command as ssh_argv
-from flagscale.runner.hostfile import Node, read_hostfile
-from flagscale.train.settings import (ExperimentSettings, TrainSettings, as_dict, experiment_settings,
-                                      train_settings)
+from flagscale.runner.wait import wait_until
+from flagscale.train.settings import ExperimentSettings, TrainSettings, as_dict, experiment_settings, train_settings
 
 DRIVER_MODULE = "flagscale.train.driver"
 NODE_AGENT = "flagscale.train.node"
@@ -46,7 +47,7 @@ class NodePlan:
     type: str | None
     remote: bool
     script: Path
-    script_text: str
+    script_text: str = ""  # written by `plan` only: stop and status never run it
 
     @property
     def name(self) -> str:
@@ -54,18 +55,24 @@ class NodePlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Job:
+    """An experiment's folder and nodes: all that stop and status need (no task, no scripts)."""
     exp: ExperimentSettings
     exp_dir: Path
     python: str
     nodes: tuple[NodePlan, ...]
-    train: TrainSettings | None = None  # None for stop/status, which need no task
-    config_file: Path | None = None
-    world_size: int = 0
 
     @property
     def multi_node(self) -> bool:
         return any(n.remote for n in self.nodes)
+
+
+@dataclass(frozen=True)
+class LaunchPlan(Job):
+    """A job ready to start: the validated task, the driver's config file and every node's script."""
+    train: TrainSettings
+    config_file: Path
+    world_size: int
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -91,47 +98,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _installed_device() -> str | None:
-    """The device the installed flagscale wheel was built for (its local version label, e.g. 0.1.0+cpu)."""
-    from importlib import metadata
-
-    try:
-        version = metadata.version("flagscale")
-    except metadata.PackageNotFoundError:
-        return None
-    return version.partition("+")[2].split(".")[0] or None
-
-
-def device_environment(exp: ExperimentSettings) -> dict[str, str]:
-    """What the device manifest tells the runtime: device type, collective backend, visible devices."""
-    from flagscale.hardware.registry import resolve_device
-    from flagscale.upstream.project import Project
-
-    name = exp.runner.device or _installed_device() or "cpu"
-    try:
-        device = resolve_device(Project.find(), name)
-    except FlagScaleError as exc:
-        raise ConfigError(f"experiment.runner.device={name}: {exc}") from None
-    env: dict[str, str] = {}
-    if device.torch_device:  # read by the patched megatron-core (megatron/core/device_utils.py)
-        env["MEGATRON_DEVICE_TYPE"] = device.torch_device
-    if device.collective:
-        env["MEGATRON_COLLECTIVE_BACKEND"] = device.collective
-    if exp.runner.visible_devices is not None:
-        if not device.visible_devices_env:
-            raise ConfigError(f"experiment.runner.visible_devices is set but device {device.name} has no "
-                              "visible-devices variable (device.visible_devices_env in its manifest)")
-        env[device.visible_devices_env] = exp.runner.visible_devices
-    return env
-
-
 def _env_value(value) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     return "" if value is None else str(value)
 
 
-def node_environment(exp: ExperimentSettings, node: Node, device_env: dict[str, str]) -> dict[str, str]:
+def node_environment(exp: ExperimentSettings, node: NodePlan, device_env: dict[str, str]) -> dict[str, str]:
     """Device manifest, then global envs, then the node's device type's, then the node's own (last wins)."""
     env = dict(device_env)
     env.update({k: _env_value(v) for k, v in exp.envs.items()})
@@ -217,49 +190,53 @@ def _check_runtime(python: str) -> None:
     absent = [name for module, name in (("torch", "torch"), ("megatron.core", "megatron-core")) if missing(module)]
     if absent:
         raise LaunchError(f"{' and '.join(absent)} not installed for {python}: install the backend "
-                          "(pip install \".[train]\" -C device=... -C backend=megatron) or set experiment.runner.python")
+                          "(pip install \".[train]\" -C device=... -C backend=megatron) "
+                          "or set experiment.runner.python")
 
 
-def plan(plain: dict, *, for_launch: bool = True) -> Plan:
-    """Validate the config and work out every node's script; nothing is written or started."""
+def job(plain: dict) -> Job:
+    """The experiment's folder and nodes, as stop and status need them; nothing is written or started."""
     if not isinstance(plain.get("experiment"), dict):
         raise ConfigError("the config has no experiment section")
     exp = experiment_settings(plain["experiment"])
     exp_dir = Path(exp.exp_dir).expanduser().resolve()
     python = exp.runner.python or sys.executable
     hosts = _nodes_of(exp)
-    if exp.runner.hostfile:
+    remote = bool(exp.runner.hostfile)
+    if remote:
         check_ssh_options(exp.runner.ssh_options)  # now, not at the first ssh (after the files are written)
-    if not for_launch:
-        nodes = tuple(NodePlan(i, n.host, exp.runner.nproc_per_node, n.type, bool(exp.runner.hostfile),
-                               exp_dir / "scripts" / f"node{i}.sh", "") for i, n in enumerate(hosts))
-        return Plan(exp, exp_dir, python, nodes)
+    nodes = tuple(NodePlan(i, n.host, exp.runner.nproc_per_node, n.type, remote, exp_dir / "scripts" / f"node{i}.sh")
+                  for i, n in enumerate(hosts))
+    return Job(exp, exp_dir, python, nodes)
 
+
+def plan(plain: dict) -> LaunchPlan:
+    """Validate the config and work out every node's script; nothing is written or started."""
+    base = job(plain)
+    exp, exp_dir, python = base.exp, base.exp_dir, base.python
     if "train" not in plain:
         raise ConfigError("the config has no train section: add a task YAML to the defaults list "
                           "(e.g. `- train: tiny`)")
-    world_size = exp.runner.nproc_per_node * len(hosts)
+    world_size = exp.runner.nproc_per_node * len(base.nodes)
     train = _resolve_paths(train_settings(plain["train"]), exp_dir)
     train.check(world_size)
     _check_inputs(train)
-    device_env = device_environment(exp)
+    device_env = device_environment(exp.runner.device, exp.runner.visible_devices)
     if train.system.precision == "fp16" and device_env.get("MEGATRON_DEVICE_TYPE") == "cpu":
         raise ConfigError("train.system.precision=fp16 needs an accelerator; on the cpu device use fp32 or bf16")
 
-    remote = bool(exp.runner.hostfile)
-    if not remote and python == sys.executable:
+    if not base.multi_node and python == sys.executable:
         _check_runtime(python)
-    master_addr = exp.runner.master_addr or (hosts[0].host if remote else "127.0.0.1")
-    master_port = exp.runner.master_port or (29500 if remote else _free_port())
+    master_addr = exp.runner.master_addr or (base.nodes[0].host if base.multi_node else "127.0.0.1")
+    master_port = exp.runner.master_port or (29500 if base.multi_node else _free_port())
     config_file = exp_dir / "config" / "train.json"
     nodes = []
-    for i, host in enumerate(hosts):
-        node = NodePlan(i, host.host, exp.runner.nproc_per_node, host.type, remote,
-                        exp_dir / "scripts" / f"node{i}.sh", "")
-        cmd = torchrun_command(python, exp, i, len(hosts), node.nproc, master_addr, master_port, config_file)
-        text = launch_script(exp, node, len(hosts), exp_dir, node_environment(exp, host, device_env), cmd)
+    for node in base.nodes:
+        cmd = torchrun_command(python, exp, node.rank, len(base.nodes), node.nproc, master_addr, master_port,
+                               config_file)
+        text = launch_script(exp, node, len(base.nodes), exp_dir, node_environment(exp, node, device_env), cmd)
         nodes.append(replace(node, script_text=text))
-    return Plan(exp, exp_dir, python, tuple(nodes), train, config_file, world_size)
+    return LaunchPlan(exp, exp_dir, python, tuple(nodes), train, config_file, world_size)
 
 
 # ------------------------------------------------------------------------------------ ssh and agent
@@ -268,12 +245,12 @@ def ssh_command(exp: ExperimentSettings, host: str, remote_argv: list[str]) -> l
     return ssh_argv(host, remote_argv, port=exp.runner.ssh_port, options=exp.runner.ssh_options)
 
 
-def agent_argv(plan_: Plan, action: str, node: NodePlan, *extra: str) -> list[str]:
-    return [plan_.python, "-m", NODE_AGENT, action, "--run-dir", str(plan_.exp_dir), "--name", node.name, *extra]
+def agent_argv(job_: Job, action: str, node: NodePlan, *extra: str) -> list[str]:
+    return [job_.python, "-m", NODE_AGENT, action, "--run-dir", str(job_.exp_dir), "--name", node.name, *extra]
 
 
-def _ssh(plan_: Plan, node: NodePlan, argv: list[str], stdin: str | None = None) -> str:
-    cmd = ssh_command(plan_.exp, node.host, argv)
+def _ssh(job_: Job, node: NodePlan, argv: list[str], stdin: str | None = None) -> str:
+    cmd = ssh_command(job_.exp, node.host, argv)
     try:
         result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=SSH_TIMEOUT,
                                 stdin=None if stdin is not None else subprocess.DEVNULL)
@@ -287,8 +264,8 @@ def _ssh(plan_: Plan, node: NodePlan, argv: list[str], stdin: str | None = None)
     return result.stdout
 
 
-def _agent(plan_: Plan, node: NodePlan, action: str, *extra: str) -> dict:
-    out = _ssh(plan_, node, agent_argv(plan_, action, node, *extra))
+def _agent(job_: Job, node: NodePlan, action: str, *extra: str) -> dict:
+    out = _ssh(job_, node, agent_argv(job_, action, node, *extra))
     try:
         return json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -306,7 +283,7 @@ def _local_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _INHERITED_DROP}
 
 
-def _write_files(p: Plan) -> None:
+def _write_files(p: LaunchPlan) -> None:
     (p.exp_dir / "logs").mkdir(parents=True, exist_ok=True)
     p.config_file.parent.mkdir(parents=True, exist_ok=True)
     payload = {"exp_name": p.exp.exp_name, "exp_dir": str(p.exp_dir), "world_size": p.world_size,
@@ -318,7 +295,7 @@ def _write_files(p: Plan) -> None:
         node.script.chmod(0o755)
 
 
-def dryrun(p: Plan, out=None) -> int:
+def dryrun(p: LaunchPlan, out=None) -> int:
     out = out or sys.stdout
     print(f"# flagscale train (dry run): experiment {p.exp.exp_name}, {len(p.nodes)} node(s), "
           f"world size {p.world_size}, folder {p.exp_dir}", file=out)
@@ -328,17 +305,15 @@ def dryrun(p: Plan, out=None) -> int:
         print(node.script_text, end="", file=out)
         if node.remote:
             print(f"$ {shlex.join(ssh_command(p.exp, node.host, _upload_argv(node)))} < {node.script}", file=out)
-            print(f"$ {shlex.join(ssh_command(p.exp, node.host, agent_argv(p, 'start', node, '--', 'bash', str(node.script))))}",
-                  file=out)
+            start = agent_argv(p, "start", node, "--", "bash", str(node.script))
+            print(f"$ {shlex.join(ssh_command(p.exp, node.host, start))}", file=out)
         else:
             print(f"$ bash {shlex.quote(str(node.script))}   "
                   f"(detached; log {p.exp_dir / 'logs' / (node.name + '.log')})", file=out)
     return 0
 
 
-def run(p: Plan, out=None) -> int:
-    from flagscale.runner import process
-
+def run(p: LaunchPlan, out=None) -> int:
     out = out or sys.stdout
     running = [n for n, s in status_of(p).items() if s == "running"]
     if running:  # before rewriting the scripts and config a running job was started from
@@ -372,18 +347,20 @@ def run(p: Plan, out=None) -> int:
     return 0
 
 
-def _follow(p: Plan, out) -> int:
+def _follow(p: LaunchPlan, out) -> int:
     """Foreground multi-node: wait for every node; stopping this process stops the job."""
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
+    states: dict[str, str] = {}
+
+    def ended() -> bool:
+        states.update(status_of(p))
+        return all(s != "running" for s in states.values())
+
     signal.signal(signal.SIGTERM, interrupted)  # a scheduler ending the attached command ends the job
     try:
-        while True:
-            states = status_of(p)
-            if all(s not in ("running",) for s in states.values()):
-                break
-            time.sleep(2)
+        wait_until(ended, None, interval=2)
     except KeyboardInterrupt:
         stop(p, out)
         return 130
@@ -391,9 +368,7 @@ def _follow(p: Plan, out) -> int:
     return 0 if all(s == "finished" for s in states.values()) else 1
 
 
-def status_of(p: Plan) -> dict[str, str]:
-    from flagscale.runner import process
-
+def status_of(p: Job) -> dict[str, str]:
     result = {}
     for node in p.nodes:
         if node.remote:
@@ -403,20 +378,18 @@ def status_of(p: Plan) -> dict[str, str]:
     return result
 
 
-def _format_states(p: Plan, states: dict[str, str]) -> str:
+def _format_states(p: Job, states: dict[str, str]) -> str:
     return "\n".join(f"{n.name}\t{n.host}\t{states.get(n.name, 'unknown')}" for n in p.nodes)
 
 
-def status(p: Plan, out=None) -> int:
+def status(p: Job, out=None) -> int:
     out = out or sys.stdout
     states = status_of(p)
     print(_format_states(p, states), file=out)
     return 0
 
 
-def stop(p: Plan, out=None) -> int:
-    from flagscale.runner import process
-
+def stop(p: Job, out=None) -> int:
     out = out or sys.stdout
     stopped: list[str] = []
     remote = [n for n in p.nodes if n.remote]
