@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from flagscale.errors import ConfigError
-from flagscale.runner import environment
+from flagscale.wheels.provenance import PROVENANCE_FILE
 from flagscale.runner.environment import device_environment, device_name, installed_device, visible_devices_environment
 
 
@@ -24,7 +24,7 @@ def _flagscale_dist(site, version: str, provenance: str | None) -> None:
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flagscale\nVersion: {version}\n")
     if provenance is not None:
-        (info / environment.PROVENANCE_FILE).write_text(provenance)
+        (info / PROVENANCE_FILE).write_text(provenance)
 
 
 @pytest.mark.parametrize("version, provenance, expected", [

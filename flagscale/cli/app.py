@@ -89,9 +89,9 @@ def device_name(project: Project, device: Optional[str]) -> Optional[str]:
 
 def default_device(project: Project, device: Optional[str]) -> str:
     """--device, else the device the installed flagscale was built for, else cpu."""
-    from flagscale.wheels.provenance import installed_device
+    from flagscale.runner.environment import device_name as job_device_name
 
-    return device_name(project, device or installed_device() or "cpu") or "cpu"
+    return device_name(project, job_device_name(device)) or "cpu"
 
 
 def backends(project: Project, backend: str) -> list[str]:

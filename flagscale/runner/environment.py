@@ -8,36 +8,14 @@ says which variables carry that.
 
 from __future__ import annotations
 
-import json
-from importlib import metadata
-
 from flagscale.errors import ConfigError, FlagScaleError
 from flagscale.hardware.registry import Device, resolve_device
 from flagscale.upstream.project import Project
+from flagscale.wheels.provenance import installed_device
 
-PROVENANCE_FILE = "flagscale_build.json"  # written into every wheel FlagScale builds (wheels.backend_wheel)
+__all__ = ["device_environment", "device_name", "installed_device", "job_device", "visible_devices_environment"]
+
 DEFAULT_DEVICE = "cpu"
-
-
-def installed_device() -> str | None:
-    """The device the installed flagscale was built for, or None when that is not recorded.
-
-    Its provenance file says so (`"device"`); an older build only in its local version label (0.1.0+cpu).
-    """
-    try:
-        dist = metadata.distribution("flagscale")
-    except metadata.PackageNotFoundError:
-        return None
-    return _provenance_device(dist) or dist.version.partition("+")[2].split(".")[0] or None
-
-
-def _provenance_device(dist: metadata.Distribution) -> str | None:
-    try:
-        text = dist.read_text(PROVENANCE_FILE)
-        recorded = json.loads(text).get("device") if text else None
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object: not recorded
-        return None
-    return str(recorded) if recorded else None
 
 
 def device_name(device: str | None) -> str:

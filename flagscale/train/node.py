@@ -18,6 +18,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from flagscale.errors import reported
+from flagscale.runner import process
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flagscale.train.node")
@@ -29,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)  # the command after -- is never parsed as options
     args, cmd = parser.parse_args(argv[:cut]), argv[cut + 1:]
 
-    from flagscale.errors import FlagScaleError
-    from flagscale.runner import process
-
-    try:
+    with reported():  # one `error: ...` line on stderr and exit status 2, which the launcher reads back
         if args.action == "start":
             if not cmd:
                 raise SystemExit("start needs a command after --")
@@ -45,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
             answer = {"stopped": stopped}
         else:
             answer = {args.name: process.state(args.run_dir, args.name)}
-    except FlagScaleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(json.dumps(answer, sort_keys=True))
     return 0
 

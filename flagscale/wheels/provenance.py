@@ -100,8 +100,12 @@ def to_bytes(provenance: BackendProvenance | DeviceProvenance) -> bytes:
 
 
 def _read(dist: md.Distribution) -> dict[str, Any] | None:
-    text = dist.read_text(PROVENANCE_FILE)
-    return json.loads(text) if text else None
+    """The distribution's provenance as JSON, or None when it has none (or an unreadable one)."""
+    try:
+        data = json.loads(dist.read_text(PROVENANCE_FILE) or "null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def backend_provenance(dist: md.Distribution) -> BackendProvenance | None:
@@ -125,4 +129,5 @@ def installed_device() -> str | None:
     if found is None:
         return None
     version, provenance = found
+    # an older build recorded the device only in its local version label (0.1.0+cpu)
     return provenance.device or version.partition("+")[2].split(".")[0] or None
