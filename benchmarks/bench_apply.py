@@ -43,12 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 from flagscale.patches.apply import copy_tree, plan_patches, write_plan  # noqa: E402
-from flagscale.upstream.cache import Cache, remove_tree  # noqa: E402
 from flagscale.patches.patchfile import read_patch  # noqa: E402
-from flagscale.upstream.project import Project  # noqa: E402
 from flagscale.patches.series import series_for  # noqa: E402
-from flagscale.upstream.sources import materialize  # noqa: E402
 from flagscale.patches.tree import patched_tree  # noqa: E402
+from flagscale.upstream.cache import Cache, remove_tree  # noqa: E402
+from flagscale.upstream.project import Project  # noqa: E402
+from flagscale.upstream.sources import materialize  # noqa: E402
 from flagscale.upstream.target import Target  # noqa: E402
 
 RATIO_TARGET = 1.2
@@ -74,9 +74,15 @@ class BenchFailure(SystemExit):
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
 def stats(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "runs": len(samples), "samples": samples}
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "runs": len(samples),
+        "samples": samples,
+    }
 
 
 def fmt(seconds: float) -> str:
@@ -143,8 +149,7 @@ def changed_paths(pristine: Path, tree: Path) -> int:
 
 
 def git(*args: str, cwd: Path, env: dict | None = None) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-                          env=env).stdout
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout
 
 
 def git_version() -> str:
@@ -152,6 +157,7 @@ def git_version() -> str:
 
 
 # ------------------------------------------------------------------------------ (a) (b) (c): applying
+
 
 def run_ours(tree: Path, paths: list[Path], to_tree) -> dict:
     t0 = time.perf_counter()
@@ -175,16 +181,18 @@ def run_git(tree: Path, paths: list[Path]) -> float:
 
 def run_ours_subprocess(tree: Path, paths: list[Path]) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS_CODE, str(tree), *map(str, paths)],
-                          cwd=ROOT, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_CODE, str(tree), *map(str, paths)], cwd=ROOT, capture_output=True
+    )
     elapsed = time.perf_counter() - t0
     if proc.returncode:
         raise BenchFailure(f"the engine failed in a subprocess:\n{proc.stderr.decode(errors='replace')}")
     return elapsed
 
 
-def bench_apply(label: str, pristine: Path, paths: list[Path], to_tree, runs: int, work: Path,
-                oracle: Path | None = None) -> dict:
+def bench_apply(
+    label: str, pristine: Path, paths: list[Path], to_tree, runs: int, work: Path, oracle: Path | None = None
+) -> dict:
     print(f"\n== {label}: {len(paths)} patch(es), {runs} run(s)", flush=True)
     patches = [read_patch(p) for p in paths]
     n_files = sum(len(p.files) for p in patches)
@@ -219,15 +227,18 @@ def bench_apply(label: str, pristine: Path, paths: list[Path], to_tree, runs: in
                 raise BenchFailure(f"{label}: the patches changed nothing")
             if oracle is not None:
                 compare_trees(a, oracle, f"{label}: ours (in-place) vs the cached patched tree")
-        print(f"  run {run + 1}/{runs} [{orders[-1]}]: ours {fmt(ours[-1]['total'])}, git apply {fmt(gits[-1])}, "
-              f"ours subprocess {fmt(subs[-1])}  (copies {t_copy:.1f} s, not timed; trees identical)", flush=True)
+        print(
+            f"  run {run + 1}/{runs} [{orders[-1]}]: ours {fmt(ours[-1]['total'])}, git apply {fmt(gits[-1])}, "
+            f"ours subprocess {fmt(subs[-1])}  (copies {t_copy:.1f} s, not timed; trees identical)",
+            flush=True,
+        )
         made.extend((a, b, c))
     # Deleted only now: ext4 skips recently freed inodes when it allocates new ones (recently_deleted()),
     # so deleting ~26k files between runs made every file creation in the next timed region slower.
     for dest in made:
         shutil.rmtree(dest)
     ours_total = [o["total"] for o in ours]
-    paired = [o / g for o, g in zip(ours_total, gits)]
+    paired = [o / g for o, g in zip(ours_total, gits, strict=False)]
     result = {
         "label": label,
         "patches": len(paths),
@@ -252,6 +263,7 @@ def bench_apply(label: str, pristine: Path, paths: list[Path], to_tree, runs: in
 
 # ------------------------------------------------------------------------------- synthetic series
 
+
 def make_synthetic(pristine: Path, count: int, files_per_patch: int, seed: int, work: Path) -> list[Path]:
     """`count` real git-generated patches against `pristine`, each editing `files_per_patch` files.
 
@@ -259,15 +271,21 @@ def make_synthetic(pristine: Path, count: int, files_per_patch: int, seed: int, 
     for each patch, so later patches also stack on files earlier ones changed. Every 10th patch also
     adds a file, every 10th (offset) deletes one, every 25th makes one executable.
     """
-    print(f"\n== generating the synthetic series: {count} patches x {files_per_patch} files (seed {seed})",
-          flush=True)
+    print(f"\n== generating the synthetic series: {count} patches x {files_per_patch} files (seed {seed})", flush=True)
     t0 = time.perf_counter()
     repo = work / "synthetic-repo"
     writable_copy(pristine, repo)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid",
-           "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
-           "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+        "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
+        "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
     cfg = ["-c", "core.autocrlf=false", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null"]
     git("init", "-q", cwd=repo, env=env)
     git(*cfg, "add", "-A", "-f", ".", cwd=repo, env=env)
@@ -311,8 +329,15 @@ def make_synthetic(pristine: Path, count: int, files_per_patch: int, seed: int, 
             mode_target = repo / chosen[0]
             mode_target.chmod(mode_target.stat().st_mode | 0o111)
         git(*cfg, "add", "-A", "-f", "--", *touched, cwd=repo, env=env)
-        git(*cfg, "commit", "-q", "-m", f"bench: synthetic patch {i + 1}\n\nGenerated by benchmarks/bench_apply.py.",
-            cwd=repo, env=env)
+        git(
+            *cfg,
+            "commit",
+            "-q",
+            "-m",
+            f"bench: synthetic patch {i + 1}\n\nGenerated by benchmarks/bench_apply.py.",
+            cwd=repo,
+            env=env,
+        )
     out = work / "synthetic-patches"
     out.mkdir()
     git(*cfg, "format-patch", "-q", "--no-renames", "-o", str(out), f"{base}..HEAD", cwd=repo, env=env)
@@ -320,12 +345,16 @@ def make_synthetic(pristine: Path, count: int, files_per_patch: int, seed: int, 
     paths = sorted(out.glob("*.patch"))
     if len(paths) != count:
         raise BenchFailure(f"expected {count} synthetic patches, git format-patch wrote {len(paths)}")
-    print(f"  {len(paths)} patches, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB, "
-          f"generated in {time.perf_counter() - t0:.1f} s (not timed)", flush=True)
+    print(
+        f"  {len(paths)} patches, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB, "
+        f"generated in {time.perf_counter() - t0:.1f} s (not timed)",
+        flush=True,
+    )
     return paths
 
 
 # ---------------------------------------------------------------------------- (d) (e): the cache
+
 
 def bench_cache(project: Project, backend: str, device: str | None, source: str, runs: int, work: Path) -> dict:
     print(f"\n== cache: patched_tree({backend!r}, device={device!r}, source={source!r})", flush=True)
@@ -394,6 +423,7 @@ def bench_cache(project: Project, backend: str, device: str | None, source: str,
 
 # ------------------------------------------------------------------------------------- reporting
 
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -402,29 +432,50 @@ def markdown(results: dict) -> str:
     rows = ["| benchmark | median | min | max | target | verdict |", "|---|---:|---:|---:|---|---|"]
 
     def row(name, s, target="", ok=None):
-        rows.append(f"| {name} | {fmt(s['median'])} | {fmt(s['min'])} | {fmt(s['max'])} | {target} | "
-                    f"{'' if ok is None else '**' + verdict(ok) + '**'} |")
+        rows.append(
+            f"| {name} | {fmt(s['median'])} | {fmt(s['min'])} | {fmt(s['max'])} | {target} | "
+            f"{'' if ok is None else '**' + verdict(ok) + '**'} |"
+        )
 
     for bench in results["apply"]:
-        what = (f"{bench['label']} ({bench['patches']} patch(es), {bench['file_changes']} file diffs, "
-                f"{bench['hunks']} hunks)")
+        what = (
+            f"{bench['label']} ({bench['patches']} patch(es), {bench['file_changes']} file diffs, "
+            f"{bench['hunks']} hunks)"
+        )
         row(f"(a) ours in-process: parse+plan+write — {what}", bench["ours_inprocess"])
-        rows.append(f"| &nbsp;&nbsp;of which parse / plan / write (medians) | {fmt(bench['ours_parse']['median'])} / "
-                    f"{fmt(bench['ours_plan']['median'])} / {fmt(bench['ours_write']['median'])} | | | | |")
+        rows.append(
+            f"| &nbsp;&nbsp;of which parse / plan / write (medians) | {fmt(bench['ours_parse']['median'])} / "
+            f"{fmt(bench['ours_plan']['median'])} / {fmt(bench['ours_write']['median'])} | | | | |"
+        )
         row(f"(b) `git apply` subprocess — {bench['label']}", bench["git_apply"])
-        rows.append(f"| **ratio (a)/(b)**, medians — {bench['label']} | **{bench['ratio_of_medians']:.2f}×** "
-                    f"| | | ≤ {RATIO_TARGET}× | **{verdict(bench['pass'])}** |")
-        rows.append(f"| &nbsp;&nbsp;median of the {len(bench['paired_ratios'])} paired per-run ratios | "
-                    f"{bench['median_paired_ratio']:.2f}× | {min(bench['paired_ratios']):.2f}× | "
-                    f"{max(bench['paired_ratios']):.2f}× | | |")
-        row(f"(c) ours as a `python -c` subprocess — {bench['label']}", bench["ours_subprocess"],
-            f"context ({bench['subprocess_ratio']:.2f}× git)")
+        rows.append(
+            f"| **ratio (a)/(b)**, medians — {bench['label']} | **{bench['ratio_of_medians']:.2f}×** "
+            f"| | | ≤ {RATIO_TARGET}× | **{verdict(bench['pass'])}** |"
+        )
+        rows.append(
+            f"| &nbsp;&nbsp;median of the {len(bench['paired_ratios'])} paired per-run ratios | "
+            f"{bench['median_paired_ratio']:.2f}× | {min(bench['paired_ratios']):.2f}× | "
+            f"{max(bench['paired_ratios']):.2f}× | | |"
+        )
+        row(
+            f"(c) ours as a `python -c` subprocess — {bench['label']}",
+            bench["ours_subprocess"],
+            f"context ({bench['subprocess_ratio']:.2f}× git)",
+        )
     c = results.get("cache")
     if c:
-        row("(d) cache hit, in-process `patched_tree(...)`", c["hit_inprocess"], f"≤ {CACHE_HIT_TARGET_S} s",
-            c["pass_inprocess"])
-        row(f"(d) cache hit, CLI `{c['cli_command']}`", c["hit_cli"], f"≤ {CACHE_HIT_TARGET_S} s (see note)",
-            c["pass_cli"])
+        row(
+            "(d) cache hit, in-process `patched_tree(...)`",
+            c["hit_inprocess"],
+            f"≤ {CACHE_HIT_TARGET_S} s",
+            c["pass_inprocess"],
+        )
+        row(
+            f"(d) cache hit, CLI `{c['cli_command']}`",
+            c["hit_cli"],
+            f"≤ {CACHE_HIT_TARGET_S} s (see note)",
+            c["pass_cli"],
+        )
         row("&nbsp;&nbsp;bare `python -c pass` (start-up floor)", c["python_startup"], "context")
         row("(e) cold build, `patched_tree(...)` on a cache miss", c["cold_build"], "context")
     return "\n".join(rows)
@@ -435,8 +486,13 @@ def main() -> int:
     parser.add_argument("--backend", default="vllm")
     parser.add_argument("--device", default="cpu", help="device series to add to the common one ('' for none)")
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
-                        help="also benchmark N generated patches (real git format-patch output)")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also benchmark N generated patches (real git format-patch output)",
+    )
     parser.add_argument("--files-per-patch", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--source", default="auto", help="source for the cache benchmark (as tools/patch.py)")
@@ -456,22 +512,34 @@ def main() -> int:
     # git apply sees repository paths; the bench compares like with like only where the sdist keeps them.
     moved = [c.path for p in patches for c in p.files if src.to_tree_path(c.path) != c.path]
     if moved:
-        raise BenchFailure(f"{pin.backend}'s sdist moves {moved[0]} (and {len(moved) - 1} more); "
-                           "git apply would need --directory/-p per prefix — benchmark a backend whose sdist "
-                           "layout is the repository's (vllm)")
+        raise BenchFailure(
+            f"{pin.backend}'s sdist moves {moved[0]} (and {len(moved) - 1} more); "
+            "git apply would need --directory/-p per prefix — benchmark a backend whose sdist "
+            "layout is the repository's (vllm)"
+        )
     work = Path(tempfile.mkdtemp(prefix="fs-bench-apply-"))
     if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=work, capture_output=True).returncode == 0:
         raise BenchFailure(f"{work} is inside a git work tree; git apply would resolve paths from its top")
     n_files = sum(1 for _, _, f in os.walk(src.tree) for _ in f)
-    print(f"{pin.label}: {src.origin}\n  tree {src.tree} ({n_files} files)\n"
-          f"  series: {', '.join(f'{s.label}={len(s.names)}' for s in series)}; work dir {work}", flush=True)
+    print(
+        f"{pin.label}: {src.origin}\n  tree {src.tree} ({n_files} files)\n"
+        f"  series: {', '.join(f'{s.label}={len(s.names)}' for s in series)}; work dir {work}",
+        flush=True,
+    )
 
     results: dict = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "benchmarks/bench_apply.py", *sys.argv[1:]]),
-        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "git": git_version(),
-                    "platform": platform.platform()},
-        "backend": pin.backend, "device": device, "pin": pin.label, "tree_files": n_files,
+        "machine": {
+            "nproc": os.cpu_count(),
+            "python": platform.python_version(),
+            "git": git_version(),
+            "platform": platform.platform(),
+        },
+        "backend": pin.backend,
+        "device": device,
+        "pin": pin.label,
+        "tree_files": n_files,
         "targets": {"ratio": RATIO_TARGET, "cache_hit_s": CACHE_HIT_TARGET_S},
         "apply": [],
     }
@@ -483,8 +551,9 @@ def main() -> int:
         results["apply"].append(bench_apply(label, src.tree, paths, src.to_tree_path, args.runs, work, oracle))
         if args.synthetic:
             synthetic = make_synthetic(src.tree, args.synthetic, args.files_per_patch, args.seed, work)
-            results["apply"].append(bench_apply(f"synthetic x{args.synthetic}", src.tree, synthetic,
-                                                src.to_tree_path, args.runs, work))
+            results["apply"].append(
+                bench_apply(f"synthetic x{args.synthetic}", src.tree, synthetic, src.to_tree_path, args.runs, work)
+            )
         if not args.no_cache_bench:
             results["cache"] = bench_cache(project, pin.backend, device, args.source, args.runs, work)
     finally:

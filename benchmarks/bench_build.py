@@ -61,22 +61,46 @@ def main() -> None:
     for run in range(args.runs):
         cold_cache = work / f"cold-{run}"
         shutil.copytree(seeded, cold_cache)
-        order = [("plain upstream sdist", [*pip, str(sdist), "-w", str(work / f"p{run}")], base_env),
-                 ("flagscale cold", [*ours, "-w", str(work / f"c{run}")], {**base_env, "FLAGSCALE_CACHE_DIR": str(cold_cache)}),
-                 ("flagscale warm", [*ours, "-w", str(work / f"h{run}")], {**base_env, "FLAGSCALE_CACHE_DIR": str(warm_cache)})]
-        for name, cmd, env in (order if run % 2 == 0 else order[::-1]):
+        order = [
+            ("plain upstream sdist", [*pip, str(sdist), "-w", str(work / f"p{run}")], base_env),
+            (
+                "flagscale cold",
+                [*ours, "-w", str(work / f"c{run}")],
+                {**base_env, "FLAGSCALE_CACHE_DIR": str(cold_cache)},
+            ),
+            (
+                "flagscale warm",
+                [*ours, "-w", str(work / f"h{run}")],
+                {**base_env, "FLAGSCALE_CACHE_DIR": str(warm_cache)},
+            ),
+        ]
+        for name, cmd, env in order if run % 2 == 0 else order[::-1]:
             times[name].append(timed(cmd, env))
             print(f"run {run + 1}: {name}: {times[name][-1]:.1f} s", flush=True)
     helps = [timed([str(Path(sys.executable).parent / "flagscale"), "--help"], base_env) for _ in range(7)]
     med = {k: statistics.median(v) for k, v in times.items()}
     plain = med["plain upstream sdist"]
-    rows = [("plain `pip wheel megatron_core-0.16.1.tar.gz`", med["plain upstream sdist"], 1.0, ""),
-            ("`pip wheel . -C device=cpu -C backend=megatron`, cold cache", med["flagscale cold"],
-             med["flagscale cold"] / plain, ""),
-            ("same, warm (no change)", med["flagscale warm"], med["flagscale warm"] / plain,
-             "PASS" if med["flagscale warm"] <= 1.1 * plain else "FAIL (target <= 1.1x)"),
-            ("`flagscale --help`", statistics.median(helps), None,
-             "PASS" if statistics.median(helps) <= 0.3 else "FAIL (target <= 0.3 s)")]
+    rows = [
+        ("plain `pip wheel megatron_core-0.16.1.tar.gz`", med["plain upstream sdist"], 1.0, ""),
+        (
+            "`pip wheel . -C device=cpu -C backend=megatron`, cold cache",
+            med["flagscale cold"],
+            med["flagscale cold"] / plain,
+            "",
+        ),
+        (
+            "same, warm (no change)",
+            med["flagscale warm"],
+            med["flagscale warm"] / plain,
+            "PASS" if med["flagscale warm"] <= 1.1 * plain else "FAIL (target <= 1.1x)",
+        ),
+        (
+            "`flagscale --help`",
+            statistics.median(helps),
+            None,
+            "PASS" if statistics.median(helps) <= 0.3 else "FAIL (target <= 0.3 s)",
+        ),
+    ]
     print("\n| build | median (s) | ratio to plain | target |\n|---|---|---|---|")
     for name, value, ratio, verdict in rows:
         print(f"| {name} | {value:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")

@@ -35,8 +35,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def load(url: str, concurrency: int = 16, duration: float = 30.0, max_tokens: int = 32, model: str = "tiny",
-         prompt: str = "Once upon a time") -> dict:
+def load(
+    url: str,
+    concurrency: int = 16,
+    duration: float = 30.0,
+    max_tokens: int = 32,
+    model: str = "tiny",
+    prompt: str = "Once upon a time",
+) -> dict:
     """Closed-loop load: `concurrency` clients, each posting its next request when the last one answered."""
     host, port = url.split("//", 1)[1].split(":")
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
@@ -76,10 +82,17 @@ def load(url: str, concurrency: int = 16, duration: float = 30.0, max_tokens: in
     for thread in threads:
         thread.join()
     wall = time.monotonic() - began
-    return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3], "seconds": round(wall, 2),
-            "tokens_per_s": round(tokens[0] / wall, 1), "requests_per_s": round(len(latencies) / wall, 1),
-            "p50_ms": round(percentile(latencies, 0.50) * 1000, 2), "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-            "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None}
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "seconds": round(wall, 2),
+        "tokens_per_s": round(tokens[0] / wall, 1),
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
+    }
 
 
 def _free_port() -> int:
@@ -101,8 +114,9 @@ def _wait(url: str, timeout: float = 120) -> None:
 
 
 def _flagscale(*args: str, env: dict) -> None:
-    result = subprocess.run([sys.executable, "-m", "flagscale.cli", "serve", str(CONF), *args], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "flagscale.cli", "serve", str(CONF), *args], env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise SystemExit(f"flagscale serve {' '.join(args)} failed:\n{result.stderr}")
 
@@ -114,20 +128,41 @@ def run_mode(mode: str, args, env: dict, work: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     engine = {"ctx_size": args.ctx_size, "threads": args.threads, "parallel": args.parallel}
     overrides = [f"experiment.exp_dir={work / mode}", f"experiment.runner.port={port}"] + [
-        f"serve.0.engine_args.{k}={v}" for k, v in engine.items()]
+        f"serve.0.engine_args.{k}={v}" for k, v in engine.items()
+    ]
     proc = None
     if mode == "llama-server":
-        cmd = [str(llama_tool("llama-server")), "--model", str(args.model), "--alias", "tiny", "--host", "127.0.0.1",
-               "--port", str(port), "--ctx-size", str(args.ctx_size), "--threads", str(args.threads),
-               "--parallel", str(args.parallel)]
+        cmd = [
+            str(llama_tool("llama-server")),
+            "--model",
+            str(args.model),
+            "--alias",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ctx-size",
+            str(args.ctx_size),
+            "--threads",
+            str(args.threads),
+            "--parallel",
+            str(args.parallel),
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         _wait(url)
     elif mode == "direct":
         _flagscale(*overrides, env=env)
     elif mode == "ray":
-        _flagscale("serve=tiny_ray", *overrides, f"+experiment.runner.ray_port={_free_port()}",
-                   f"serve.0.replicas={args.ray_replicas}", f"serve.0.autoscaling.min_replicas={args.ray_replicas}",
-                   f"serve.0.autoscaling.max_replicas={args.ray_replicas}", env=env)
+        _flagscale(
+            "serve=tiny_ray",
+            *overrides,
+            f"+experiment.runner.ray_port={_free_port()}",
+            f"serve.0.replicas={args.ray_replicas}",
+            f"serve.0.autoscaling.min_replicas={args.ray_replicas}",
+            f"serve.0.autoscaling.max_replicas={args.ray_replicas}",
+            env=env,
+        )
     try:
         load(url, args.concurrency, min(3.0, args.duration), args.max_tokens)  # warm-up, not reported
         return {"mode": mode, **load(url, args.concurrency, args.duration, args.max_tokens)}
@@ -160,14 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_mode(mode, args, env, Path(tmp)))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     base = next((r for r in results if r["mode"] == "llama-server"), None)
-    print(f"\n{args.concurrency} clients x {args.duration:.0f} s, max_tokens={args.max_tokens}, threads={args.threads}, "
-          f"parallel={args.parallel}, model={args.model.name}\n")
+    print(
+        f"\n{args.concurrency} clients x {args.duration:.0f} s, max_tokens={args.max_tokens}, threads={args.threads}, "
+        f"parallel={args.parallel}, model={args.model.name}\n"
+    )
     print("| mode | requests | errors | tokens/s | req/s | p50 ms | p99 ms | vs llama-server |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base and base["tokens_per_s"] else "-"
-        print(f"| {r['mode']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {ratio} |")
+        print(
+            f"| {r['mode']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
+            f"{r['p50_ms']} | {r['p99_ms']} | {ratio} |"
+        )
     ray = next((r for r in results if r["mode"] == "ray"), None)
     direct = next((r for r in results if r["mode"] == "direct"), None)
     if ray and direct:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "examples" / "tiny_gpt" / "conf"
 
 # The direct side: a minimal megatron.core training loop, run in the benchmarked environment.
-DIRECT = r'''
+DIRECT = r"""
 import json, os, sys, time
 import torch, torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -84,11 +84,12 @@ for it in range(a["iters"]):
     t0 = time.perf_counter()
     model.zero_grad_buffer(); opt.zero_grad()
     losses = fb(forward_step_func=step_fn, data_iterator=micro(it), model=[model],
-                num_microbatches=a["gbs"] // a["mbs"], seq_length=a["seq"], micro_batch_size=a["mbs"], forward_only=False)
+                num_microbatches=a["gbs"] // a["mbs"], seq_length=a["seq"], micro_batch_size=a["mbs"],
+                forward_only=False)
     opt.step()
     loss = float(torch.stack([x["lm loss"] for x in losses]).mean())
     print(json.dumps({"iteration": it + 1, "loss": loss, "step_time": time.perf_counter() - t0}), flush=True)
-'''
+"""
 
 
 def env() -> dict[str, str]:
@@ -100,15 +101,31 @@ def env() -> dict[str, str]:
 
 def run_flagscale(python: str, work: Path, run: int, a: dict) -> tuple[list[dict], float]:
     exp = work / f"flagscale-{run}"
-    cmd = [python, "-m", "flagscale.cli", "train", str(CONF), "--foreground",
-           f"experiment.exp_dir={exp}", f"train.data.data_path={a['data']}", "train.system.checkpoint.save=null",
-           f"train.model.train_iters={a['iters']}", f"train.model.num_layers={a['layers']}",
-           f"train.model.hidden_size={a['hidden']}", f"train.model.num_attention_heads={a['heads']}",
-           f"train.model.seq_length={a['seq']}", f"train.model.max_position_embeddings={a['seq']}",
-           f"train.model.micro_batch_size={a['mbs']}", f"train.model.global_batch_size={a['gbs']}",
-           f"train.model.optimizer.lr={a['lr']}", f"train.model.optimizer.min_lr={a['lr']}",
-           "train.model.optimizer.warmup_iters=0", "train.model.optimizer.decay_style=constant",
-           f"train.system.seed={a['seed']}", f"experiment.envs.OMP_NUM_THREADS={env()['OMP_NUM_THREADS']}"]
+    cmd = [
+        python,
+        "-m",
+        "flagscale.cli",
+        "train",
+        str(CONF),
+        "--foreground",
+        f"experiment.exp_dir={exp}",
+        f"train.data.data_path={a['data']}",
+        "train.system.checkpoint.save=null",
+        f"train.model.train_iters={a['iters']}",
+        f"train.model.num_layers={a['layers']}",
+        f"train.model.hidden_size={a['hidden']}",
+        f"train.model.num_attention_heads={a['heads']}",
+        f"train.model.seq_length={a['seq']}",
+        f"train.model.max_position_embeddings={a['seq']}",
+        f"train.model.micro_batch_size={a['mbs']}",
+        f"train.model.global_batch_size={a['gbs']}",
+        f"train.model.optimizer.lr={a['lr']}",
+        f"train.model.optimizer.min_lr={a['lr']}",
+        "train.model.optimizer.warmup_iters=0",
+        "train.model.optimizer.decay_style=constant",
+        f"train.system.seed={a['seed']}",
+        f"experiment.envs.OMP_NUM_THREADS={env()['OMP_NUM_THREADS']}",
+    ]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -121,8 +138,9 @@ def run_flagscale(python: str, work: Path, run: int, a: dict) -> tuple[list[dict
 def run_direct(python: str, work: Path, run: int, a: dict) -> tuple[list[dict], float]:
     args = {**a, "cache": str(work / f"direct-cache-{run}"), "vocab": 320}
     start = time.perf_counter()
-    result = subprocess.run([python, "-c", DIRECT, json.dumps(args)], cwd=work, env=env(), capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [python, "-c", DIRECT, json.dumps(args)], cwd=work, env=env(), capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"direct script failed:\n{result.stderr[-3000:]}")
@@ -145,45 +163,90 @@ def main() -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 when the ratio misses the target")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-train-"))
-    made = subprocess.run([args.python, str(ROOT / "examples/tiny_gpt/make_corpus.py"), "--out", str(work / "data"),
-                           "--docs", "2000"], cwd=work, env=env(), capture_output=True, text=True)
+    made = subprocess.run(
+        [args.python, str(ROOT / "examples/tiny_gpt/make_corpus.py"), "--out", str(work / "data"), "--docs", "2000"],
+        cwd=work,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     if made.returncode != 0:
         sys.exit(made.stderr[-3000:])
-    a = {"data": str(work / "data" / "corpus_text_document"), "iters": args.iters, "layers": args.layers,
-         "hidden": args.hidden, "heads": args.heads, "seq": args.seq, "mbs": args.mbs, "gbs": args.gbs,
-         "lr": 1e-3, "seed": 1234}
+    a = {
+        "data": str(work / "data" / "corpus_text_document"),
+        "iters": args.iters,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "heads": args.heads,
+        "seq": args.seq,
+        "mbs": args.mbs,
+        "gbs": args.gbs,
+        "lr": 1e-3,
+        "seed": 1234,
+    }
     rows = []
     for run in range(args.runs):
-        for side, fn in (("flagscale", run_flagscale), ("direct", run_direct)) if run % 2 == 0 else \
-                (("direct", run_direct), ("flagscale", run_flagscale)):
+        for side, fn in (
+            (("flagscale", run_flagscale), ("direct", run_direct))
+            if run % 2 == 0
+            else (("direct", run_direct), ("flagscale", run_flagscale))
+        ):
             records, wall = fn(args.python, work, run, a)
-            steps = [r["step_time"] for r in records][args.warmup:]
-            rows.append({"run": run, "side": side, "median_step_s": statistics.median(steps), "wall_s": wall,
-                         "steps": steps, "losses": [r["loss"] for r in records]})
-            print(f"run {run} {side:9s}: median step {statistics.median(steps) * 1000:7.1f} ms, wall {wall:5.1f} s",
-                  flush=True)
+            steps = [r["step_time"] for r in records][args.warmup :]
+            rows.append(
+                {
+                    "run": run,
+                    "side": side,
+                    "median_step_s": statistics.median(steps),
+                    "wall_s": wall,
+                    "steps": steps,
+                    "losses": [r["loss"] for r in records],
+                }
+            )
+            print(
+                f"run {run} {side:9s}: median step {statistics.median(steps) * 1000:7.1f} ms, wall {wall:5.1f} s",
+                flush=True,
+            )
     by_run = {}
     for row in rows:
         by_run.setdefault(row["run"], {})[row["side"]] = row
     ratios = [r["flagscale"]["median_step_s"] / r["direct"]["median_step_s"] for r in by_run.values()]
-    same_loss = all(abs(x - y) < 1e-4 for r in by_run.values()
-                    for x, y in zip(r["flagscale"]["losses"], r["direct"]["losses"]))
+    same_loss = all(
+        abs(x - y) < 1e-4
+        for r in by_run.values()
+        for x, y in zip(r["flagscale"]["losses"], r["direct"]["losses"], strict=False)
+    )
     ratio = statistics.median(ratios)
     fs = statistics.median(r["flagscale"]["median_step_s"] for r in by_run.values())
     direct = statistics.median(r["direct"]["median_step_s"] for r in by_run.values())
-    walls = (statistics.median(r["flagscale"]["wall_s"] for r in by_run.values()),
-             statistics.median(r["direct"]["wall_s"] for r in by_run.values()))
-    table = ("| | median step (ms) | wall per run (s) |\n|---|---|---|\n"
-             f"| `flagscale train` | {fs * 1000:.1f} | {walls[0]:.1f} |\n"
-             f"| direct megatron.core script | {direct * 1000:.1f} | {walls[1]:.1f} |\n"
-             f"| **ratio (median of per-run ratios)** | **{ratio:.3f}** (runs: {', '.join(f'{x:.3f}' for x in ratios)}) | |\n")
+    walls = (
+        statistics.median(r["flagscale"]["wall_s"] for r in by_run.values()),
+        statistics.median(r["direct"]["wall_s"] for r in by_run.values()),
+    )
+    table = (
+        "| | median step (ms) | wall per run (s) |\n|---|---|---|\n"
+        f"| `flagscale train` | {fs * 1000:.1f} | {walls[0]:.1f} |\n"
+        f"| direct megatron.core script | {direct * 1000:.1f} | {walls[1]:.1f} |\n"
+        f"| **ratio (median of per-run ratios)** | **{ratio:.3f}** "
+        f"(runs: {', '.join(f'{x:.3f}' for x in ratios)}) | |\n"
+    )
     print("\n" + table)
     print(f"same losses on both sides: {same_loss}; target <= 1.05: {'met' if ratio <= 1.05 else 'MISSED'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                                     "settings": {**vars(args), "json": str(args.json)}, "ratio": ratio,
-                                     "ratios": ratios, "same_loss": same_loss, "rows": rows, "table": table},
-                                    indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "settings": {**vars(args), "json": str(args.json)},
+                "ratio": ratio,
+                "ratios": ratios,
+                "same_loss": same_loss,
+                "rows": rows,
+                "table": table,
+            },
+            indent=1,
+        )
+    )
     return 1 if args.strict and ratio > 1.05 else 0
 
 

@@ -47,8 +47,7 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
     from flagscale.wheels.device_wheel import build_distribution
 
     with reported():
-        return build_distribution(parse_settings(config_settings), wheel_directory, _flit.build_editable,
-                                  editable=True)
+        return build_distribution(parse_settings(config_settings), wheel_directory, _flit.build_editable, editable=True)
 
 
 def build_sdist(sdist_directory, config_settings=None):

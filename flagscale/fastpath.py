@@ -27,8 +27,8 @@ def cached_apply(argv: list[str]) -> int | None:
     from pathlib import Path
 
     from flagscale.errors import FlagScaleError
-    from flagscale.upstream.project import Project
     from flagscale.patches.tree import cached_patched_tree
+    from flagscale.upstream.project import Project
     from flagscale.upstream.target import Target
 
     try:

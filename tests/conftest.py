@@ -32,15 +32,28 @@ def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
 
 
 def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org",
-           "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.org",
-           "GIT_AUTHOR_DATE": "@1700000000 +0000", "GIT_COMMITTER_DATE": "@1700000000 +0000"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.org",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.org",
+        "GIT_AUTHOR_DATE": "@1700000000 +0000",
+        "GIT_COMMITTER_DATE": "@1700000000 +0000",
+    }
     return subprocess.run(["git", "-C", str(repo), *args], check=check, capture_output=True, text=True, env=env)
 
 
-def make_patch(base: dict[str, str | bytes], changed: dict[str, str | bytes | None], tmp: Path,
-               subject: str = "toy: change", body: str = "Because the toy needs it.", status: str = "Pending",
-               drop: str = "never", chmod: dict[str, int] | None = None) -> bytes:
+def make_patch(
+    base: dict[str, str | bytes],
+    changed: dict[str, str | bytes | None],
+    tmp: Path,
+    subject: str = "toy: change",
+    body: str = "Because the toy needs it.",
+    status: str = "Pending",
+    drop: str = "never",
+    chmod: dict[str, int] | None = None,
+) -> bytes:
     """A real `git format-patch` of `base` -> `changed` (None deletes a file; `chmod` sets modes),
     with a proper header."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -60,8 +73,24 @@ def make_patch(base: dict[str, str | bytes], changed: dict[str, str | bytes | No
         os.chmod(repo / rel, mode)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", f"{subject}\n\n{body}\n\nUpstream-Status: {status}\nDrop-When: {drop}")
-    out = subprocess.run(["git", "-C", str(repo), "format-patch", "--stdout", "--zero-commit", "--full-index",
-                          "--no-stat", "--no-signature", "--no-renames", "-N", "-1"], check=True, capture_output=True)
+    out = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "format-patch",
+            "--stdout",
+            "--zero-commit",
+            "--full-index",
+            "--no-stat",
+            "--no-signature",
+            "--no-renames",
+            "-N",
+            "-1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out.stdout
 
 
@@ -75,8 +104,10 @@ def cache(tmp_path, monkeypatch) -> Cache:
 def toy_project(tmp_path) -> Project:
     """A FlagScale project with one backend, `toy`, whose upstream is a local tree (see `toy_upstream`)."""
     root = tmp_path / "project"
-    write_tree(root, {
-        "third_party/upstreams.toml": textwrap.dedent(f"""\
+    write_tree(
+        root,
+        {
+            "third_party/upstreams.toml": textwrap.dedent(f"""\
             [toy]
             name = "Toy"
             aliases = ["toy-upstream"]
@@ -90,9 +121,10 @@ def toy_project(tmp_path) -> Project:
             sha256 = "{TOY_SHA}"
             paths = {{ "python/" = "" }}
             """),
-        "hardware/cpu/device.toml": '[device]\nname = "cpu"\nbackends = ["toy"]\n',
-        "hardware/npu/device.toml": '[device]\nname = "npu"\naliases = ["ascend"]\nbackends = ["toy"]\n',
-    })
+            "hardware/cpu/device.toml": '[device]\nname = "cpu"\nbackends = ["toy"]\n',
+            "hardware/npu/device.toml": '[device]\nname = "npu"\naliases = ["ascend"]\nbackends = ["toy"]\n',
+        },
+    )
     return Project(root)
 
 
@@ -197,14 +229,20 @@ def sshd(tmp_path_factory):
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {d / 'host_key'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+    )
     check = subprocess.run([sshd_bin, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True)
     if check.returncode != 0:
         pytest.skip(f"sshd cannot run here: {check.stderr.strip()[:300]}")
     log = open(d / "sshd.log", "w")
     proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
-    options = [f"IdentityFile={d / 'user_key'}", "IdentitiesOnly=yes", "StrictHostKeyChecking=no",
-               "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
+    options = [
+        f"IdentityFile={d / 'user_key'}",
+        "IdentitiesOnly=yes",
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+        "LogLevel=ERROR",
+    ]
     probe = ["ssh", "-o", "BatchMode=yes", "-p", str(port), *sum((["-o", o] for o in options), []), "127.0.0.2", "true"]
     ok = wait_until(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 15)
     if not ok:

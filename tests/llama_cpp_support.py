@@ -28,19 +28,19 @@ def work_root() -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend_wheel() -> Path:
     """The cpu llama.cpp wheel, from $FLAGSCALE_TEST_CACHE/build-cache or built now (~5-8 min on 2 cores)."""
     from flagscale.upstream.cache import Cache
-    from flagscale.wheels.install import build_in_isolation
     from flagscale.upstream.project import Project
     from flagscale.upstream.target import Target
+    from flagscale.wheels.install import build_in_isolation
 
     target = Target.of(Project(REPO_ROOT), "llama.cpp", "cpu", cache=Cache(real_cache_dir() / "build-cache"))
     return build_in_isolation(target, step=lambda m: print(m, file=sys.stderr, flush=True)).path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def installed_backend(root: Path) -> Path:
     """The wheel installed with pip into root/site (its bin/ and lib/ as a real install lays them out).
 
@@ -51,18 +51,33 @@ def installed_backend(root: Path) -> Path:
     wheel = backend_wheel()
     site = root / "site" / wheel.stem  # a new build (patches, CMake flags) installs afresh
     if not (site / "bin" / "llama-server").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",
-                        str(site), str(wheel)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(site),
+                str(wheel),
+            ],
+            check=True,
+        )
     return site
 
 
 def backend_env(site: Path) -> dict[str, str]:
     """Environment that makes FlagScale use the test's installed wheel (tools and the llama_cpp package)."""
-    return {"FLAGSCALE_LLAMA_CPP_BIN": str(site / "bin"),
-            "PYTHONPATH": os.pathsep.join([str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {
+        "FLAGSCALE_LLAMA_CPP_BIN": str(site / "bin"),
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_checkpoint(root: Path) -> Path:
     out = root / "hf"
     if not (out / "model.safetensors").is_file():
@@ -70,13 +85,23 @@ def tiny_checkpoint(root: Path) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_gguf(root: Path) -> Path:
     out = root / "tiny.gguf"
     if not out.is_file():
         env = {**os.environ, "FLAGSCALE_CACHE_DIR": str(real_cache_dir() / "build-cache")}
-        subprocess.run([sys.executable, str(TOOLS / "convert_to_gguf.py"), str(tiny_checkpoint(root)), str(out),
-                        "--outtype", "f32"], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                str(TOOLS / "convert_to_gguf.py"),
+                str(tiny_checkpoint(root)),
+                str(out),
+                "--outtype",
+                "f32",
+            ],
+            check=True,
+            env=env,
+        )
     return out
 
 
@@ -96,8 +121,14 @@ def post(url: str, body: dict, timeout: float = 30.0) -> tuple[int, dict]:
 
 
 def flagscale(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flagscale.cli", *args], env={**os.environ, **env}, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flagscale.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_gone(pid: int, timeout: float = 20.0) -> bool:

@@ -12,18 +12,34 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import TOY_BASE, make_patch, write_tree
-from flagscale.patches.apply import Placement, apply_to_new_tree, plan_patches, write_plan
+
 from flagscale.errors import ApplyError, FlagScaleError, PatchError
+from flagscale.patches.apply import Placement, apply_to_new_tree, plan_patches, write_plan
 from flagscale.patches.patchfile import Patch, parse_patch
 
-GIT_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
-           "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org",
-           "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.org",
-           "GIT_AUTHOR_DATE": "@1700000000 +0000", "GIT_COMMITTER_DATE": "@1700000000 +0000"}
-EXPORT = ["format-patch", "--stdout", "--zero-commit", "--full-index", "--no-stat", "--no-signature",
-          "--no-renames", "-N", "-1"]
+GIT_ENV = {
+    **os.environ,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.org",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.org",
+    "GIT_AUTHOR_DATE": "@1700000000 +0000",
+    "GIT_COMMITTER_DATE": "@1700000000 +0000",
+}
+EXPORT = [
+    "format-patch",
+    "--stdout",
+    "--zero-commit",
+    "--full-index",
+    "--no-stat",
+    "--no-signature",
+    "--no-renames",
+    "-N",
+    "-1",
+]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -62,17 +78,27 @@ def folders(root: Path) -> set[str]:
     return {Path(d).relative_to(root).as_posix() for d, _, _ in os.walk(root)} - {"."}
 
 
-def real_patch(tmp: Path, base: dict[str, bytes], changed: dict[str, bytes | None],
-               modes: dict[str, int] | None = None, base_modes: dict[str, int] | None = None) -> bytes:
+def real_patch(
+    tmp: Path,
+    base: dict[str, bytes],
+    changed: dict[str, bytes | None],
+    modes: dict[str, int] | None = None,
+    base_modes: dict[str, int] | None = None,
+) -> bytes:
     """`git format-patch` (FlagScale's export options) of base -> changed, bytes and modes included."""
     tmp.mkdir(parents=True, exist_ok=True)
-    repo = Path(subprocess.run(["mktemp", "-d", "-p", str(tmp), "repo-XXXX"], check=True, capture_output=True,
-                               text=True).stdout.strip())
+    repo = Path(
+        subprocess.run(
+            ["mktemp", "-d", "-p", str(tmp), "repo-XXXX"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+    )
     write_tree(repo, base)
     for rel, mode in (base_modes or {}).items():
         os.chmod(repo / rel, mode)
-    run = lambda *args: subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,  # noqa: E731
-                                       env=GIT_ENV)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=GIT_ENV)
+
     run("init", "-q", "--template=")
     run("config", "core.filemode", "true")
     run("add", "-A")
@@ -148,10 +174,16 @@ def test_context_differing_by_one_character_is_refused(tmp_path, damage):
     root = make_tree(tmp_path / "tree", {**TOY_BASE, "toy/__init__.py": text}, {"toy/bin/run.sh": 0o755})
     before = snapshot(root)
     with pytest.raises(ApplyError) as info:
-        write_plan(plan_patches(root, [parse(data)], pin_label="Toy 1.0", hint=" (try --source submodule)"),
-                   root)
-    assert_one_line(info.value, "0001-toy.patch", "toy/__init__.py", "hunk 1 (@@ -17,7 +17,7 @@", "Toy 1.0",
-                    "no fuzz", "(try --source submodule)")
+        write_plan(plan_patches(root, [parse(data)], pin_label="Toy 1.0", hint=" (try --source submodule)"), root)
+    assert_one_line(
+        info.value,
+        "0001-toy.patch",
+        "toy/__init__.py",
+        "hunk 1 (@@ -17,7 +17,7 @@",
+        "Toy 1.0",
+        "no fuzz",
+        "(try --source submodule)",
+    )
     assert snapshot(root) == before
 
 
@@ -171,8 +203,11 @@ def test_hunk_at_file_end_must_match_at_the_end(tmp_path):
 
 
 def test_to_tree_maps_repository_paths(tmp_path):
-    data = make_patch({"python/toy/device.py": TOY_BASE["toy/device.py"]},
-                      {"python/toy/device.py": "def device():\n    return 'npu'\n"}, tmp_path)
+    data = make_patch(
+        {"python/toy/device.py": TOY_BASE["toy/device.py"]},
+        {"python/toy/device.py": "def device():\n    return 'npu'\n"},
+        tmp_path,
+    )
     root = write_tree(tmp_path / "tree", TOY_BASE)
     to_tree = lambda p: p.removeprefix("python/") if p.startswith("python/") else None  # noqa: E731
     plan = plan_patches(root, [parse(data)], to_tree=to_tree)
@@ -227,8 +262,7 @@ def _series_of_three(tmp: Path, third_applies: bool) -> tuple[dict, list[Patch]]
     one = make_patch(base, {"pkg/a.py": "a1\nA2\na3\n", "pkg/gone.py": None}, tmp, subject="one")
     two = make_patch(base, {"pkg/b.py": "b1\nB2\nb3\n", "new/dir/n.py": "n\n"}, tmp, subject="two")
     c_base = {"c.py": "c1\nc2\n" if third_applies else "c1\nsomething else\n"}
-    three = make_patch(c_base, {"c.py": "C1\nc2\n" if third_applies else "C1\nsomething else\n"}, tmp,
-                       subject="three")
+    three = make_patch(c_base, {"c.py": "C1\nc2\n" if third_applies else "C1\nsomething else\n"}, tmp, subject="three")
     return base, [parse(one, "0001-one.patch"), parse(two, "0002-two.patch"), parse(three, "0003-three.patch")]
 
 
@@ -251,8 +285,12 @@ def test_passing_series_writes_everything(tmp_path, flow):
     dest = tmp_path / "out" / "dest"
     flow(root, patches, dest)
     result = root if flow is in_place else dest
-    assert content_view(result) == {"pkg/a.py": (b"a1\nA2\na3\n", False), "pkg/b.py": (b"b1\nB2\nb3\n", False),
-                                    "new/dir/n.py": (b"n\n", False), "c.py": (b"C1\nc2\n", False)}
+    assert content_view(result) == {
+        "pkg/a.py": (b"a1\nA2\na3\n", False),
+        "pkg/b.py": (b"b1\nB2\nb3\n", False),
+        "new/dir/n.py": (b"n\n", False),
+        "c.py": (b"C1\nc2\n", False),
+    }
     assert leftovers(dest.parent, dest.name) == []
     if flow is not in_place:
         assert content_view(root) == {k: (v.encode(), False) for k, v in base.items()}
@@ -282,21 +320,55 @@ def test_existing_destination_is_refused(tmp_path):
 
 # --- 3. hostile corpus -----------------------------------------------------------------------------
 
-HEAD = (b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\nFrom: X <x@example.org>\n"
-        b"Date: Mon, 23 Nov 2026 00:00:00 +0000\nSubject: [PATCH] evil\n\n---\n")
+HEAD = (
+    b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\nFrom: X <x@example.org>\n"
+    b"Date: Mon, 23 Nov 2026 00:00:00 +0000\nSubject: [PATCH] evil\n\n---\n"
+)
 Z40, O40 = b"0" * 40, b"1" * 40
 
 
 def add_file(path: bytes, content: bytes = b"pwned\n", mode: bytes = b"100644") -> bytes:
     n = content.count(b"\n")
-    return (b"diff --git a/" + path + b" b/" + path + b"\nnew file mode " + mode + b"\nindex " + Z40 + b".."
-            + O40 + b"\n--- /dev/null\n+++ b/" + path + b"\n@@ -0,0 +1" + (b"," + str(n).encode() if n != 1 else b"")
-            + b" @@\n" + b"".join(b"+" + line + b"\n" for line in content.splitlines()))
+    return (
+        b"diff --git a/"
+        + path
+        + b" b/"
+        + path
+        + b"\nnew file mode "
+        + mode
+        + b"\nindex "
+        + Z40
+        + b".."
+        + O40
+        + b"\n--- /dev/null\n+++ b/"
+        + path
+        + b"\n@@ -0,0 +1"
+        + (b"," + str(n).encode() if n != 1 else b"")
+        + b" @@\n"
+        + b"".join(b"+" + line + b"\n" for line in content.splitlines())
+    )
 
 
 def modify_file(path: bytes, old: bytes, new: bytes) -> bytes:
-    return (b"diff --git a/" + path + b" b/" + path + b"\nindex " + Z40 + b".." + O40 + b" 100644\n--- a/" + path
-            + b"\n+++ b/" + path + b"\n@@ -1 +1 @@\n-" + old + b"\n+" + new + b"\n")
+    return (
+        b"diff --git a/"
+        + path
+        + b" b/"
+        + path
+        + b"\nindex "
+        + Z40
+        + b".."
+        + O40
+        + b" 100644\n--- a/"
+        + path
+        + b"\n+++ b/"
+        + path
+        + b"\n@@ -1 +1 @@\n-"
+        + old
+        + b"\n+"
+        + new
+        + b"\n"
+    )
 
 
 @pytest.fixture
@@ -304,8 +376,11 @@ def arena(tmp_path):
     """A tree to patch and, beside it, folders that must never be written."""
     outside = write_tree(tmp_path / "outside-target", {"real.py": "secret = 1\n", "target.py": "t = 1\n"})
     sibling = write_tree(tmp_path / "sibling", {"lib.py": "lib = 1\n"})
-    root = make_tree(tmp_path / "root", {"ok.py": "ok = 1\n", "pkg/mod.py": "x = 1\ny = 2\nz = 3\n",
-                                         "empty/.keep": "", "run.sh": "#!/bin/sh\n"}, {"run.sh": 0o755})
+    root = make_tree(
+        tmp_path / "root",
+        {"ok.py": "ok = 1\n", "pkg/mod.py": "x = 1\ny = 2\nz = 3\n", "empty/.keep": "", "run.sh": "#!/bin/sh\n"},
+        {"run.sh": 0o755},
+    )
     (root / ".git").mkdir()
     (root / ".git" / "config").write_text("[core]\n")
     return root, outside, sibling
@@ -318,60 +393,156 @@ def _abs(outside: Path, name: str) -> bytes:
 # name -> (setup(root, outside, sibling), patch bytes(root, outside, tmp), expected error, message words)
 HOSTILE = {
     "traversal-add": (None, lambda r, o, t: HEAD + add_file(b"../outside-target/evil.py"), PatchError, ["'..'"]),
-    "traversal-deep": (None, lambda r, o, t: HEAD + modify_file(b"pkg/../../outside-target/real.py", b"secret = 1",
-                                                                b"secret = 2"), PatchError, ["refused"]),
+    "traversal-deep": (
+        None,
+        lambda r, o, t: HEAD + modify_file(b"pkg/../../outside-target/real.py", b"secret = 1", b"secret = 2"),
+        PatchError,
+        ["refused"],
+    ),
     "absolute-add": (None, lambda r, o, t: HEAD + add_file(_abs(o, "evil.py")), PatchError, ["absolute path"]),
-    "absolute-no-prefix": (None, lambda r, o, t: HEAD + modify_file(b"x", b"secret = 1", b"secret = 2").replace(
-        b"--- a/x", b"--- " + _abs(o, "real.py")).replace(b"+++ b/x", b"+++ " + _abs(o, "real.py")),
-        PatchError, ["prefix"]),
-    "git-metadata": (None, lambda r, o, t: HEAD + modify_file(b".git/config", b"[core]", b"[core] evil"),
-                     PatchError, ["git metadata"]),
-    "symlink-dir-add": (lambda r, o, s: os.symlink(o, r / "link"),
-                        lambda r, o, t: HEAD + add_file(b"link/evil.py"), PatchError, ["symlink link"]),
-    "symlink-dir-modify": (lambda r, o, s: os.symlink(o, r / "link"),
-                           lambda r, o, t: HEAD + modify_file(b"link/target.py", b"t = 1", b"t = 2"),
-                           PatchError, ["symlink link"]),
-    "symlink-relative-sibling": (lambda r, o, s: os.symlink("../sibling", r / "pkg" / "lib"),
-                                 lambda r, o, t: HEAD + modify_file(b"pkg/lib/lib.py", b"lib = 1", b"lib = 2"),
-                                 PatchError, ["symlink pkg/lib"]),
-    "symlink-file": (lambda r, o, s: os.symlink(o / "real.py", r / "conf.py"),
-                     lambda r, o, t: HEAD + modify_file(b"conf.py", b"secret = 1", b"secret = 2"),
-                     PatchError, ["symlink conf.py"]),
-    "symlink-file-delete": (lambda r, o, s: os.symlink(o / "target.py", r / "conf.py"),
-                            lambda r, o, t: HEAD + b"diff --git a/conf.py b/conf.py\ndeleted file mode 100644\n"
-                            b"index " + O40 + b".." + Z40 + b"\n--- a/conf.py\n+++ /dev/null\n@@ -1 +0,0 @@\n-t = 1\n",
-                            PatchError, ["symlink conf.py"]),
-    "symlink-dangling-add": (lambda r, o, s: os.symlink(o / "new.py", r / "new.py"),
-                             lambda r, o, t: HEAD + add_file(b"new.py"), PatchError, ["symlink new.py"]),
-    "symlink-create": (None, lambda r, o, t: HEAD + add_file(b"evil", _abs(o, "real.py") + b"\n", b"120000"),
-                       PatchError, ["symlink"]),
+    "absolute-no-prefix": (
+        None,
+        lambda r, o, t: (
+            HEAD
+            + modify_file(b"x", b"secret = 1", b"secret = 2")
+            .replace(b"--- a/x", b"--- " + _abs(o, "real.py"))
+            .replace(b"+++ b/x", b"+++ " + _abs(o, "real.py"))
+        ),
+        PatchError,
+        ["prefix"],
+    ),
+    "git-metadata": (
+        None,
+        lambda r, o, t: HEAD + modify_file(b".git/config", b"[core]", b"[core] evil"),
+        PatchError,
+        ["git metadata"],
+    ),
+    "symlink-dir-add": (
+        lambda r, o, s: os.symlink(o, r / "link"),
+        lambda r, o, t: HEAD + add_file(b"link/evil.py"),
+        PatchError,
+        ["symlink link"],
+    ),
+    "symlink-dir-modify": (
+        lambda r, o, s: os.symlink(o, r / "link"),
+        lambda r, o, t: HEAD + modify_file(b"link/target.py", b"t = 1", b"t = 2"),
+        PatchError,
+        ["symlink link"],
+    ),
+    "symlink-relative-sibling": (
+        lambda r, o, s: os.symlink("../sibling", r / "pkg" / "lib"),
+        lambda r, o, t: HEAD + modify_file(b"pkg/lib/lib.py", b"lib = 1", b"lib = 2"),
+        PatchError,
+        ["symlink pkg/lib"],
+    ),
+    "symlink-file": (
+        lambda r, o, s: os.symlink(o / "real.py", r / "conf.py"),
+        lambda r, o, t: HEAD + modify_file(b"conf.py", b"secret = 1", b"secret = 2"),
+        PatchError,
+        ["symlink conf.py"],
+    ),
+    "symlink-file-delete": (
+        lambda r, o, s: os.symlink(o / "target.py", r / "conf.py"),
+        lambda r, o, t: (
+            HEAD + b"diff --git a/conf.py b/conf.py\ndeleted file mode 100644\n"
+            b"index " + O40 + b".." + Z40 + b"\n--- a/conf.py\n+++ /dev/null\n@@ -1 +0,0 @@\n-t = 1\n"
+        ),
+        PatchError,
+        ["symlink conf.py"],
+    ),
+    "symlink-dangling-add": (
+        lambda r, o, s: os.symlink(o / "new.py", r / "new.py"),
+        lambda r, o, t: HEAD + add_file(b"new.py"),
+        PatchError,
+        ["symlink new.py"],
+    ),
+    "symlink-create": (
+        None,
+        lambda r, o, t: HEAD + add_file(b"evil", _abs(o, "real.py") + b"\n", b"120000"),
+        PatchError,
+        ["symlink"],
+    ),
     "through-a-file": (None, lambda r, o, t: HEAD + add_file(b"ok.py/evil.py"), PatchError, ["ok.py is not a folder"]),
-    "folder-as-file": (None, lambda r, o, t: HEAD + modify_file(b"pkg", b"x", b"y"), PatchError,
-                       ["not a regular file"]),
-    "counts-too-many": (None, lambda r, o, t: HEAD + modify_file(b"ok.py", b"ok = 1", b"ok = 2") + b"+more\n",
-                        PatchError, ["longer than its header"]),
-    "counts-too-few": (None, lambda r, o, t: HEAD + modify_file(b"ok.py", b"ok = 1", b"ok = 2").replace(
-        b"@@ -1 +1 @@", b"@@ -1,2 +1,2 @@"), PatchError, ["ends early"]),
-    "wrong-pin": (None, lambda r, o, t: make_patch({"pkg/mod.py": "x = 1\ny = 20\nz = 3\n"},
-                                                   {"pkg/mod.py": "x = 1\ny = 21\nz = 3\n"}, t),
-                  ApplyError, ["pkg/mod.py", "hunk 1", "does not apply to Toy 1.0"]),
-    "missing-file": (None, lambda r, o, t: make_patch({"pkg/nope.py": "a\n"}, {"pkg/nope.py": "b\n"}, t),
-                     ApplyError, ["pkg/nope.py", "does not exist in Toy 1.0"]),
-    "add-existing": (None, lambda r, o, t: make_patch({"x": "x\n"}, {"ok.py": "ok = 1\n"}, t),
-                     ApplyError, ["ok.py", "already exists in Toy 1.0"]),
-    "delete-differs": (None, lambda r, o, t: make_patch({"pkg/mod.py": "x = 1\ny = 2\n"}, {"pkg/mod.py": None}, t),
-                       ApplyError, ["pkg/mod.py", "does not apply"]),
-    "delete-changed-line": (None, lambda r, o, t: make_patch({"pkg/mod.py": "x = 1\ny = 9\nz = 3\n"},
-                                                             {"pkg/mod.py": None}, t), ApplyError, ["pkg/mod.py"]),
-    "delete-nonempty-as-empty": (None, lambda r, o, t: HEAD + b"diff --git a/ok.py b/ok.py\ndeleted file mode 100644\n"
-                                 b"index " + O40 + b".." + Z40 + b"\n", ApplyError, ["ok.py", "more content"]),
-    "crlf-whole": (None, lambda r, o, t: make_patch({"ok.py": "ok = 1\n"}, {"ok.py": "ok = 2\n"}, t).replace(
-        b"\n", b"\r\n"), PatchError, ["CRLF"]),
-    "crlf-hunk-body": (None, lambda r, o, t: re.sub(rb"(?m)^([ +-](?!--|\+\+).*)\n", rb"\1\r\n", make_patch(
-        {"pkg/mod.py": "x = 1\ny = 2\nz = 3\n"}, {"pkg/mod.py": "x = 1\ny = 5\nz = 3\n"}, t)),
-        ApplyError, ["pkg/mod.py", "hunk 1"]),
-    "second-file-bad": (None, lambda r, o, t: HEAD + modify_file(b"ok.py", b"ok = 1", b"ok = 2")
-                        + add_file(b"pkg/../../outside-target/x.py"), PatchError, ["refused"]),
+    "folder-as-file": (
+        None,
+        lambda r, o, t: HEAD + modify_file(b"pkg", b"x", b"y"),
+        PatchError,
+        ["not a regular file"],
+    ),
+    "counts-too-many": (
+        None,
+        lambda r, o, t: HEAD + modify_file(b"ok.py", b"ok = 1", b"ok = 2") + b"+more\n",
+        PatchError,
+        ["longer than its header"],
+    ),
+    "counts-too-few": (
+        None,
+        lambda r, o, t: HEAD + modify_file(b"ok.py", b"ok = 1", b"ok = 2").replace(b"@@ -1 +1 @@", b"@@ -1,2 +1,2 @@"),
+        PatchError,
+        ["ends early"],
+    ),
+    "wrong-pin": (
+        None,
+        lambda r, o, t: make_patch(
+            {"pkg/mod.py": "x = 1\ny = 20\nz = 3\n"}, {"pkg/mod.py": "x = 1\ny = 21\nz = 3\n"}, t
+        ),
+        ApplyError,
+        ["pkg/mod.py", "hunk 1", "does not apply to Toy 1.0"],
+    ),
+    "missing-file": (
+        None,
+        lambda r, o, t: make_patch({"pkg/nope.py": "a\n"}, {"pkg/nope.py": "b\n"}, t),
+        ApplyError,
+        ["pkg/nope.py", "does not exist in Toy 1.0"],
+    ),
+    "add-existing": (
+        None,
+        lambda r, o, t: make_patch({"x": "x\n"}, {"ok.py": "ok = 1\n"}, t),
+        ApplyError,
+        ["ok.py", "already exists in Toy 1.0"],
+    ),
+    "delete-differs": (
+        None,
+        lambda r, o, t: make_patch({"pkg/mod.py": "x = 1\ny = 2\n"}, {"pkg/mod.py": None}, t),
+        ApplyError,
+        ["pkg/mod.py", "does not apply"],
+    ),
+    "delete-changed-line": (
+        None,
+        lambda r, o, t: make_patch({"pkg/mod.py": "x = 1\ny = 9\nz = 3\n"}, {"pkg/mod.py": None}, t),
+        ApplyError,
+        ["pkg/mod.py"],
+    ),
+    "delete-nonempty-as-empty": (
+        None,
+        lambda r, o, t: (
+            HEAD + b"diff --git a/ok.py b/ok.py\ndeleted file mode 100644\nindex " + O40 + b".." + Z40 + b"\n"
+        ),
+        ApplyError,
+        ["ok.py", "more content"],
+    ),
+    "crlf-whole": (
+        None,
+        lambda r, o, t: make_patch({"ok.py": "ok = 1\n"}, {"ok.py": "ok = 2\n"}, t).replace(b"\n", b"\r\n"),
+        PatchError,
+        ["CRLF"],
+    ),
+    "crlf-hunk-body": (
+        None,
+        lambda r, o, t: re.sub(
+            rb"(?m)^([ +-](?!--|\+\+).*)\n",
+            rb"\1\r\n",
+            make_patch({"pkg/mod.py": "x = 1\ny = 2\nz = 3\n"}, {"pkg/mod.py": "x = 1\ny = 5\nz = 3\n"}, t),
+        ),
+        ApplyError,
+        ["pkg/mod.py", "hunk 1"],
+    ),
+    "second-file-bad": (
+        None,
+        lambda r, o, t: HEAD + modify_file(b"ok.py", b"ok = 1", b"ok = 2") + add_file(b"pkg/../../outside-target/x.py"),
+        PatchError,
+        ["refused"],
+    ),
 }
 
 
@@ -393,8 +564,9 @@ def test_hostile_patch_is_refused_and_writes_nothing(tmp_path, arena, case, flow
         if flow is in_place:
             write_plan(plan_patches(root, patches, pin_label="Toy 1.0"), root)
         else:
-            apply_to_new_tree(plan_patches(root, patches, pin_label="Toy 1.0"), root, dest,
-                              link=flow is new_tree_linked)
+            apply_to_new_tree(
+                plan_patches(root, patches, pin_label="Toy 1.0"), root, dest, link=flow is new_tree_linked
+            )
     assert type(info.value) is error
     assert_one_line(info.value, "0042-evil.patch", *words)
     assert {p: snapshot(p) for p in (root, outside, sibling)} == before
@@ -415,8 +587,23 @@ def test_hard_link_to_outside_is_not_written_through(tmp_path):
 
 # --- 4. differential against `git apply` -----------------------------------------------------------
 
-VOCAB = ["\n", "a\n", "b\n", "pass\n", "    return x\n", "}\n", "x = 1\n", "# note\n", "trailing  \n", "\tindent\n",
-         "--- not a header\n", "+++ nor this\n", "@@ nor this @@\n", "\\ backslash\n", "-- \n"]
+VOCAB = [
+    "\n",
+    "a\n",
+    "b\n",
+    "pass\n",
+    "    return x\n",
+    "}\n",
+    "x = 1\n",
+    "# note\n",
+    "trailing  \n",
+    "\tindent\n",
+    "--- not a header\n",
+    "+++ nor this\n",
+    "@@ nor this @@\n",
+    "\\ backslash\n",
+    "-- \n",
+]
 
 
 def random_lines(rng: random.Random, n: int) -> list[str]:
@@ -452,13 +639,13 @@ def random_edit(rng: random.Random, content: bytes) -> bytes:
         if kind == "insert":
             lines[at:at] = random_lines(rng, rng.randint(1, 4))
         elif kind == "delete" and lines:
-            del lines[at:at + rng.randint(1, 3)]
+            del lines[at : at + rng.randint(1, 3)]
         elif kind == "replace" and lines:
-            lines[at:at + rng.randint(1, 3)] = random_lines(rng, rng.randint(1, 3))
+            lines[at : at + rng.randint(1, 3)] = random_lines(rng, rng.randint(1, 3))
         elif kind == "start":
-            lines[0:rng.randint(0, 2)] = random_lines(rng, rng.randint(0, 2))
+            lines[0 : rng.randint(0, 2)] = random_lines(rng, rng.randint(0, 2))
         elif kind == "end":
-            lines[len(lines) - rng.randint(0, min(2, len(lines))):] = random_lines(rng, rng.randint(0, 2))
+            lines[len(lines) - rng.randint(0, min(2, len(lines))) :] = random_lines(rng, rng.randint(0, 2))
         else:
             newline = not newline
         lines = [line if line.endswith("\n") else line + "\n" for line in lines]
@@ -484,13 +671,15 @@ def random_change(rng: random.Random, files: dict[str, bytes], modes: dict[str, 
     changed = {p: c for p, c in changed.items() if c is None or c != files.get(p)}
     if not changed and not new_modes:
         path = sorted(files)[0]
-        changed[path] = files[path] + b"forced\n" if files[path].endswith(b"\n") or not files[path] \
-            else files[path] + b"\nforced\n"
+        changed[path] = (
+            files[path] + b"forced\n" if files[path].endswith(b"\n") or not files[path] else files[path] + b"\nforced\n"
+        )
     return changed, new_modes
 
 
 def variants(rng: random.Random, files: dict[str, bytes], changed: dict) -> dict[str, dict[str, bytes]]:
     """The base tree and drifted copies of it: lines added or removed away from or near the hunks."""
+
     def drift(fn):  # each file drifts or not, so that some drifted variants still apply
         return {p: fn(p, c) if rng.random() < 0.5 else c for p, c in files.items()}
 
@@ -502,9 +691,14 @@ def variants(rng: random.Random, files: dict[str, bytes], changed: dict) -> dict
     out = {
         "exact": dict(files),
         "prepend": drift(lambda p, c: b"".join(random_lines_b(rng, rng.randint(1, 7))) + c),
-        "drop-top": drift(lambda p, c: b"".join(lines_of(c)[rng.randint(1, 3):])),
-        "insert-middle": drift(lambda p, c: b"".join((lambda ls, at: ls[:at] + random_lines_b(rng, 3) + ls[at:])(
-            lines_of(c), rng.randint(0, len(lines_of(c)))))),
+        "drop-top": drift(lambda p, c: b"".join(lines_of(c)[rng.randint(1, 3) :])),
+        "insert-middle": drift(
+            lambda p, c: b"".join(
+                (lambda ls, at: ls[:at] + random_lines_b(rng, 3) + ls[at:])(
+                    lines_of(c), rng.randint(0, len(lines_of(c)))
+                )
+            )
+        ),
         "line-changed": {**files, victim: _change_one_line(rng, files[victim])},
         "file-missing": {p: c for p, c in files.items() if p != victim},
     }
@@ -529,8 +723,13 @@ def _change_one_line(rng: random.Random, content: bytes) -> bytes:
 
 def git_apply(tree: Path, patch: Path) -> tuple[bool, dict[tuple[str, int], int], str]:
     env = {**GIT_ENV, "GIT_CEILING_DIRECTORIES": str(tree.parent)}
-    result = subprocess.run(["git", "apply", "--verbose", "--whitespace=nowarn", str(patch)], cwd=tree,
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        ["git", "apply", "--verbose", "--whitespace=nowarn", str(patch)],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     offsets, current = {}, None
     for line in result.stderr.splitlines():
         if m := re.match(r"Checking patch (.*)\.\.\.$", line):
@@ -587,8 +786,10 @@ def test_differential_against_git_apply(tmp_path):
             ok_ours, our_offsets, our_err, plan = ours(tree, work / f"{name}-ours", patch)
             assert snapshot(tree) == source_before, label
             assert plan is None or not hunks_over_earlier_output(plan, patch), label
-            assert ok_git == ok_ours, f"{label}: git {'applied' if ok_git else 'failed: ' + git_err}, " \
-                                      f"we {'applied' if ok_ours else 'failed: ' + our_err}\n{data.decode()}"
+            assert ok_git == ok_ours, (
+                f"{label}: git {'applied' if ok_git else 'failed: ' + git_err}, "
+                f"we {'applied' if ok_ours else 'failed: ' + our_err}\n{data.decode()}"
+            )
             if ok_git:
                 assert content_view(work / f"{name}-ours") == content_view(theirs_dir), label
                 assert folders(work / f"{name}-ours") == folders(theirs_dir), label
@@ -607,8 +808,11 @@ def test_hunk_output_is_not_matched_again_by_a_later_hunk_helper(tmp_path):
     """The overlap detector used above finds exactly the overlap case (and not a normal apply)."""
     base = b"h\n" + b"p\n" * 20 + b"t\n"
     lines = base.splitlines(keepends=True)
-    data = real_patch(tmp_path / "gen", {"f.txt": base},
-                      {"f.txt": b"".join(lines[:4] + [b"X\n"] + lines[4:14] + [b"Y\n"] + lines[14:])})
+    data = real_patch(
+        tmp_path / "gen",
+        {"f.txt": base},
+        {"f.txt": b"".join(lines[:4] + [b"X\n"] + lines[4:14] + [b"Y\n"] + lines[14:])},
+    )
     patch = parse(data)
     exact = make_tree(tmp_path / "exact", {"f.txt": base})
     assert hunks_over_earlier_output(plan_patches(exact, [patch]), patch) == []
@@ -623,8 +827,11 @@ def test_hunk_output_is_not_matched_again_by_a_later_hunk_helper(tmp_path):
 def test_hunk_may_not_match_over_an_earlier_hunks_output(tmp_path):
     base = b"h\n" + b"p\n" * 20 + b"t\n"
     lines = base.splitlines(keepends=True)
-    data = real_patch(tmp_path / "gen", {"f.txt": base},
-                      {"f.txt": b"".join(lines[:4] + [b"X\n"] + lines[4:14] + [b"Y\n"] + lines[14:])})
+    data = real_patch(
+        tmp_path / "gen",
+        {"f.txt": base},
+        {"f.txt": b"".join(lines[:4] + [b"X\n"] + lines[4:14] + [b"Y\n"] + lines[14:])},
+    )
     tree = make_tree(tmp_path / "tree", {"f.txt": b"h\n" + b"p\n" * 10 + b"t\n"})
     theirs = tmp_path / "git"
     shutil.copytree(tree, theirs)
@@ -643,9 +850,12 @@ def test_hunk_may_not_match_over_an_earlier_hunks_output(tmp_path):
 
 def test_write_plan_rolls_back_on_os_error(tmp_path):
     base = {"a_gone/only.py": b"only\n", "c.py": b"c1\nc2\n", "d.py": b"d1\nd2\n", "e.py": b"e\n"}
-    data = real_patch(tmp_path / "gen", base, {"a_gone/only.py": None, "b_new/deep/n.py": b"new\n",
-                                               "c.py": b"c1\nC2\n", "d.py": b"d1\nD2\n", "e.py": b"E\n"},
-                      modes={"c.py": 0o755})
+    data = real_patch(
+        tmp_path / "gen",
+        base,
+        {"a_gone/only.py": None, "b_new/deep/n.py": b"new\n", "c.py": b"c1\nC2\n", "d.py": b"d1\nD2\n", "e.py": b"E\n"},
+        modes={"c.py": 0o755},
+    )
     patch = parse(data)
     assert [f.path for f in patch.files] == ["a_gone/only.py", "b_new/deep/n.py", "c.py", "d.py", "e.py"]
     root = make_tree(tmp_path / "tree", base)
@@ -658,8 +868,12 @@ def test_write_plan_rolls_back_on_os_error(tmp_path):
     assert snapshot(root) == before  # a_gone/ and only.py back, b_new/ gone, c.py content and mode back
     (root / ".d.py.fs-tmp").rmdir()
     write_plan(plan, root)  # the same plan still applies once the obstacle is gone
-    assert content_view(root) == {"b_new/deep/n.py": (b"new\n", False), "c.py": (b"c1\nC2\n", True),
-                                  "d.py": (b"d1\nD2\n", False), "e.py": (b"E\n", False)}
+    assert content_view(root) == {
+        "b_new/deep/n.py": (b"new\n", False),
+        "c.py": (b"c1\nC2\n", True),
+        "d.py": (b"d1\nD2\n", False),
+        "e.py": (b"E\n", False),
+    }
     assert not (root / "a_gone").exists()
 
 
@@ -679,20 +893,33 @@ def test_write_plan_rollback_of_first_file(tmp_path):
 
 @pytest.mark.parametrize("link", [True, False])
 def test_new_tree_links_only_unchanged_files(tmp_path, link):
-    base = {"same.py": b"same\n", "pkg/same2.py": b"s2\n", "edit.py": b"e1\ne2\n", "mode.sh": b"#!/bin/sh\n",
-            "gone.py": b"g\n"}
+    base = {
+        "same.py": b"same\n",
+        "pkg/same2.py": b"s2\n",
+        "edit.py": b"e1\ne2\n",
+        "mode.sh": b"#!/bin/sh\n",
+        "gone.py": b"g\n",
+    }
     source = make_tree(tmp_path / "src", base)
-    data = real_patch(tmp_path / "gen", base, {"edit.py": b"e1\nE2\n", "gone.py": None, "pkg/new.py": b"n\n"},
-                      modes={"mode.sh": 0o755})
+    data = real_patch(
+        tmp_path / "gen",
+        base,
+        {"edit.py": b"e1\nE2\n", "gone.py": None, "pkg/new.py": b"n\n"},
+        modes={"mode.sh": 0o755},
+    )
     before = snapshot(source)
     inodes = {p: os.stat(source / p).st_ino for p in base}
     dest = tmp_path / "cache" / "tree"
     apply_to_new_tree(plan_patches(source, [parse(data)]), source, dest, link=link)
     assert snapshot(source) == before
     assert {p: os.stat(source / p).st_ino for p in base} == inodes
-    assert content_view(dest) == {"same.py": (b"same\n", False), "pkg/same2.py": (b"s2\n", False),
-                                  "edit.py": (b"e1\nE2\n", False), "mode.sh": (b"#!/bin/sh\n", True),
-                                  "pkg/new.py": (b"n\n", False)}
+    assert content_view(dest) == {
+        "same.py": (b"same\n", False),
+        "pkg/same2.py": (b"s2\n", False),
+        "edit.py": (b"e1\nE2\n", False),
+        "mode.sh": (b"#!/bin/sh\n", True),
+        "pkg/new.py": (b"n\n", False),
+    }
     for path in ("same.py", "pkg/same2.py"):
         assert (os.stat(dest / path).st_ino == inodes[path]) is link, path
     for path in ("edit.py", "mode.sh"):

@@ -25,20 +25,20 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, real_cache_dir
 
 from build_backend import get_requires_for_build_sdist, get_requires_for_build_wheel
 from build_backend.settings import KNOWN_KEYS, SettingsError, parse_settings
-from conftest import REPO_ROOT, real_cache_dir
-from flagscale.wheels.backend_wheel import PROVENANCE_FILE, device_settings
-from flagscale.upstream.cache import Cache
-from flagscale.wheels.device_wheel import BuildSettings
 from flagscale.errors import FlagScaleError
+from flagscale.patches.series import series_for
+from flagscale.patches.tree import patched_tree
+from flagscale.upstream.cache import Cache
 from flagscale.upstream.index import sha256_file
 from flagscale.upstream.project import Project
-from flagscale.upstream.target import Target
-from flagscale.patches.series import series_for
 from flagscale.upstream.sources import fetch_sdist, tree_digest
-from flagscale.patches.tree import patched_tree
+from flagscale.upstream.target import Target
+from flagscale.wheels.backend_wheel import PROVENANCE_FILE, device_settings
+from flagscale.wheels.device_wheel import BuildSettings
 from flagscale.wheels.wheelfile import read_dist_info_file
 
 SETTINGS_ENV = ("FLAGSCALE_DEVICE", "FLAGSCALE_BACKEND", "FLAGSCALE_UPSTREAM_SOURCE")
@@ -62,12 +62,14 @@ def clean_env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list, env: dict, cwd: Path = REPO_ROOT, ok: bool = True,
-        timeout: int = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
+def run(
+    cmd: list, env: dict, cwd: Path = REPO_ROOT, ok: bool = True, timeout: int = BUILD_TIMEOUT
+) -> subprocess.CompletedProcess:
     result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if ok and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {result.returncode}\n"
-                             f"{(result.stdout + result.stderr)[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {result.returncode}\n{(result.stdout + result.stderr)[-6000:]}"
+        )
     return result
 
 
@@ -83,8 +85,15 @@ def seeded_cache(path: Path, real_project: Project, backend: str = "megatron") -
 
 def working_tree_copy(dest: Path) -> Path:
     """Every file of this checkout that git would see (tracked, or untracked and not ignored)."""
-    listed = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         src = REPO_ROOT / rel
         if src.is_file():  # not the submodule gitlinks
@@ -129,8 +138,11 @@ def provenance_of(wheel: Path) -> dict:
 
 def requires_dist(wheel: Path) -> list[str]:
     data = read_dist_info_file(wheel, "METADATA").decode()
-    return [line[len("Requires-Dist: "):] for line in data.split("\n\n")[0].splitlines()
-            if line.startswith("Requires-Dist: ")]
+    return [
+        line[len("Requires-Dist: ") :]
+        for line in data.split("\n\n")[0].splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
 
 
 def expected_patches(project: Project, backend: str, device: str) -> list[tuple[str, str]]:
@@ -142,15 +154,22 @@ def wheel_entries(cache: Path) -> dict[str, tuple[int, tuple[tuple[str, str], ..
     out = {}
     for entry in sorted((cache / "wheels").iterdir()) if (cache / "wheels").is_dir() else ():
         if entry.is_dir() and not entry.name.startswith("."):
-            out[entry.name] = (entry.stat().st_mtime_ns,
-                               tuple((f.name, sha256_file(f)) for f in sorted(entry.iterdir())))
+            out[entry.name] = (
+                entry.stat().st_mtime_ns,
+                tuple((f.name, sha256_file(f)) for f in sorted(entry.iterdir())),
+            )
     return out
 
 
 def leftovers(cache: Path) -> list[Path]:
     """Half-built entries a killed builder could have left in the cache."""
-    return [p for kind in ("sdists", "sources", "trees", "wheels") if (cache / kind).is_dir()
-            for p in (cache / kind).iterdir() if ".tmp-" in p.name]
+    return [
+        p
+        for kind in ("sdists", "sources", "trees", "wheels")
+        if (cache / kind).is_dir()
+        for p in (cache / kind).iterdir()
+        if ".tmp-" in p.name
+    ]
 
 
 # ------------------------------------------------------------------------ 1. settings (fast)
@@ -180,8 +199,9 @@ def test_unknown_key_names_valid_keys_and_nearest(no_settings_env):
 
 
 def test_key_spelling_and_pip_pass_through_options(no_settings_env):
-    assert settings({"DEVICE": "cpu", "upstream_source": "sdist", "--build-option": ["--x"]}) == \
-        BuildSettings("cpu", (), "sdist")
+    assert settings({"DEVICE": "cpu", "upstream_source": "sdist", "--build-option": ["--x"]}) == BuildSettings(
+        "cpu", (), "sdist"
+    )
 
 
 def test_unknown_values_name_the_nearest(no_settings_env):
@@ -234,11 +254,20 @@ def test_config_settings_win_over_environment(no_settings_env, monkeypatch):
     assert settings({"backend": "sglang", "device": "ascend"}) == BuildSettings("ascend", ("sglang",))
 
 
-def test_hooks_validate_settings_first(no_settings_env):
-    with pytest.raises(SettingsError, match="did you mean 'device'"):
-        get_requires_for_build_wheel({"devise": "cpu"})
-    with pytest.raises(SettingsError, match="unknown backend"):
-        get_requires_for_build_sdist({"device": "cpu", "backend": "nope"})
+def hook_error(capsys, hook, *args) -> str:
+    """A PEP 517 hook's refusal as pip sees it: exit status 2 and one `error:` line on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        hook(*args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_hooks_validate_settings_first(no_settings_env, capsys):
+    assert "did you mean 'device'" in hook_error(capsys, get_requires_for_build_wheel, {"devise": "cpu"})
+    assert "unknown backend" in hook_error(capsys, get_requires_for_build_sdist, {"device": "cpu", "backend": "nope"})
     # the plain toolchain wheel needs only flit's requirements
     assert get_requires_for_build_wheel(None) == []
 
@@ -249,14 +278,15 @@ def tpu_project(tmp_path, monkeypatch):
     project = Project(working_tree_copy(tmp_path / "project"))  # pyproject.toml too: the hooks run in it
     (project.root / "hardware" / "tpu").mkdir()
     (project.root / "hardware" / "tpu" / "device.toml").write_text(
-        '[device]\nname = "tpu"\naliases = ["xla"]\nbackends = ["megatron"]\n')
+        '[device]\nname = "tpu"\naliases = ["xla"]\nbackends = ["megatron"]\n'
+    )
     for var in (*SETTINGS_ENV, "FLAGSCALE_ROOT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("FLAGSCALE_CACHE_DIR", str(tmp_path / "cache"))
     return Project(project.root)
 
 
-def test_backend_the_device_does_not_support(tpu_project, monkeypatch):
+def test_backend_the_device_does_not_support(tpu_project, monkeypatch, capsys):
     dev, build = device_settings(Target.of(tpu_project, "megatron", "xla"))
     assert dev.name == "tpu" and build.environ() == {}
     with pytest.raises(FlagScaleError) as info:
@@ -267,8 +297,8 @@ def test_backend_the_device_does_not_support(tpu_project, monkeypatch):
     # through the PEP 517 hook pip calls first, before anything is fetched or built
     monkeypatch.chdir(tpu_project.root)
     assert parse_settings({"device": "tpu", "backend": "vllm"}) == BuildSettings("tpu", ("vllm",))
-    with pytest.raises(FlagScaleError, match="device tpu does not support backend vllm"):
-        get_requires_for_build_wheel({"device": "tpu", "backend": "vllm"})
+    refused = hook_error(capsys, get_requires_for_build_wheel, {"device": "tpu", "backend": "vllm"})
+    assert "device tpu does not support backend vllm" in refused
     assert not (tpu_project.root.parent / "cache").exists()
 
 
@@ -336,8 +366,13 @@ def site_packages(venv: Path) -> Path:
 
 @pytest.mark.integration
 def test_pip_install_builds_and_installs_the_cell(megatron_venv, real_project):
-    versions = json.loads(venv_python(megatron_venv, "import importlib.metadata as m, json; print(json.dumps("
-                                      "[m.version(d) for d in ('flagscale', 'megatron-core', 'torch')]))"))
+    versions = json.loads(
+        venv_python(
+            megatron_venv,
+            "import importlib.metadata as m, json; print(json.dumps("
+            "[m.version(d) for d in ('flagscale', 'megatron-core', 'torch')]))",
+        )
+    )
     flagscale, megatron, torch = versions
     assert flagscale == "0.1.0+cpu"
     assert re.fullmatch(r"0\.16\.1\+fs\.cpu\.[0-9a-f]{8}", megatron), megatron
@@ -345,11 +380,17 @@ def test_pip_install_builds_and_installs_the_cell(megatron_venv, real_project):
 
     device_utils = site_packages(megatron_venv) / "megatron" / "core" / "device_utils.py"
     assert device_utils.is_file() and "MEGATRON_DEVICE_TYPE" in device_utils.read_text()
-    out = venv_python(megatron_venv, "import megatron.core, megatron.core.device_utils as d; print(megatron.core.__file__)")
+    out = venv_python(
+        megatron_venv, "import megatron.core, megatron.core.device_utils as d; print(megatron.core.__file__)"
+    )
     assert out.startswith(str(site_packages(megatron_venv)))
 
-    prov = json.loads(venv_python(megatron_venv, "import importlib.metadata as m; "
-                                  "print(m.distribution('flagscale').read_text('flagscale_build.json'))"))
+    prov = json.loads(
+        venv_python(
+            megatron_venv,
+            "import importlib.metadata as m; print(m.distribution('flagscale').read_text('flagscale_build.json'))",
+        )
+    )
     assert prov["device"] == "cpu" and prov["settings"]["backend"] == ["megatron"]
     (backend,) = prov["backends"]
     assert backend["version"] == megatron and backend["device"] == "cpu"
@@ -386,7 +427,10 @@ def test_doctor_notices_a_plain_reinstall(megatron_venv):
     assert doctor(megatron_venv).returncode == 0
     # ... and one that forces the index's wheel replaces it, which doctor reports
     run([*pip, "--force-reinstall"], env)
-    assert venv_python(megatron_venv, "import importlib.metadata as m; print(m.version('megatron-core'))").strip() == "0.16.1"
+    assert (
+        venv_python(megatron_venv, "import importlib.metadata as m; print(m.version('megatron-core'))").strip()
+        == "0.16.1"
+    )
     result = doctor(megatron_venv)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "replaced by 0.16.1 without FlagScale's patches" in result.stdout
@@ -444,8 +488,21 @@ BUILT_CELLS = [("ascend", b) for b in BACKEND_WHEELS] + [("cpu", "vllm"), ("cpu"
 def test_python_build_of_a_cell(device, backend, tmp_path, real_project):
     cache = build_cache_dir()
     out = tmp_path / "dist"
-    run([sys.executable, "-m", "build", "--wheel", "--outdir", out, "-C", f"device={device}", "-C", f"backend={backend}"],
-        clean_env(cache))
+    run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--outdir",
+            out,
+            "-C",
+            f"device={device}",
+            "-C",
+            f"backend={backend}",
+        ],
+        clean_env(cache),
+    )
     wheel = only(out, "*.whl")
     assert wheel.name == f"flagscale-0.1.0+{device}-py3-none-any.whl"
     prov = provenance_of(wheel)
@@ -479,7 +536,7 @@ def test_corrupted_cached_sdist_is_downloaded_again(tmp_path, real_project, capl
     pin = real_project.pins.resolve("megatron")
     archive = only(cache.root / "sdists" / pin.sdist.sha256, "*.tar.gz")
     good = sha256_file(archive)
-    archive.write_bytes(archive.read_bytes()[: 4096] + b"\0" * 1024)  # truncated and damaged
+    archive.write_bytes(archive.read_bytes()[:4096] + b"\0" * 1024)  # truncated and damaged
     os.chmod(archive, 0o444)
     os.chmod(archive.parent, 0o555)  # as the cache leaves entries: read-only
     tree = patched_tree(Target.of(real_project, "megatron", "cpu", "sdist", cache))
@@ -502,24 +559,34 @@ def test_patch_that_no_longer_applies(tmp_path, real_project):
     patch.write_text("\n".join(lines))
     cache = seeded_cache(tmp_path / "cache", real_project)
     out = tmp_path / "out"
-    result = run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", out, *MEGATRON_CPU],
-                 clean_env(cache.root), cwd=project, ok=False)
+    result = run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", out, *MEGATRON_CPU],
+        clean_env(cache.root),
+        cwd=project,
+        ok=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "0002-tensor-parallel-rng.patch: megatron/core/tensor_parallel/random.py: hunk 2" in output
     assert "does not apply to Megatron-LM core_v0.16.1" in output and "no fuzz" in output
     assert not out.exists() or not list(out.iterdir())
     for kind in ("trees", "wheels"):
-        assert not (cache.root / kind).exists() or not [p for p in (cache.root / kind).iterdir()
-                                                        if not p.name.endswith(".lock")], kind
+        assert not (cache.root / kind).exists() or not [
+            p for p in (cache.root / kind).iterdir() if not p.name.endswith(".lock")
+        ], kind
     assert leftovers(cache.root) == []
 
 
 def _start_build(out: Path, cache: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as sink:
-        return subprocess.Popen([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", str(out), *MEGATRON_CPU],
-                                cwd=REPO_ROOT, env=clean_env(cache), stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", str(out), *MEGATRON_CPU],
+            cwd=REPO_ROOT,
+            env=clean_env(cache),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> None:
@@ -566,7 +633,9 @@ def test_build_killed_midway_leaves_no_poisoned_cache(tmp_path, real_project):
 @pytest.mark.integration
 def test_two_builds_of_the_same_cell_at_once(tmp_path, real_project):
     cache = seeded_cache(tmp_path / "cache", real_project).root
-    procs = [(_start_build(tmp_path / f"out{n}", cache, tmp_path / f"b{n}.log"), tmp_path / f"b{n}.log") for n in (1, 2)]
+    procs = [
+        (_start_build(tmp_path / f"out{n}", cache, tmp_path / f"b{n}.log"), tmp_path / f"b{n}.log") for n in (1, 2)
+    ]
     for proc, log in procs:
         _finish(proc, log)
     first, second = (only(tmp_path / f"out{n}", "flagscale-0.1.0+cpu-py3-none-any.whl") for n in (1, 2))
@@ -588,8 +657,19 @@ def test_two_builds_of_the_same_cell_at_once(tmp_path, real_project):
 def test_wheelhouse_serves_an_install_and_flagscale_install_reuses_the_build(tmp_path):
     env = clean_env(build_cache_dir())
     house = tmp_path / "wheelhouse"
-    result = run([Path(sys.executable).parent / "flagscale", "build", "--device", "cpu", "--backend", "Megatron-LM",
-                  "-o", house], env)
+    result = run(
+        [
+            Path(sys.executable).parent / "flagscale",
+            "build",
+            "--device",
+            "cpu",
+            "--backend",
+            "Megatron-LM",
+            "-o",
+            house,
+        ],
+        env,
+    )
     flagscale_wheel = only(house, "flagscale-0.1.0+cpu-py3-none-any.whl")
     backend_wheel = only(house, "megatron_core-0.16.1+fs.cpu.*.whl")
     assert str(backend_wheel) in result.stdout and "megatron: fetching megatron-core 0.16.1" in result.stderr
@@ -627,8 +707,10 @@ def test_a_long_compile_reports_its_progress(tmp_path):
     log.write_bytes(b"-- configuring\n")
     assert compile_progress(log) is None
     # a real child that writes ninja-style steps into the log while we wait for it
-    code = ("import sys, time\nfor i in range(1, 21):\n"
-            "    print(f'[{i}/20] /usr/bin/g++ -c file{i}.cpp', flush=True); time.sleep(0.25)\n")
+    code = (
+        "import sys, time\nfor i in range(1, 21):\n"
+        "    print(f'[{i}/20] /usr/bin/g++ -c file{i}.cpp', flush=True); time.sleep(0.25)\n"
+    )
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
     heard: list[str] = []
@@ -638,3 +720,21 @@ def test_a_long_compile_reports_its_progress(tmp_path):
     assert all(re.fullmatch(r"llama\.cpp: compiled \d+/20 \(\d+%\)", m) for m in heard), heard
     done = [int(m.split()[2].split("/")[0]) for m in heard]
     assert done == sorted(done) and len(heard) <= 11  # at most once per tenth
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [("devic=cpu", "unknown config setting 'devic' (did you mean 'device'?); valid settings: device, backend"),
+     ("device=nochip", "unknown device 'nochip'; valid devices: ")],
+)
+def test_pip_wheel_reports_a_bad_setting_in_one_line(tmp_path, setting, expected):
+    """Tried as a new user would: plain `pip wheel . -C ...` prints our error as one line, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "-C", setting,
+                             "-w", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    ours = [line.strip() for line in result.stdout.splitlines() + result.stderr.splitlines()
+            if line.strip().startswith("error: ") and "subprocess-exited-with-error" not in line]
+    assert len(ours) == 1 and expected in ours[0], result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(tmp_path.glob("*.whl"))

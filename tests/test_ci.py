@@ -7,19 +7,35 @@ import re
 import shutil
 
 import pytest
+from conftest import REPO_ROOT, copy_project
 from typer.testing import CliRunner
 
-from conftest import REPO_ROOT, copy_project
-from flagscale.hardware.ci_matrix import github_outputs, matrix
 from flagscale.cli import app
+from flagscale.hardware.ci_matrix import github_outputs, matrix
 from flagscale.hardware.registry import load_devices
 from flagscale.upstream.project import Project
 from flagscale.upstream.target import Target
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "flagscale.yml"
-CELL_KEYS = {"name", "device", "backend", "vendor", "torch_device", "torch_extension", "collective",
-             "visible_devices_env", "platform_plugin", "toolchain", "check_on", "build_on", "buildable_here",
-             "runs_on", "run", "runnable_here", "smoke"}
+CELL_KEYS = {
+    "name",
+    "device",
+    "backend",
+    "vendor",
+    "torch_device",
+    "torch_extension",
+    "collective",
+    "visible_devices_env",
+    "platform_plugin",
+    "toolchain",
+    "check_on",
+    "build_on",
+    "buildable_here",
+    "runs_on",
+    "run",
+    "runnable_here",
+    "smoke",
+}
 
 
 def cli(*args: str):
@@ -59,7 +75,9 @@ def test_matrix_filters_and_cli_json_is_what_fromjson_reads():
     result = cli("ci", "matrix", "--root", str(REPO_ROOT), "--device", "npu", "--backend", "Megatron-LM")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert list(data) == ["include"] and [(c["device"], c["backend"]) for c in data["include"]] == [("ascend", "megatron")]
+    assert list(data) == ["include"] and [(c["device"], c["backend"]) for c in data["include"]] == [
+        ("ascend", "megatron")
+    ]
     run_only = json.loads(cli("ci", "matrix", "--root", str(REPO_ROOT), "--run").output)
     assert run_only["include"] and all(c["run"] for c in run_only["include"])
     bad = cli("ci", "matrix", "--root", str(REPO_ROOT), "--format", "yaml")
@@ -112,9 +130,9 @@ def test_workflow_parses_and_has_the_jobs():
     jobs = wf["jobs"]
     assert {"matrix", "test", "patch-check", "build", "run"} <= set(jobs)
     commands = "\n".join(s.get("run", "") for s in jobs["matrix"]["steps"])
-    assert "flagscale ci matrix --format github >> \"$GITHUB_OUTPUT\"" in commands
+    assert 'flagscale ci matrix --format github >> "$GITHUB_OUTPUT"' in commands
     check = "\n".join(s.get("run", "") for s in jobs["patch-check"]["steps"])
-    assert "flagscale patch check --device \"${{ matrix.device }}\" --backend \"${{ matrix.backend }}\"" in check
+    assert 'flagscale patch check --device "${{ matrix.device }}" --backend "${{ matrix.backend }}"' in check
     build = "\n".join(s.get("run", "") for s in jobs["build"]["steps"])
     assert "pip wheel" in build and '-C device="${{ matrix.device }}" -C backend="${{ matrix.backend }}"' in build
     assert jobs["patch-check"]["runs-on"] == "${{ matrix.check_on }}"
@@ -182,14 +200,16 @@ def toy_chip(tmp_path) -> Project:
     folder.mkdir()
     (folder / "device.toml").write_text(TOY_MANIFEST)
     # A thin vendor series on top of the device accessor (borrowed from Cambricon's, for the test).
-    shutil.copytree(project.device_series_dir("cambricon", "megatron"), project.device_series_dir("toychip", "megatron"))
+    shutil.copytree(
+        project.device_series_dir("cambricon", "megatron"), project.device_series_dir("toychip", "megatron")
+    )
     return project
 
 
 def test_new_device_folder_shows_up_everywhere(toy_chip):
     from build_backend.settings import parse_settings
-    from flagscale.wheels.backend_wheel import device_settings
     from flagscale.patches.workflow import cells
+    from flagscale.wheels.backend_wheel import device_settings
 
     root = str(toy_chip.root)
     listed = cli("devices", "--root", root)
@@ -197,8 +217,10 @@ def test_new_device_folder_shows_up_everywhere(toy_chip):
     shown = cli("devices", "toy", "--root", root)
     assert shown.exit_code == 0 and shown.output.startswith("toychip:")
     data = json.loads(cli("ci", "matrix", "--root", root, "--device", "toychip").output)["include"]
-    assert [(c["device"], c["backend"], c["run"]) for c in data] == [("toychip", "megatron", True),
-                                                                     ("toychip", "llama.cpp", False)]
+    assert [(c["device"], c["backend"], c["run"]) for c in data] == [
+        ("toychip", "megatron", True),
+        ("toychip", "llama.cpp", False),
+    ]
     assert data[0]["runs_on"] == ["self-hosted", "toychip"] and '("toy", "tccl")' in data[0]["smoke"]
     assert data[1]["build_on"] == ["self-hosted", "toychip"]  # the Toy SDK lives on the vendor's runners
     assert ("megatron", "toychip") in cells(toy_chip) and ("llama.cpp", "toychip") in cells(toy_chip)
@@ -209,8 +231,8 @@ def test_new_device_folder_shows_up_everywhere(toy_chip):
 
 @pytest.mark.integration
 def test_new_device_series_applies(toy_chip, real_cache):
-    from flagscale.patches.workflow import check
     from flagscale.patches.series import series_for
+    from flagscale.patches.workflow import check
 
     patches = sum(len(s.names) for s in series_for(toy_chip, "megatron", "toychip"))
     results = check(toy_chip, "megatron", "toychip", source="sdist", cache=real_cache)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, TOY_BASE, make_patch
+
 from flagscale.patches.tree import patched_tree
 from flagscale.upstream.target import Target
 
@@ -22,10 +22,12 @@ def run(args, cwd=REPO_ROOT, env=None):
 
 
 def test_help_does_not_import_heavy_modules():
-    code = ("import sys; from flagscale.cli import app; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "heavy = [m for m in ('torch', 'megatron', 'hydra', 'ray', 'tomlkit', 'filelock') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from flagscale.cli import app; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('torch', 'megatron', 'hydra', 'ray', 'tomlkit', 'filelock') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     assert run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -46,7 +48,11 @@ def test_unknown_backend_is_one_clear_line():
 
 def test_unknown_device_alias_resolution():
     result = run([*FLAGSCALE, "patch", "check", "--device", "tpu"])
-    assert result.returncode == 2 and "unknown device 'tpu'; valid devices: ascend, cambricon, cpu, cuda, hygon, iluvatar, kunlunxin, metax, musa" in result.stderr
+    assert (
+        result.returncode == 2
+        and "unknown device 'tpu'; valid devices: ascend, cambricon, cpu, cuda, hygon, iluvatar, kunlunxin, metax, musa"
+        in result.stderr
+    )
 
 
 def _toy_root(toy_project, toy_upstream, tmp_path, broken: bool) -> Path:
@@ -64,14 +70,35 @@ def _toy_root(toy_project, toy_upstream, tmp_path, broken: bool) -> Path:
 def test_tools_patch_check_table_and_exit_codes(toy_project, toy_upstream, tmp_path):
     root = _toy_root(toy_project, toy_upstream, tmp_path, broken=False)
     env = {"FLAGSCALE_CACHE_DIR": str(tmp_path / "cache")}
-    ok = run([sys.executable, str(REPO_ROOT / "tools" / "patch.py"), "check", "--root", str(root),
-              "--source", str(toy_upstream)], env=env)
+    ok = run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "patch.py"),
+            "check",
+            "--root",
+            str(root),
+            "--source",
+            str(toy_upstream),
+        ],
+        env=env,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count(" ok ") == 3  # (common), cpu, npu
     (root / "patches/toy/0001-cpu.patch").write_bytes(
-        (root / "patches/toy/0001-cpu.patch").read_bytes().replace(b"-    return 'cuda'", b"-    return 'gpu'"))
-    bad = run([sys.executable, str(REPO_ROOT / "tools" / "patch.py"), "check", "--root", str(root),
-               "--source", str(toy_upstream)], env=env)
+        (root / "patches/toy/0001-cpu.patch").read_bytes().replace(b"-    return 'cuda'", b"-    return 'gpu'")
+    )
+    bad = run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "patch.py"),
+            "check",
+            "--root",
+            str(root),
+            "--source",
+            str(toy_upstream),
+        ],
+        env=env,
+    )
     assert bad.returncode == 1 and "FAIL" in bad.stdout
     assert "0001-cpu.patch: python/toy/device.py: hunk 1" in bad.stdout
 
@@ -79,7 +106,18 @@ def test_tools_patch_check_table_and_exit_codes(toy_project, toy_upstream, tmp_p
 def test_apply_prints_the_cached_tree_and_copies_it(toy_project, toy_upstream, tmp_path):
     root = _toy_root(toy_project, toy_upstream, tmp_path, broken=False)
     env = {"FLAGSCALE_CACHE_DIR": str(tmp_path / "cache")}
-    args = [*FLAGSCALE, "patch", "apply", "toy", "--device", "ascend", "--root", str(root), "--source", str(toy_upstream)]
+    args = [
+        *FLAGSCALE,
+        "patch",
+        "apply",
+        "toy",
+        "--device",
+        "ascend",
+        "--root",
+        str(root),
+        "--source",
+        str(toy_upstream),
+    ]
     first = run(args, env=env)
     assert first.returncode == 0, first.stderr
     tree = Path(first.stdout.strip())
@@ -96,8 +134,10 @@ def test_apply_prints_the_cached_tree_and_copies_it(toy_project, toy_upstream, t
 def test_a_cached_apply_is_answered_before_the_full_cli_loads(real_project, real_cache):
     tree = patched_tree(Target.of(real_project, "vllm", "cpu", "sdist", real_cache))
     env = {"FLAGSCALE_CACHE_DIR": str(real_cache.root)}
-    for face in ([sys.executable, "-X", "importtime", "-m", "flagscale"],
-                 [sys.executable, "-X", "importtime", str(REPO_ROOT / "tools" / "patch.py")]):
+    for face in (
+        [sys.executable, "-X", "importtime", "-m", "flagscale"],
+        [sys.executable, "-X", "importtime", str(REPO_ROOT / "tools" / "patch.py")],
+    ):
         args = [*face, *(["patch"] if face[-1] == "flagscale" else []), "apply", "vllm", "--device", "cpu"]
         fast = run(args, env=env)
         assert fast.returncode == 0, fast.stderr

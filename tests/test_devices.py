@@ -10,17 +10,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, copy_project
-from flagscale.hardware.registry import BackendBuild, load_devices, resolve_device
+
 from flagscale.errors import ConfigError
+from flagscale.hardware.registry import BackendBuild, load_devices, resolve_device
+from flagscale.patches.series import read_series, series_for
 from flagscale.upstream.project import Project
 from flagscale.upstream.target import Target
-from flagscale.patches.series import read_series, series_for
 
 ALL_DEVICES = ["ascend", "cambricon", "cpu", "cuda", "hygon", "iluvatar", "kunlunxin", "metax", "musa"]
-
-
 
 
 def write_manifest(project: Project, name: str, text: str) -> Path:
@@ -40,8 +38,12 @@ def test_registry_has_every_chip_with_typed_settings():
         assert set(dev.run_backends) <= set(dev.backends)
         assert dev.visible_devices_env or dev.torch_device == "cpu", dev.name
     assert devices["cpu"].runs_anywhere and not devices["ascend"].runs_anywhere
-    assert (devices["ascend"].torch_device, devices["ascend"].torch_extension, devices["ascend"].collective,
-            devices["ascend"].visible_devices_env) == ("npu", "torch_npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES")
+    assert (
+        devices["ascend"].torch_device,
+        devices["ascend"].torch_extension,
+        devices["ascend"].collective,
+        devices["ascend"].visible_devices_env,
+    ) == ("npu", "torch_npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES")
     assert (devices["cambricon"].torch_extension, devices["cambricon"].collective) == ("torch_mlu", "cncl")
     assert devices["kunlunxin"].collective == "bkcl"
     assert (devices["musa"].torch_extension, devices["musa"].collective) == ("torch_musa", "mccl")
@@ -50,8 +52,10 @@ def test_registry_has_every_chip_with_typed_settings():
 
 def test_build_settings_per_backend_and_backward_compatible_fields():
     project = Project(REPO_ROOT)
-    flags = {name: resolve_device(project, name).build_for("llama.cpp").cmake_args
-             for name in ("cuda", "ascend", "musa", "hygon")}
+    flags = {
+        name: resolve_device(project, name).build_for("llama.cpp").cmake_args
+        for name in ("cuda", "ascend", "musa", "hygon")
+    }
     assert "-DGGML_CUDA=ON" in flags["cuda"] and "-DGGML_CANN=ON" in flags["ascend"]
     assert "-DGGML_MUSA=ON" in flags["musa"] and "-DGGML_HIP=ON" in flags["hygon"]
     ascend = resolve_device(project, "npu")  # alias
@@ -81,11 +85,17 @@ def test_devices_cli_lists_and_shows(tmp_path):
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
     assert lines[0].startswith("ascend:")
-    for expected in ("torch device: npu (extension module: torch_npu)", "collective backend: hccl",
-                     "visible devices variable: ASCEND_RT_VISIBLE_DEVICES", "runtime requires: torch-npu"):
+    for expected in (
+        "torch device: npu (extension module: torch_npu)",
+        "collective backend: hccl",
+        "visible devices variable: ASCEND_RT_VISIBLE_DEVICES",
+        "runtime requires: torch-npu",
+    ):
         assert expected in lines
-    assert any(line.startswith("build vllm: VLLM_TARGET_DEVICE=empty;") and "platform plugin: vllm-ascend" in line
-               for line in lines)
+    assert any(
+        line.startswith("build vllm: VLLM_TARGET_DEVICE=empty;") and "platform plugin: vllm-ascend" in line
+        for line in lines
+    )
     assert any(line.startswith("build llama.cpp: CMAKE_ARGS=-DGGML_CANN=ON") for line in lines)
     assert CliRunner().invoke(app, ["devices", "show", "--root", str(REPO_ROOT)]).exit_code != 0
     assert CliRunner().invoke(app, ["devices", "show", "tpu", "--root", str(REPO_ROOT)]).exit_code == 2
@@ -94,12 +104,16 @@ def test_devices_cli_lists_and_shows(tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 def test_unknown_field_names_file_field_and_nearest(tmp_path):
     project = copy_project(tmp_path / "p")
-    path = write_manifest(project, "toy", """\
+    path = write_manifest(
+        project,
+        "toy",
+        """\
         [device]
         name = "toy"
         backends = ["megatron"]
         colective = "gloo"
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as exc:
         load_devices(project)
     message = str(exc.value)
@@ -107,12 +121,15 @@ def test_unknown_field_names_file_field_and_nearest(tmp_path):
     assert "did you mean 'collective'" in message
 
 
-@pytest.mark.parametrize("text, field, words", [
-    ('[build.vllm]\nplatform_plugins = "x"\n', "build.vllm.platform_plugins", "did you mean 'platform_plugin'"),
-    ('[ci]\nrun_on = ["x"]\n', "ci.run_on", "did you mean 'runs_on'"),
-    ('[cii]\nruns_on = ["x"]\n', "cii: unknown table", "did you mean 'ci'"),
-    ('[device.extra]\n', "device.extra", "unknown field"),
-])
+@pytest.mark.parametrize(
+    "text, field, words",
+    [
+        ('[build.vllm]\nplatform_plugins = "x"\n', "build.vllm.platform_plugins", "did you mean 'platform_plugin'"),
+        ('[ci]\nrun_on = ["x"]\n', "ci.run_on", "did you mean 'runs_on'"),
+        ('[cii]\nruns_on = ["x"]\n', "cii: unknown table", "did you mean 'ci'"),
+        ("[device.extra]\n", "device.extra", "unknown field"),
+    ],
+)
 def test_unknown_field_in_every_table(tmp_path, text, field, words):
     project = copy_project(tmp_path / "p")
     path = write_manifest(project, "toy", '[device]\nname = "toy"\nbackends = ["vllm"]\n' + text)
@@ -121,19 +138,24 @@ def test_unknown_field_in_every_table(tmp_path, text, field, words):
     assert str(path) in str(exc.value) and field in str(exc.value) and words in str(exc.value)
 
 
-@pytest.mark.parametrize("line, field, words", [
-    ('torch_device = 3', "device.torch_device", "expected a string"),
-    ('torch_device = "N P U"', "device.torch_device", "is not a torch device type"),
-    ('visible_devices_env = "lower_case"', "device.visible_devices_env", "environment variable"),
-    ('runtime_requires = ["torch-npu >>> 1"]', "device.runtime_requires", "not a pip requirement"),
-    ('backends = "megatron"', "device.backends", "expected a list of strings"),
-    ('backends = ["megatron", "mcore"]', "device.backends", "listed twice"),  # an alias of the same backend
-    ('aliases = ["cpu"]', "device.aliases", "name of another device"),
-    ('aliases = ["gpu"]', "device.aliases", "also an alias of cuda"),
-])
+@pytest.mark.parametrize(
+    "line, field, words",
+    [
+        ("torch_device = 3", "device.torch_device", "expected a string"),
+        ('torch_device = "N P U"', "device.torch_device", "is not a torch device type"),
+        ('visible_devices_env = "lower_case"', "device.visible_devices_env", "environment variable"),
+        ('runtime_requires = ["torch-npu >>> 1"]', "device.runtime_requires", "not a pip requirement"),
+        ('backends = "megatron"', "device.backends", "expected a list of strings"),
+        ('backends = ["megatron", "mcore"]', "device.backends", "listed twice"),  # an alias of the same backend
+        ('aliases = ["cpu"]', "device.aliases", "name of another device"),
+        ('aliases = ["gpu"]', "device.aliases", "also an alias of cuda"),
+    ],
+)
 def test_bad_values_name_file_and_field(tmp_path, line, field, words):
     project = copy_project(tmp_path / "p")
-    body = '[device]\nname = "toy"\n' + ("" if line.startswith("backends") else 'backends = ["megatron"]\n') + line + "\n"
+    body = (
+        '[device]\nname = "toy"\n' + ("" if line.startswith("backends") else 'backends = ["megatron"]\n') + line + "\n"
+    )
     path = write_manifest(project, "toy", body)
     with pytest.raises(ConfigError) as exc:
         load_devices(project)
@@ -153,19 +175,27 @@ def test_backend_with_no_pin_names_file_and_field(tmp_path):
 
 def test_build_table_for_unlisted_backend_and_bad_cmake_args(tmp_path):
     project = copy_project(tmp_path / "p")
-    path = write_manifest(project, "toy", '[device]\nname = "toy"\nbackends = ["megatron"]\n'
-                                          '[build."llama.cpp"]\ncmake_args = ["-DGGML_CUDA=ON"]\n')
+    path = write_manifest(
+        project,
+        "toy",
+        '[device]\nname = "toy"\nbackends = ["megatron"]\n[build."llama.cpp"]\ncmake_args = ["-DGGML_CUDA=ON"]\n',
+    )
     with pytest.raises(ConfigError, match=r'build\."llama.cpp": llama.cpp is not in device.backends'):
         load_devices(project)
-    path.write_text('[device]\nname = "toy"\nbackends = ["llama.cpp"]\n[build."llama.cpp"]\ncmake_args = ["GGML_CUDA=ON"]\n')
+    path.write_text(
+        '[device]\nname = "toy"\nbackends = ["llama.cpp"]\n[build."llama.cpp"]\ncmake_args = ["GGML_CUDA=ON"]\n'
+    )
     with pytest.raises(ConfigError, match=r'build\."llama.cpp"\.cmake_args: item 0: .* is not a CMake argument'):
         load_devices(project)
 
 
 def test_ci_run_backends_must_be_supported_and_need_runners(tmp_path):
     project = copy_project(tmp_path / "p")
-    path = write_manifest(project, "toy", '[device]\nname = "toy"\nbackends = ["megatron"]\n'
-                                          '[ci]\nruns_on = ["x"]\nrun_backends = ["vllm"]\n')
+    path = write_manifest(
+        project,
+        "toy",
+        '[device]\nname = "toy"\nbackends = ["megatron"]\n[ci]\nruns_on = ["x"]\nrun_backends = ["vllm"]\n',
+    )
     with pytest.raises(ConfigError, match=r"ci\.run_backends: vllm is not in device\.backends"):
         load_devices(project)
     path.write_text('[device]\nname = "toy"\nbackends = ["megatron"]\n[ci]\nrun_backends = ["megatron"]\n')

@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from flagscale.wheels.backend_wheel import PROVENANCE_FILE
 from flagscale.wheels.doctor import diagnose, verify_files
 from flagscale.wheels.wheelfile import write_wheel
@@ -21,14 +21,24 @@ from flagscale.wheels.wheelfile import write_wheel
 BACKEND_VERSION = "1.0+fs.cpu.0badc0de"
 
 
-def tiny_wheel(out: Path, name: str, version: str, files: dict[str, bytes], provenance: dict | None,
-               executable: tuple[str, ...] = ()) -> Path:
+def tiny_wheel(
+    out: Path,
+    name: str,
+    version: str,
+    files: dict[str, bytes],
+    provenance: dict | None,
+    executable: tuple[str, ...] = (),
+) -> Path:
     dist_info = f"{name}-{version}.dist-info"
     entries = {path: (data, path in executable) for path, data in files.items()}
-    entries[f"{dist_info}/METADATA"] = (f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\n"
-                                        f"Version: {version}\n".encode(), False)
-    entries[f"{dist_info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                     b"Tag: py3-none-any\n", False)
+    entries[f"{dist_info}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
+        False,
+    )
+    entries[f"{dist_info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        False,
+    )
     if provenance is not None:
         entries[f"{dist_info}/{PROVENANCE_FILE}"] = (json.dumps(provenance).encode(), False)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,22 +48,45 @@ def tiny_wheel(out: Path, name: str, version: str, files: dict[str, bytes], prov
 
 
 def backend_wheel(out: Path, version: str = BACKEND_VERSION, provenance: bool = True, body: bytes = b"X = 1\n") -> Path:
-    prov = {"backend": "toy", "device": "cpu", "key": "0badc0de",
-            "patches": [{"series": "common", "name": "0001-a.patch", "sha256": "a" * 64},
-                        {"series": "device:cpu", "name": "0001-b.patch", "sha256": "b" * 64}]}
-    return tiny_wheel(out, "toy_pkg", version, {
-        "toy_pkg/__init__.py": body,
-        "toy_pkg/device.py": b"def device():\n    return 'cpu'\n",
-        "toy_pkg/data, with comma.txt": b"quoted in RECORD\n",
-        f"toy_pkg-{version}.data/scripts/toy-run": b"#!python\nprint('run')\n",
-    }, prov if provenance else None, executable=(f"toy_pkg-{version}.data/scripts/toy-run",))
+    prov = {
+        "backend": "toy",
+        "device": "cpu",
+        "key": "0badc0de",
+        "patches": [
+            {"series": "common", "name": "0001-a.patch", "sha256": "a" * 64},
+            {"series": "device:cpu", "name": "0001-b.patch", "sha256": "b" * 64},
+        ],
+    }
+    return tiny_wheel(
+        out,
+        "toy_pkg",
+        version,
+        {
+            "toy_pkg/__init__.py": body,
+            "toy_pkg/device.py": b"def device():\n    return 'cpu'\n",
+            "toy_pkg/data, with comma.txt": b"quoted in RECORD\n",
+            f"toy_pkg-{version}.data/scripts/toy-run": b"#!python\nprint('run')\n",
+        },
+        prov if provenance else None,
+        executable=(f"toy_pkg-{version}.data/scripts/toy-run",),
+    )
 
 
 def flagscale_wheel(out: Path, expected_version: str = BACKEND_VERSION) -> Path:
     """A stand-in for the flagscale wheel: only its dist-info with the provenance doctor reads."""
-    prov = {"toolchain": {"name": "flagscale", "version": "0.1.0"}, "device": "cpu",
-            "backends": [{"backend": "toy", "device": "cpu", "distribution": "toy_pkg", "version": expected_version,
-                          "patches": [{"series": "common", "name": "0001-a.patch", "sha256": "a" * 64}]}]}
+    prov = {
+        "toolchain": {"name": "flagscale", "version": "0.1.0"},
+        "device": "cpu",
+        "backends": [
+            {
+                "backend": "toy",
+                "device": "cpu",
+                "distribution": "toy_pkg",
+                "version": expected_version,
+                "patches": [{"series": "common", "name": "0001-a.patch", "sha256": "a" * 64}],
+            }
+        ],
+    }
     return tiny_wheel(out, "flagscale", "0.1.0+cpu", {}, prov)
 
 
@@ -125,7 +158,12 @@ def test_diagnose_ok(site, tmp_path):
     assert (report.flagscale_version, report.device, report.ok) == ("0.1.0+cpu", "cpu", True)
     (health,) = report.backends
     assert (health.backend, health.version, health.expected_version, health.device, health.patches) == (
-        "toy", BACKEND_VERSION, BACKEND_VERSION, "cpu", 2)
+        "toy",
+        BACKEND_VERSION,
+        BACKEND_VERSION,
+        "cpu",
+        2,
+    )
 
 
 def test_diagnose_changed_file(site, tmp_path):
@@ -208,8 +246,11 @@ def test_doctor_after_a_real_pip_install(tmp_path):
     pip = [*_pip(), "--python", str(python), "install", "--no-deps", "--no-index", "--quiet"]
     subprocess.run([*pip, *map(str, wheels)], check=True)
     assert (venv / "bin" / "toy-run").is_file()
-    probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); from flagscale.wheels.doctor import diagnose; r = diagnose(); "
-             "print(json.dumps([r.ok] + [[b.backend, b.version, b.changed, b.missing, b.problem] for b in r.backends]))")
+    probe = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from flagscale.wheels.doctor import diagnose; "
+        "r = diagnose(); "
+        "print(json.dumps([r.ok] + [[b.backend, b.version, b.changed, b.missing, b.problem] for b in r.backends]))"
+    )
 
     def doctor():
         out = subprocess.run([str(python), "-c", probe, str(REPO_ROOT)], check=True, capture_output=True, text=True)

@@ -13,19 +13,22 @@ def test_hosts_slots_types_and_comments():
     assert parse_hostfile(text) == [Node("10.0.0.1", 8, "A800"), Node("node-b", 4, None), Node("fe80::1", 2, None)]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "no hosts"),
-    ("# only a comment\n", "no hosts"),
-    ("node-a\n", "has no slots=N"),
-    ("node-a slots=0\n", "expected a positive integer"),
-    ("node-a slots=two\n", "expected a positive integer"),
-    ("node-a slots=2 gpus=2\n", "expected slots=N or type=NAME"),
-    ("node-a slots=2 slots=3\n", "slots given twice"),
-    ("node-a slots=2\nnode-a slots=2\n", "listed twice"),
-    ("-oProxyCommand=x slots=1\n", "not a host name"),
-    ("a;rm slots=1\n", "not a host name"),
-    ("node-a slots=1 type=$(x)\n", "not a device type name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "no hosts"),
+        ("# only a comment\n", "no hosts"),
+        ("node-a\n", "has no slots=N"),
+        ("node-a slots=0\n", "expected a positive integer"),
+        ("node-a slots=two\n", "expected a positive integer"),
+        ("node-a slots=2 gpus=2\n", "expected slots=N or type=NAME"),
+        ("node-a slots=2 slots=3\n", "slots given twice"),
+        ("node-a slots=2\nnode-a slots=2\n", "listed twice"),
+        ("-oProxyCommand=x slots=1\n", "not a host name"),
+        ("a;rm slots=1\n", "not a host name"),
+        ("node-a slots=1 type=$(x)\n", "not a device type name"),
+    ],
+)
 def test_bad_hostfiles_name_the_line(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         parse_hostfile(text, "hosts.txt")

@@ -14,16 +14,23 @@ CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
 @pytest.fixture(scope="module")
 def env():
     root = work_root()
-    return {**backend_env(installed_backend(root)), "TINY_LLAMA_GGUF": str(tiny_gguf(root)),
-            "TINY_LLAMA_PROMPTS": str(REPO_ROOT / "examples" / "tiny_llama" / "prompts.txt")}
+    return {
+        **backend_env(installed_backend(root)),
+        "TINY_LLAMA_GGUF": str(tiny_gguf(root)),
+        "TINY_LLAMA_PROMPTS": str(REPO_ROOT / "examples" / "tiny_llama" / "prompts.txt"),
+    }
 
 
 def test_writes_one_completion_per_prompt(env, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('Once upon a time\n\n{"prompt": "Hello world"}\nThe end\n')
     out = tmp_path / "out" / "completions.jsonl"
-    args = [f"experiment.exp_dir={tmp_path}", f"infer.generate.prompts={prompts}", f"infer.generate.output={out}",
-            "infer.generate.max_tokens=7"]
+    args = [
+        f"experiment.exp_dir={tmp_path}",
+        f"infer.generate.prompts={prompts}",
+        f"infer.generate.output={out}",
+        "infer.generate.max_tokens=7",
+    ]
     result = flagscale("infer", str(CONF), *args, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -33,10 +40,19 @@ def test_writes_one_completion_per_prompt(env, tmp_path):
         assert 7 <= record["completion_tokens"] <= 10 and record["prompt_tokens"] > 0 and record["completion"]
         assert record["latency_s"] > 0 and record["tokens_per_s"] > 0
     again = tmp_path / "again.jsonl"  # greedy decoding with a seed: the same completions again
-    result = flagscale("infer", str(CONF), *args[:-2], f"infer.generate.output={again}", "infer.generate.max_tokens=7",
-                       env=env, cwd=tmp_path)
+    result = flagscale(
+        "infer",
+        str(CONF),
+        *args[:-2],
+        f"infer.generate.output={again}",
+        "infer.generate.max_tokens=7",
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["completion"] for line in again.read_text().splitlines()] == [r["completion"] for r in records]
+    assert [json.loads(line)["completion"] for line in again.read_text().splitlines()] == [
+        r["completion"] for r in records
+    ]
 
 
 def test_bad_inputs_are_one_line_errors(env, tmp_path):

@@ -9,24 +9,26 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_project, git
-from flagscale.patches.apply import copy_tree
+
 from flagscale.errors import RebaseConflict
+from flagscale.patches.apply import copy_tree
+from flagscale.patches.series import series_for
+from flagscale.patches.tree import patched_tree
 from flagscale.patches.workflow import check, checkout, export, rebase, write_pin
 from flagscale.upstream.project import Project
-from flagscale.patches.series import series_for
 from flagscale.upstream.sources import materialize
-from flagscale.patches.tree import patched_tree
 from flagscale.upstream.target import Target
 
 pytestmark = pytest.mark.integration
 
 MEGATRON_0160 = ("0.16.0", "597961fc6ea21f9becddd24e4d1d44dd683d1957f339003af9dff950e6f8c2dc")
-PROBES = {"megatron": "megatron/core/utils.py", "vllm": "vllm/envs.py",
-          "sglang": "python/sglang/srt/server_args.py", "llama.cpp": "ggml/src/ggml.c"}
-
-
+PROBES = {
+    "megatron": "megatron/core/utils.py",
+    "vllm": "vllm/envs.py",
+    "sglang": "python/sglang/srt/server_args.py",
+    "llama.cpp": "ggml/src/ggml.c",
+}
 
 
 @pytest.mark.parametrize("backend", list(PROBES))
@@ -53,7 +55,7 @@ def test_our_tree_is_byte_identical_to_git_apply(real_project, real_cache, backe
     reference = tmp_path / "git-apply"
     reference.mkdir()
     copy_tree(tree.source.tree, reference)
-    (repo_prefix, sdist_prefix), = pin.sdist.paths
+    ((repo_prefix, sdist_prefix),) = pin.sdist.paths
     args = ["git", "apply", "--whitespace=nowarn"]
     if repo_prefix:
         args.append(f"-p{1 + repo_prefix.count('/')}")
@@ -61,8 +63,9 @@ def test_our_tree_is_byte_identical_to_git_apply(real_project, real_cache, backe
         args.append(f"--directory={sdist_prefix.rstrip('/')}")
     patches = [str(p) for s in series_for(real_project, pin.backend, "cpu") for p in s.paths]
     subprocess.run([*args, *patches], cwd=reference, check=True)
-    diff = subprocess.run(["diff", "-r", "-q", "--no-dereference", str(reference), str(tree.path)],
-                          capture_output=True, text=True)
+    diff = subprocess.run(
+        ["diff", "-r", "-q", "--no-dereference", str(reference), str(tree.path)], capture_output=True, text=True
+    )
     assert diff.returncode == 0, diff.stdout[-2000:]
     for dirpath, _, files in os.walk(reference):
         for name in files:
@@ -78,8 +81,12 @@ def test_megatron_round_trip_checkout_edit_export_check(real_project, real_cache
     assert export(project, "megatron", work).written == []  # real patches regenerate byte-identically
     target = work / "megatron/core/__init__.py"
     target.write_text(target.read_text() + "\n# FlagScale: round-trip test\n")
-    git(work, "commit", "-qam", "megatron: mark the package\n\nTest.\n\nUpstream-Status: Inappropriate [test]\n"
-                                "Drop-When: the test ends")
+    git(
+        work,
+        "commit",
+        "-qam",
+        "megatron: mark the package\n\nTest.\n\nUpstream-Status: Inappropriate [test]\nDrop-When: the test ends",
+    )
     result = export(project, "megatron", work)
     assert [p.name for p in result.written] == [f"{len(commits) + 1:04d}-megatron-mark-the-package.patch"]
     assert export(project, "megatron", work).written == []  # exporting twice changes nothing
@@ -93,8 +100,12 @@ def _pin_megatron_0160(real_project: Project, dest: Path) -> Project:
     pin = project.pins.resolve("megatron")
     import dataclasses
 
-    old = dataclasses.replace(pin, tag="core_v0.16.0", commit=None,
-                              sdist=dataclasses.replace(pin.sdist, version=MEGATRON_0160[0], sha256=MEGATRON_0160[1]))
+    old = dataclasses.replace(
+        pin,
+        tag="core_v0.16.0",
+        commit=None,
+        sdist=dataclasses.replace(pin.sdist, version=MEGATRON_0160[0], sha256=MEGATRON_0160[1]),
+    )
     write_pin(project, old)
     for folder in [project.common_series_dir("megatron"), *project.root.glob("hardware/*/patches/megatron")]:
         shutil.rmtree(folder, ignore_errors=True)
@@ -114,12 +125,25 @@ def _series_from_edits(project: Project, cache, work: Path, edits) -> None:
 
 def test_rebase_megatron_series_from_0160_onto_0161(real_project, real_cache, tmp_path):
     project = _pin_megatron_0160(real_project, tmp_path / "project")
-    _series_from_edits(project, real_cache, tmp_path / "work", [
-        ("megatron: name the memory buffer device", "megatron/core/utils.py",
-         "torch.cuda.current_device()", "torch.device(torch.cuda.current_device())"),
-        ("megatron: sync through one helper", "megatron/core/pipeline_parallel/p2p_communication.py",
-         "torch.cuda.synchronize()", "torch.cuda.synchronize()  # FlagScale: device accessor later"),
-    ])
+    _series_from_edits(
+        project,
+        real_cache,
+        tmp_path / "work",
+        [
+            (
+                "megatron: name the memory buffer device",
+                "megatron/core/utils.py",
+                "torch.cuda.current_device()",
+                "torch.device(torch.cuda.current_device())",
+            ),
+            (
+                "megatron: sync through one helper",
+                "megatron/core/pipeline_parallel/p2p_communication.py",
+                "torch.cuda.synchronize()",
+                "torch.cuda.synchronize()  # FlagScale: device accessor later",
+            ),
+        ],
+    )
     report = rebase(project, "megatron", "0.16.1", old_source="sdist", cache=real_cache)
     assert [r.status for r in report] and all(r.status in ("clean", "offset", "merged") for r in report), report
     pins = Project(project.root).pins.resolve("megatron")
@@ -131,8 +155,9 @@ def test_rebase_megatron_series_from_0160_onto_0161(real_project, real_cache, tm
 
 def _changed_line(old_tree: Path, new_tree: Path) -> tuple[str, str]:
     """A line of a megatron file that 0.16.1 changed relative to 0.16.0."""
-    diff = subprocess.run(["diff", "-r", "-u", str(old_tree / "megatron"), str(new_tree / "megatron")],
-                          capture_output=True, text=True).stdout
+    diff = subprocess.run(
+        ["diff", "-r", "-u", str(old_tree / "megatron"), str(new_tree / "megatron")], capture_output=True, text=True
+    ).stdout
     current = None
     for line in diff.splitlines():
         if line.startswith("--- "):
@@ -147,9 +172,14 @@ def test_rebase_conflict_reports_and_leaves_series_untouched(real_project, real_
     old_tree = materialize(Target.of(project, "megatron", None, "sdist", real_cache)).tree
     new_tree = materialize(Target.of(real_project, "megatron", None, "sdist", real_cache)).tree
     rel, line = _changed_line(old_tree, new_tree)
-    _series_from_edits(project, real_cache, tmp_path / "work", [
-        ("megatron: touch a line 0.16.1 changes", rel, line, line + "  # FlagScale conflict"),
-    ])
+    _series_from_edits(
+        project,
+        real_cache,
+        tmp_path / "work",
+        [
+            ("megatron: touch a line 0.16.1 changes", rel, line, line + "  # FlagScale conflict"),
+        ],
+    )
     before = {p: p.read_bytes() for p in project.root.rglob("*") if p.is_file()}
     with pytest.raises(RebaseConflict) as info:
         rebase(project, "megatron", "0.16.1", old_source="sdist", cache=real_cache)
@@ -164,8 +194,15 @@ def test_rebase_real_megatron_series_written_against_0160(real_project, real_cac
     pin = project.pins.resolve("megatron")
     import dataclasses
 
-    write_pin(project, dataclasses.replace(pin, tag="core_v0.16.0", commit=None, sdist=dataclasses.replace(
-        pin.sdist, version=MEGATRON_0160[0], sha256=MEGATRON_0160[1])))
+    write_pin(
+        project,
+        dataclasses.replace(
+            pin,
+            tag="core_v0.16.0",
+            commit=None,
+            sdist=dataclasses.replace(pin.sdist, version=MEGATRON_0160[0], sha256=MEGATRON_0160[1]),
+        ),
+    )
     project = Project(project.root)
     assert all(r.status != "FAIL" for r in check(project, "megatron", source="sdist", cache=real_cache))
     report = rebase(project, "megatron", "0.16.1", sha256=pin.sdist.sha256, old_source="sdist", cache=real_cache)

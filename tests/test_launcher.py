@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, pid_alive, wait_until
 
 CONF = REPO_ROOT / "examples" / "tiny_gpt" / "conf"
 HOSTILE = "$(touch PWNED) `touch PWNED2`; touch PWNED3 'x\" &"
+
 
 def hydra_quote(value: str) -> str:
     """`value` as one quoted Hydra override value (Hydra's grammar, not a shell's)."""
@@ -56,18 +56,28 @@ def exp(tmp_path):
     class Exp:
         root = tmp_path
         dir = exp_dir
-        overrides = [f"experiment.exp_dir={hydra_quote(str(exp_dir))}", f"train.data.data_path={data / 'corpus'}",
-                     f"experiment.runner.python={fake}"]
+        overrides = [
+            f"experiment.exp_dir={hydra_quote(str(exp_dir))}",
+            f"train.data.data_path={data / 'corpus'}",
+            f"experiment.runner.python={fake}",
+        ]
 
         def fakes(self) -> list[dict]:
             return [json.loads(p.read_text()) for p in sorted(exp_dir.glob("fake-*.json"))]
+
     return Exp()
 
 
 def flagscale(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    return subprocess.run([sys.executable, "-m", "flagscale.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flagscale.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def train(exp, *overrides: str, config: str = "train", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -75,10 +85,12 @@ def train(exp, *overrides: str, config: str = "train", extra: tuple[str, ...] = 
 
 
 def test_help_imports_neither_torch_nor_hydra():
-    code = ("import atexit, sys\n"
-            "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'megatron', 'hydra', 'omegaconf')"
-            " if m in sys.modules)))\n"
-            "from flagscale.cli import run\nsys.argv = ['flagscale', 'train', '--help']\nrun()\n")
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'megatron', 'hydra', 'omegaconf')"
+        " if m in sys.modules)))\n"
+        "from flagscale.cli import run\nsys.argv = ['flagscale', 'train', '--help']\nrun()\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "config_dir" in result.stdout.lower(), result.stdout + result.stderr
     assert result.stdout.strip().endswith("HEAVY []"), result.stdout[-500:]
@@ -93,8 +105,10 @@ def test_dryrun_prints_the_exact_commands_and_writes_nothing(exp):
     argv = shlex.split(torchrun)
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=127.0.0.1:29555" in argv
-    assert argv[-4:] == ["flagscale.train.driver", "--config", str(exp.dir / "config" / "train.json")][-3:] \
+    assert (
+        argv[-4:] == ["flagscale.train.driver", "--config", str(exp.dir / "config" / "train.json")][-3:]
         or argv[-3:] == ["flagscale.train.driver", "--config", str(exp.dir / "config" / "train.json")][-3:]
+    )
     assert "export MEGATRON_COLLECTIVE_BACKEND=gloo" in out  # from hardware/cpu/device.toml
     assert not exp.dir.exists(), "a dry run wrote files"
 
@@ -103,9 +117,14 @@ def test_run_py_and_flagscale_train_print_the_same_plan(exp):
     args = ["action=dryrun", "experiment.runner.master_port=29556", *exp.overrides]
     via_cli = train(exp, "action=dryrun", "experiment.runner.master_port=29556", config="dp2")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    via_run_py = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), "--config-path", str(CONF),
-                                 "--config-name", "dp2", *args], cwd=exp.root, env=env, capture_output=True,
-                                text=True, timeout=120)
+    via_run_py = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), "--config-path", str(CONF), "--config-name", "dp2", *args],
+        cwd=exp.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert via_cli.returncode == 0 and via_run_py.returncode == 0, via_cli.stderr + via_run_py.stderr
     assert via_cli.stdout == via_run_py.stdout
 
@@ -113,9 +132,16 @@ def test_run_py_and_flagscale_train_print_the_same_plan(exp):
 def test_multinode_dryrun_quotes_every_ssh_command(exp):
     hostfile = exp.root / "hosts"
     hostfile.write_text("127.0.0.1 slots=2 type=cpu\nnode-b slots=2\n")
-    result = train(exp, "action=dryrun", "experiment.runner.nnodes=2", "experiment.runner.nproc_per_node=2",
-                   f"experiment.runner.hostfile={hostfile}", f"+experiment.envs.EVIL={hydra_quote(HOSTILE)}",
-                   "+experiment.device_type_envs.cpu.ONLY_CPU=1", "+experiment.node_envs.node-b.ONLY_B=1")
+    result = train(
+        exp,
+        "action=dryrun",
+        "experiment.runner.nnodes=2",
+        "experiment.runner.nproc_per_node=2",
+        f"experiment.runner.hostfile={hostfile}",
+        f"+experiment.envs.EVIL={hydra_quote(HOSTILE)}",
+        "+experiment.device_type_envs.cpu.ONLY_CPU=1",
+        "+experiment.node_envs.node-b.ONLY_B=1",
+    )
     assert result.returncode == 0, result.stderr
     ssh_lines = [line[2:] for line in result.stdout.splitlines() if line.startswith("$ ssh ")]
     assert len(ssh_lines) == 4  # upload + start per node
@@ -135,24 +161,42 @@ def test_multinode_dryrun_quotes_every_ssh_command(exp):
 def test_bad_ssh_option_fails_before_anything_is_written(exp):
     hostfile = exp.root / "hosts"
     hostfile.write_text("127.0.0.1 slots=2\nnode-b slots=2\n")
-    result = train(exp, "experiment.runner.nnodes=2", f"experiment.runner.hostfile={hostfile}",
-                   "experiment.runner.ssh_options=['-oProxyCommand=touch PWNED']", config="dp2")
+    result = train(
+        exp,
+        "experiment.runner.nnodes=2",
+        f"experiment.runner.hostfile={hostfile}",
+        "experiment.runner.ssh_options=['-oProxyCommand=touch PWNED']",
+        config="dp2",
+    )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.strip() == ("error: experiment.runner.ssh_options: '-oProxyCommand=touch PWNED' is not an "
-                                     "ssh option (Key=Value)"), result.stderr
+    assert result.stderr.strip() == (
+        "error: experiment.runner.ssh_options: '-oProxyCommand=touch PWNED' is not an ssh option (Key=Value)"
+    ), result.stderr
     assert not exp.dir.exists(), "something was written or launched"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["experiment.runner.nnodes=2", "experiment.runner.hostfile={root}/no-hosts"], "hostfile .*no-hosts does not exist"),
-    (["experiment.runner.nnodes=2"], "needs experiment.runner.hostfile"),
-    (["train.model.num_layerz=4"], r"Could not override 'train.model.num_layerz'.*did you mean train.model.num_layers"),
-    (["+train.model.num_layerz=4"], r"train.model.num_layerz: unknown key \(did you mean 'num_layers'\?\)"),
-    (["train.system.tensor_model_parallel_size=3"], "does not divide the world size 2"),
-    (["train.data.data_path={root}/missing/corpus"], r"missing/corpus.bin does not exist.*tools/preprocess_data.py"),
-    (["train.model.num_layers=two"], "train.model.num_layers='two': expected an integer"),
-    (["action=launch"], "action=launch: use one of run, dryrun, stop, status"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["experiment.runner.nnodes=2", "experiment.runner.hostfile={root}/no-hosts"],
+            "hostfile .*no-hosts does not exist",
+        ),
+        (["experiment.runner.nnodes=2"], "needs experiment.runner.hostfile"),
+        (
+            ["train.model.num_layerz=4"],
+            r"Could not override 'train.model.num_layerz'.*did you mean train.model.num_layers",
+        ),
+        (["+train.model.num_layerz=4"], r"train.model.num_layerz: unknown key \(did you mean 'num_layers'\?\)"),
+        (["train.system.tensor_model_parallel_size=3"], "does not divide the world size 2"),
+        (
+            ["train.data.data_path={root}/missing/corpus"],
+            r"missing/corpus.bin does not exist.*tools/preprocess_data.py",
+        ),
+        (["train.model.num_layers=two"], "train.model.num_layers='two': expected an integer"),
+        (["action=launch"], "action=launch: use one of run, dryrun, stop, status"),
+    ],
+)
 def test_bad_input_fails_in_one_line_before_anything_is_launched(exp, overrides, message):
     import re
 
@@ -178,8 +222,9 @@ def test_missing_backend_is_reported_before_launch(exp):
 
 
 def test_config_values_reach_the_job_verbatim(exp):
-    result = train(exp, "--foreground", f"+experiment.envs.EVIL={hydra_quote(HOSTILE)}", "train.model.num_layers=4",
-                   extra=())
+    result = train(
+        exp, "--foreground", f"+experiment.envs.EVIL={hydra_quote(HOSTILE)}", "train.model.num_layers=4", extra=()
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     [job] = exp.fakes()
     assert job["env"]["EVIL"] == HOSTILE
@@ -202,9 +247,22 @@ def test_stop_stops_the_job_and_leaves_a_lookalike_alive(exp):
     record = json.loads((exp.dir / "pids" / "node0.json").read_text())
     script = exp.dir / "scripts" / "node0.sh"
     # Lookalikes: the same words on their command lines, started by someone else.
-    decoys = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-m", "torch.distributed.run",
-                                "-m", "flagscale.train.driver", "--config", str(exp.dir / "config" / "train.json")]),
-              subprocess.Popen(["bash", "-c", "sleep 300", str(script)])]
+    decoys = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time; time.sleep(300)",
+                "-m",
+                "torch.distributed.run",
+                "-m",
+                "flagscale.train.driver",
+                "--config",
+                str(exp.dir / "config" / "train.json"),
+            ]
+        ),
+        subprocess.Popen(["bash", "-c", "sleep 300", str(script)]),
+    ]
     try:
         status = train(exp, "action=status")
         assert status.returncode == 0 and status.stdout.split() == ["node0", "localhost", "running"], status.stdout

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, real_cache_dir
 
 pytestmark = pytest.mark.integration
@@ -44,9 +43,13 @@ def _free_port() -> int:
 
 
 def _run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "MEGATRON_DEVICE_TYPE", "MEGATRON_COLLECTIVE_BACKEND", "VIRTUAL_ENV")
-           and not k.startswith(("MASTER_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "MEGATRON_DEVICE_TYPE", "MEGATRON_COLLECTIVE_BACKEND", "VIRTUAL_ENV")
+        and not k.startswith(("MASTER_", "TORCHELASTIC_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", PYTHONWARNINGS="ignore")
     env.update(extra or {})
     return env
@@ -60,24 +63,34 @@ class Venv:
         self.torchrun = root / "bin" / "torchrun"
         self.timings: dict[str, float] = {}
 
-    def run(self, args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
-            label: str | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300, label: str | None = None
+    ) -> subprocess.CompletedProcess:
         start = time.perf_counter()
-        result = subprocess.run(args, cwd=self.workdir, env=env or _run_env(), capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            args, cwd=self.workdir, env=env or _run_env(), capture_output=True, text=True, timeout=timeout
+        )
         if label:
             self.timings[label] = round(time.perf_counter() - start, 1)
         return result
 
-    def train(self, layout_args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
-              label: str | None = None) -> subprocess.CompletedProcess:
+    def train(
+        self, layout_args: list[str], nproc: int = 1, env: dict[str, str] | None = None, label: str | None = None
+    ) -> subprocess.CompletedProcess:
         driver = [str(DRIVER), "--steps", str(STEPS), "--vocab", str(VOCAB), *layout_args]
         if nproc == 1:
             cmd = [str(self.python), *driver]
         else:
-            cmd = [str(self.torchrun), "--nnodes=1", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=flagscale-megatron-cpu",
-                   "--max-restarts=0", *driver]
+            cmd = [
+                str(self.torchrun),
+                "--nnodes=1",
+                f"--nproc_per_node={nproc}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+                "--rdzv-id=flagscale-megatron-cpu",
+                "--max-restarts=0",
+                *driver,
+            ]
         return self.run(cmd, env=env, label=label)
 
 
@@ -110,8 +123,23 @@ def venv(tmp_path_factory) -> Venv:
     env.pop("FLAGSCALE_ROOT", None)
     start = time.perf_counter()
     install = subprocess.run(
-        [str(root / "bin" / "pip"), "install", "-c", "constraints.txt", ".", "-C", "device=cpu",
-         "-C", "backend=megatron"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [
+            str(root / "bin" / "pip"),
+            "install",
+            "-c",
+            "constraints.txt",
+            ".",
+            "-C",
+            "device=cpu",
+            "-C",
+            "backend=megatron",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
     workdir = base / "work"
     workdir.mkdir()
@@ -126,9 +154,11 @@ def world1(venv) -> subprocess.CompletedProcess:
 
 
 def test_wheel_is_the_patched_cpu_build(venv):
-    code = ("import json, megatron.core, importlib.metadata as m; d = m.distribution('megatron-core');"
-            "print(json.dumps({'file': megatron.core.__file__, 'version': d.version,"
-            " 'prov': json.loads(d.read_text('flagscale_build.json'))}))")
+    code = (
+        "import json, megatron.core, importlib.metadata as m; d = m.distribution('megatron-core');"
+        "print(json.dumps({'file': megatron.core.__file__, 'version': d.version,"
+        " 'prov': json.loads(d.read_text('flagscale_build.json'))}))"
+    )
     result = venv.run([str(venv.python), "-c", code])
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
@@ -186,8 +216,9 @@ def test_two_process_layouts_train_and_match(venv, world1, layout):
     assert losses[-1] < 0.85 * losses[0], losses
     if layout in ("tp2", "dp2"):  # same initial weights and global batch as world size 1
         reference = losses_of(world1)
-        assert all(math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL) for a, b in zip(losses, reference)), \
+        assert all(math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL) for a, b in zip(losses, reference, strict=False)), (
             f"{layout} {losses} != world1 {reference}"
+        )
 
 
 def test_the_same_driver_fails_on_unpatched_megatron_core(venv, real_project, real_cache):

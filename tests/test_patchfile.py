@@ -9,21 +9,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import git, make_patch, write_tree
+
 from flagscale.errors import FlagScaleError, PatchError
 from flagscale.patches.patchfile import parse_patch, read_patch
 
-HEADER = (b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
-          b"From: Jane Developer <jane@example.org>\n"
-          b"Date: Mon, 23 Nov 2026 00:00:00 +0000\n"
-          b"Subject: [PATCH] toy: hand written\n"
-          b"\n"
-          b"Why.\n"
-          b"\n"
-          b"Upstream-Status: Pending\n"
-          b"Drop-When: never\n"
-          b"---\n")
+HEADER = (
+    b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+    b"From: Jane Developer <jane@example.org>\n"
+    b"Date: Mon, 23 Nov 2026 00:00:00 +0000\n"
+    b"Subject: [PATCH] toy: hand written\n"
+    b"\n"
+    b"Why.\n"
+    b"\n"
+    b"Upstream-Status: Pending\n"
+    b"Drop-When: never\n"
+    b"---\n"
+)
 IDX = b"index " + b"1" * 40 + b".." + b"2" * 40 + b" 100644\n"
 
 
@@ -32,15 +34,28 @@ def hand(*sections: bytes) -> bytes:
 
 
 def modify(path: bytes, *hunks: bytes) -> bytes:
-    return (b"diff --git a/" + path + b" b/" + path + b"\n" + IDX
-            + b"--- a/" + path + b"\n+++ b/" + path + b"\n" + b"".join(hunks))
+    return (
+        b"diff --git a/"
+        + path
+        + b" b/"
+        + path
+        + b"\n"
+        + IDX
+        + b"--- a/"
+        + path
+        + b"\n+++ b/"
+        + path
+        + b"\n"
+        + b"".join(hunks)
+    )
 
 
 SIMPLE_HUNK = b"@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n"
 
 
-def format_patch(tmp: Path, base: dict[str, bytes], changed: dict[str, bytes | None],
-                 chmod: dict[str, int] | None = None) -> bytes:
+def format_patch(
+    tmp: Path, base: dict[str, bytes], changed: dict[str, bytes | None], chmod: dict[str, int] | None = None
+) -> bytes:
     """A real format-patch of base -> changed, with optional mode changes."""
     return make_patch(base, changed, tmp, body="Body.", chmod=chmod)
 
@@ -67,9 +82,15 @@ def line_of(data: bytes, needle: bytes) -> int:
 
 
 def test_real_format_patch_headers_body_and_trailers(tmp_path):
-    data = make_patch({"a.py": "x = 1\n"}, {"a.py": "x = 2\n"}, tmp_path, subject="toy: set x",
-                      body="x must be two on this device.", status="Submitted https://example.org/pr/1",
-                      drop="upstream sets x itself")
+    data = make_patch(
+        {"a.py": "x = 1\n"},
+        {"a.py": "x = 2\n"},
+        tmp_path,
+        subject="toy: set x",
+        body="x must be two on this device.",
+        status="Submitted https://example.org/pr/1",
+        drop="upstream sets x itself",
+    )
     (tmp_path / "0001-toy-set-x.patch").write_bytes(data)
     patch = read_patch(tmp_path / "0001-toy-set-x.patch")
     assert patch.name == "0001-toy-set-x.patch"
@@ -88,23 +109,26 @@ def test_real_format_patch_headers_body_and_trailers(tmp_path):
 
 
 def test_folded_subject_and_body_stops_at_separator():
-    data = (b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
-            b"From: Jane Developer <jane@example.org>\n"
-            b"Date: Mon, 23 Nov 2026 00:00:00 +0000\n"
-            b"Subject: [PATCH v2 3/7] megatron: a subject long enough that the mailer\n"
-            b" folds it onto a second line\n"
-            b"\n"
-            b"First paragraph.\n"
-            b"\n"
-            b"Upstream-Status:   Inappropriate [device specific]   \n"
-            b"Drop-When: never\n"
-            b"---\n"
-            b" Notes after the separator are not part of the body.\n"
-            b" Drop-When: not this one\n"
-            b"\n" + modify(b"m.py", SIMPLE_HUNK))
+    data = (
+        b"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+        b"From: Jane Developer <jane@example.org>\n"
+        b"Date: Mon, 23 Nov 2026 00:00:00 +0000\n"
+        b"Subject: [PATCH v2 3/7] megatron: a subject long enough that the mailer\n"
+        b" folds it onto a second line\n"
+        b"\n"
+        b"First paragraph.\n"
+        b"\n"
+        b"Upstream-Status:   Inappropriate [device specific]   \n"
+        b"Drop-When: never\n"
+        b"---\n"
+        b" Notes after the separator are not part of the body.\n"
+        b" Drop-When: not this one\n"
+        b"\n" + modify(b"m.py", SIMPLE_HUNK)
+    )
     patch = parse_patch(data, "0003-m.patch")
-    assert patch.headers["Subject"] == ("[PATCH v2 3/7] megatron: a subject long enough that the mailer "
-                                        "folds it onto a second line")
+    assert patch.headers["Subject"] == (
+        "[PATCH v2 3/7] megatron: a subject long enough that the mailer folds it onto a second line"
+    )
     assert patch.subject == "megatron: a subject long enough that the mailer folds it onto a second line"
     assert patch.headers["From"] == "Jane Developer <jane@example.org>"
     assert patch.headers["Date"] == "Mon, 23 Nov 2026 00:00:00 +0000"
@@ -115,8 +139,10 @@ def test_folded_subject_and_body_stops_at_separator():
 
 
 def test_body_without_separator_ends_at_the_diff_and_trailer_needs_line_start():
-    data = (b"From: J <j@example.org>\nSubject: [PATCH] x\n\nBody line.\n"
-            b"See also X-Drop-When: not a trailer\n\n" + modify(b"m.py", SIMPLE_HUNK))
+    data = (
+        b"From: J <j@example.org>\nSubject: [PATCH] x\n\nBody line.\n"
+        b"See also X-Drop-When: not a trailer\n\n" + modify(b"m.py", SIMPLE_HUNK)
+    )
     patch = parse_patch(data, "x.patch")
     assert patch.body == "Body line.\nSee also X-Drop-When: not a trailer"
     assert patch.trailer("Drop-When") is None
@@ -135,9 +161,7 @@ def test_bare_git_diff_has_no_headers():
 
 
 def test_hunk_lines_counts_and_context():
-    data = hand(modify(b"m.py",
-                       b"@@ -2,4 +2,5 @@ def f():\n a\n b\n-c\n+C\n+D\n d\n",
-                       b"@@ -10 +11 @@\n-x\n+y\n"))
+    data = hand(modify(b"m.py", b"@@ -2,4 +2,5 @@ def f():\n a\n b\n-c\n+C\n+D\n d\n", b"@@ -10 +11 @@\n-x\n+y\n"))
     (change,) = parse_patch(data, "h.patch").files
     assert (change.path, change.op, change.old_mode, change.new_mode) == ("m.py", "modify", None, None)
     first, second = change.hunks
@@ -161,16 +185,20 @@ def test_real_single_line_file_uses_counts_without_comma(tmp_path):
     assert (hunk.old_len, hunk.new_len, hunk.old_lines, hunk.new_lines) == (1, 1, (b"old\n",), (b"new\n",))
 
 
-@pytest.mark.parametrize("old, new, want_old, want_new", [
-    # old side lacks the final newline, new side adds it
-    (b"a\nb", b"a\nb\nc\n", (b"a\n", b"b"), (b"a\n", b"b\n", b"c\n")),
-    # new side lacks the final newline
-    (b"a\nb\n", b"a\nB", (b"a\n", b"b\n"), (b"a\n", b"B")),
-    # both sides lack it and the last line changes
-    (b"a\nb", b"a\nB", (b"a\n", b"b"), (b"a\n", b"B")),
-    # both sides lack it and the last line is unchanged context
-    (b"a\nb\nc", b"A\nb\nc", (b"a\n", b"b\n", b"c"), (b"A\n", b"b\n", b"c")),
-], ids=["old-side", "new-side", "both-changed", "both-context"])
+@pytest.mark.parametrize(
+    "old, new, want_old, want_new",
+    [
+        # old side lacks the final newline, new side adds it
+        (b"a\nb", b"a\nb\nc\n", (b"a\n", b"b"), (b"a\n", b"b\n", b"c\n")),
+        # new side lacks the final newline
+        (b"a\nb\n", b"a\nB", (b"a\n", b"b\n"), (b"a\n", b"B")),
+        # both sides lack it and the last line changes
+        (b"a\nb", b"a\nB", (b"a\n", b"b"), (b"a\n", b"B")),
+        # both sides lack it and the last line is unchanged context
+        (b"a\nb\nc", b"A\nb\nc", (b"a\n", b"b\n", b"c"), (b"A\n", b"b\n", b"c")),
+    ],
+    ids=["old-side", "new-side", "both-changed", "both-context"],
+)
 def test_no_newline_at_end_of_file(tmp_path, old, new, want_old, want_new):
     data = format_patch(tmp_path, {"f.txt": old}, {"f.txt": new})
     assert b"\\ No newline at end of file" in data
@@ -180,8 +208,11 @@ def test_no_newline_at_end_of_file(tmp_path, old, new, want_old, want_new):
 
 
 def test_new_and_deleted_files(tmp_path):
-    data = format_patch(tmp_path, {"gone.py": b"1\n2\n", "keep.py": b"k\n"},
-                        {"gone.py": None, "pkg/new.py": b"n1\nn2\n", "pkg/empty.py": b""})
+    data = format_patch(
+        tmp_path,
+        {"gone.py": b"1\n2\n", "keep.py": b"k\n"},
+        {"gone.py": None, "pkg/new.py": b"n1\nn2\n", "pkg/empty.py": b""},
+    )
     files = {f.path: f for f in parse_patch(data, "nd.patch").files}
     assert set(files) == {"gone.py", "pkg/new.py", "pkg/empty.py"}
     gone, new, empty = files["gone.py"], files["pkg/new.py"], files["pkg/empty.py"]
@@ -195,8 +226,12 @@ def test_new_and_deleted_files(tmp_path):
 
 
 def test_mode_change_alone_and_with_content(tmp_path):
-    data = format_patch(tmp_path, {"run.sh": b"#!/bin/sh\n", "tool.sh": b"#!/bin/sh\necho a\n"},
-                        {"tool.sh": b"#!/bin/sh\necho b\n"}, chmod={"run.sh": 0o755, "tool.sh": 0o755})
+    data = format_patch(
+        tmp_path,
+        {"run.sh": b"#!/bin/sh\n", "tool.sh": b"#!/bin/sh\necho a\n"},
+        {"tool.sh": b"#!/bin/sh\necho b\n"},
+        chmod={"run.sh": 0o755, "tool.sh": 0o755},
+    )
     files = {f.path: f for f in parse_patch(data, "mode.patch").files}
     run, tool = files["run.sh"], files["tool.sh"]
     assert (run.op, run.old_mode, run.new_mode, run.hunks) == ("modify", "100644", "100755", ())
@@ -205,8 +240,11 @@ def test_mode_change_alone_and_with_content(tmp_path):
 
 
 def test_git_c_quoted_file_names(tmp_path):
-    data = format_patch(tmp_path, {"t\u00e9st.py": "x\n".encode(), 'q"t.py': b"y\n", "sp ace.py": b"z\n"},
-                        {"t\u00e9st.py": b"X\n", 'q"t.py': b"Y\n", "sp ace.py": b"Z\n"})
+    data = format_patch(
+        tmp_path,
+        {"t\u00e9st.py": b"x\n", 'q"t.py': b"y\n", "sp ace.py": b"z\n"},
+        {"t\u00e9st.py": b"X\n", 'q"t.py': b"Y\n", "sp ace.py": b"Z\n"},
+    )
     assert b'"a/t\\303\\251st.py"' in data and b'"a/q\\"t.py"' in data
     paths = sorted(f.path for f in parse_patch(data, "q.patch").files)
     assert paths == sorted(["t\u00e9st.py", 'q"t.py', "sp ace.py"])
@@ -221,8 +259,7 @@ def test_signature_and_blank_lines_between_files_are_accepted():
 
 
 def test_absolute_path_without_prefix_is_refused():
-    data = hand(b"diff --git a/etc/passwd b/etc/passwd\n" + IDX
-                + b"--- /etc/passwd\n+++ /etc/passwd\n" + SIMPLE_HUNK)
+    data = hand(b"diff --git a/etc/passwd b/etc/passwd\n" + IDX + b"--- /etc/passwd\n+++ /etc/passwd\n" + SIMPLE_HUNK)
     message = refused(data)
     assert f"line {line_of(data, b'--- /etc')}:" in message
     assert "/etc/passwd" in message and "prefix" in message
@@ -244,8 +281,12 @@ def test_traversal_and_odd_components_are_refused(path):
 
 
 def test_traversal_in_quoted_name_is_refused():
-    data = hand(b'diff --git "a/\\056\\056/x" "b/\\056\\056/x"\n' + IDX
-                + b'--- "a/\\056\\056/x"\n+++ "b/\\056\\056/x"\n' + SIMPLE_HUNK)
+    data = hand(
+        b'diff --git "a/\\056\\056/x" "b/\\056\\056/x"\n'
+        + IDX
+        + b'--- "a/\\056\\056/x"\n+++ "b/\\056\\056/x"\n'
+        + SIMPLE_HUNK
+    )
     assert "'../x' refused" in refused(data)
 
 
@@ -262,9 +303,11 @@ def test_traversal_on_mode_only_change_is_refused():
 
 @pytest.mark.parametrize("mode, word", [(b"120000", "symlink"), (b"160000", "submodule")])
 def test_symlink_and_submodule_creation_is_refused(mode, word):
-    data = hand(b"diff --git a/link b/link\nnew file mode " + mode + b"\n"
-                b"index 0000000000000000000000000000000000000000..1111111111111111111111111111111111111111\n"
-                b"--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n+/etc/passwd\n\\ No newline at end of file\n")
+    data = hand(
+        b"diff --git a/link b/link\nnew file mode " + mode + b"\n"
+        b"index 0000000000000000000000000000000000000000..1111111111111111111111111111111111111111\n"
+        b"--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n+/etc/passwd\n\\ No newline at end of file\n"
+    )
     message = refused(data)
     assert word in message and f"line {line_of(data, b'new file mode')}:" in message
 
@@ -290,20 +333,24 @@ def test_mode_change_to_symlink_is_refused():
 
 def test_binary_patches_are_refused(tmp_path):
     git_binary = format_patch(tmp_path, {"a.py": b"a\n"}, {"blob.bin": bytes(range(256)) * 4})
-    plain = subprocess.run(["git", "-C", str(next(tmp_path.iterdir())), "diff", "HEAD~1", "HEAD"],
-                           check=True, capture_output=True).stdout
+    plain = subprocess.run(
+        ["git", "-C", str(next(tmp_path.iterdir())), "diff", "HEAD~1", "HEAD"], check=True, capture_output=True
+    ).stdout
     assert b"GIT binary patch" in git_binary and b"Binary files /dev/null and b/blob.bin differ" in plain
     for data in (git_binary, plain):
         message = refused(data)
         assert "binary" in message
 
 
-@pytest.mark.parametrize("ext", [
-    b"similarity index 90%\nrename from a.py\nrename to b.py\n",
-    b"rename from a.py\nrename to b.py\n",
-    b"similarity index 100%\ncopy from a.py\ncopy to b.py\n",
-    b"dissimilarity index 80%\n",
-])
+@pytest.mark.parametrize(
+    "ext",
+    [
+        b"similarity index 90%\nrename from a.py\nrename to b.py\n",
+        b"rename from a.py\nrename to b.py\n",
+        b"similarity index 100%\ncopy from a.py\ncopy to b.py\n",
+        b"dissimilarity index 80%\n",
+    ],
+)
 def test_renames_and_copies_are_refused(ext):
     data = hand(b"diff --git a/a.py b/b.py\n" + ext + b"--- a/a.py\n+++ b/b.py\n" + SIMPLE_HUNK)
     message = refused(data)
@@ -356,8 +403,11 @@ def test_hunk_with_too_few_lines_before_next_file_is_refused():
 
 
 def test_real_patch_with_edited_counts_is_refused(tmp_path):
-    data = make_patch({"a.py": "".join(f"{i}\n" for i in range(30))},
-                      {"a.py": "".join(f"{i}\n" for i in range(30) if i != 15)}, tmp_path)
+    data = make_patch(
+        {"a.py": "".join(f"{i}\n" for i in range(30))},
+        {"a.py": "".join(f"{i}\n" for i in range(30) if i != 15)},
+        tmp_path,
+    )
     header = re.search(rb"^@@ -(\d+),(\d+) \+(\d+),(\d+) @@", data, re.MULTILINE)
     o, ol, n, nl = (int(x) for x in header.groups())
     bigger = data.replace(header[0], f"@@ -{o},{ol + 1} +{n},{nl + 1} @@".encode())
@@ -379,8 +429,9 @@ def test_crlf_damage_is_refused(tmp_path):
 
 
 def test_crlf_damage_after_the_diff_line_is_refused():
-    data = hand(b"diff --git a/m.py b/m.py\n" + (IDX + b"--- a/m.py\n+++ b/m.py\n").replace(b"\n", b"\r\n")
-                + SIMPLE_HUNK)
+    data = hand(
+        b"diff --git a/m.py b/m.py\n" + (IDX + b"--- a/m.py\n+++ b/m.py\n").replace(b"\n", b"\r\n") + SIMPLE_HUNK
+    )
     assert "CRLF" in refused(data)
 
 
@@ -445,8 +496,11 @@ def test_plain_diff_u_output_is_refused(tmp_path):
     assert "not a git-style diff" in message and "git format-patch" in message
 
 
-@pytest.mark.parametrize("data", [b"", b"\n\n", b"From: J <j@example.org>\nSubject: [PATCH] nothing\n\nNo diff.\n"],
-                         ids=["empty", "blank", "headers-only"])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\n\n", b"From: J <j@example.org>\nSubject: [PATCH] nothing\n\nNo diff.\n"],
+    ids=["empty", "blank", "headers-only"],
+)
 def test_patch_without_diff_is_refused(data):
     assert "contains no diff" in refused(data, "empty.patch")
 

@@ -6,11 +6,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import TOY_BASE, git, make_patch, write_tree
+
 from flagscale.errors import ConfigError, RebaseConflict
-from flagscale.patches.workflow import check, checkout, export, rebase
 from flagscale.patches.series import read_series
+from flagscale.patches.workflow import check, checkout, export, rebase
 
 REPO_BASE = {f"python/{k}": v for k, v in TOY_BASE.items() if k != "PKG-INFO"}
 
@@ -29,15 +29,31 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def toy_series(toy_project, tmp_path):
     """Two common patches and one npu device patch, written with real git format-patch."""
-    p1 = make_patch(REPO_BASE, {"python/toy/__init__.py": TOY_BASE["toy/__init__.py"].replace("line 5\n", "line five\n")},
-                    tmp_path, subject="toy: spell out five")
-    p2 = make_patch(REPO_BASE, {"python/toy/device.py": "from toy.accel import accel\n\ndef device():\n    return accel()\n",
-                                "python/toy/accel.py": "def accel():\n    return 'cuda'\n"}, tmp_path,
-                    subject="toy: one device accessor")
-    add_series(toy_project.common_series_dir("toy"), {"0001-spell-out-five.patch": p1, "0002-device-accessor.patch": p2})
+    p1 = make_patch(
+        REPO_BASE,
+        {"python/toy/__init__.py": TOY_BASE["toy/__init__.py"].replace("line 5\n", "line five\n")},
+        tmp_path,
+        subject="toy: spell out five",
+    )
+    p2 = make_patch(
+        REPO_BASE,
+        {
+            "python/toy/device.py": "from toy.accel import accel\n\ndef device():\n    return accel()\n",
+            "python/toy/accel.py": "def accel():\n    return 'cuda'\n",
+        },
+        tmp_path,
+        subject="toy: one device accessor",
+    )
+    add_series(
+        toy_project.common_series_dir("toy"), {"0001-spell-out-five.patch": p1, "0002-device-accessor.patch": p2}
+    )
     after_p2 = {**REPO_BASE, "python/toy/accel.py": "def accel():\n    return 'cuda'\n"}
-    p3 = make_patch(after_p2, {"python/toy/accel.py": "def accel():\n    return 'npu'\n"}, tmp_path,
-                    subject="npu: use the npu accelerator")
+    p3 = make_patch(
+        after_p2,
+        {"python/toy/accel.py": "def accel():\n    return 'npu'\n"},
+        tmp_path,
+        subject="npu: use the npu accelerator",
+    )
     add_series(toy_project.device_series_dir("npu", "toy"), {"0001-npu-accel.patch": p3})
     return toy_project
 
@@ -69,7 +85,10 @@ def test_edit_new_commit_and_drop_round_trip(toy_series, toy_upstream, cache, tm
     common = toy_series.common_series_dir("toy")
     p2_before = (common / "0002-device-accessor.patch").read_bytes()
     # Amend the first patch (it is not HEAD): fixup commit + autosquash, as a developer would.
-    write_tree(work, {"python/toy/__init__.py": (work / "python/toy/__init__.py").read_text().replace("line 9\n", "line nine\n")})
+    write_tree(
+        work,
+        {"python/toy/__init__.py": (work / "python/toy/__init__.py").read_text().replace("line 9\n", "line nine\n")},
+    )
     git(work, "commit", "-qam", "fixup! toy: spell out five")
     git(work, "-c", "sequence.editor=true", "rebase", "-q", "-i", "--autosquash", "HEAD~3")
     # A new patch on top.
@@ -81,8 +100,11 @@ def test_edit_new_commit_and_drop_round_trip(toy_series, toy_upstream, cache, tm
     assert names == ["0001-spell-out-five.patch", "0003-toy-add-new-module.patch"]
     assert (common / "0002-device-accessor.patch").read_bytes() == p2_before  # unchanged, not rewritten
     assert b"+line nine" in (common / "0001-spell-out-five.patch").read_bytes()
-    assert read_series(common, "common").names == ("0001-spell-out-five.patch", "0002-device-accessor.patch",
-                                                   "0003-toy-add-new-module.patch")
+    assert read_series(common, "common").names == (
+        "0001-spell-out-five.patch",
+        "0002-device-accessor.patch",
+        "0003-toy-add-new-module.patch",
+    )
     assert (common / "series").read_text().startswith("# toy series\n")  # header comment kept
     assert export(toy_series, "toy", work).written == []  # byte-stable: second export writes nothing
     # Drop the middle patch: its file and series line go.
@@ -90,7 +112,9 @@ def test_edit_new_commit_and_drop_round_trip(toy_series, toy_upstream, cache, tm
     result = export(toy_series, "toy", work)
     assert [p.name for p in result.removed] == ["0002-device-accessor.patch"]
     assert not (common / "0002-device-accessor.patch").exists()
-    assert [r.status for r in check(toy_series, "toy", source=str(toy_upstream), cache=cache) if r.device is None] == ["ok"]
+    assert [r.status for r in check(toy_series, "toy", source=str(toy_upstream), cache=cache) if r.device is None] == [
+        "ok"
+    ]
 
 
 def test_export_refuses_dirty_or_foreign_checkout(toy_series, toy_upstream, cache, tmp_path):
@@ -116,7 +140,10 @@ def test_checkout_refuses_non_empty_destination(toy_series, toy_upstream, cache,
 def test_check_table_covers_every_cell_and_fails_on_a_broken_patch(toy_series, toy_upstream, cache):
     results = check(toy_series, source=str(toy_upstream), cache=cache)
     assert {(r.backend, r.device, r.status) for r in results} == {
-        ("toy", None, "ok"), ("toy", "cpu", "ok"), ("toy", "npu", "ok")}
+        ("toy", None, "ok"),
+        ("toy", "cpu", "ok"),
+        ("toy", "npu", "ok"),
+    }
     assert {r.device: r.patches for r in results} == {None: 2, "cpu": 2, "npu": 3}
     device_patch = toy_series.device_series_dir("npu", "toy") / "0001-npu-accel.patch"
     device_patch.write_bytes(device_patch.read_bytes().replace(b"-    return 'cuda'", b"-    return 'gpu'"))
@@ -135,12 +162,16 @@ def test_rebase_clean_offset_and_merged(toy_series, toy_upstream, cache, tmp_pat
     def edit(files):
         files["PKG-INFO"] = files["PKG-INFO"].replace("1.0", "1.1")
         files["toy/__init__.py"] = "header 1\nheader 2\n" + files["toy/__init__.py"]  # shifts patch 1 by +2
+
     new = _new_release(tmp_path, edit)
-    report = rebase(toy_series, "toy", "1.1", sha256="1" * 64, source=str(new), old_source=str(toy_upstream), cache=cache)
+    report = rebase(
+        toy_series, "toy", "1.1", sha256="1" * 64, source=str(new), old_source=str(toy_upstream), cache=cache
+    )
     assert [(r.series, r.name, r.status) for r in report] == [
         ("common", "0001-spell-out-five.patch", "offset"),
         ("common", "0002-device-accessor.patch", "clean"),
-        ("device:npu", "0001-npu-accel.patch", "clean")]
+        ("device:npu", "0001-npu-accel.patch", "clean"),
+    ]
     pins = tomllib.loads((toy_series.root / "third_party/upstreams.toml").read_text())
     assert pins["toy"]["sdist"]["version"] == "1.1" and pins["toy"]["tag"] == "v1.1"
     assert pins["toy"]["sdist"]["sha256"] == "1" * 64
@@ -154,7 +185,9 @@ def test_rebase_clean_offset_and_merged(toy_series, toy_upstream, cache, tmp_pat
 
 def test_rebase_conflict_reports_per_patch_and_writes_nothing(toy_series, toy_upstream, cache, tmp_path):
     before = snapshot(toy_series.root)
-    new = _new_release(tmp_path, lambda f: f.update({"toy/__init__.py": f["toy/__init__.py"].replace("line 5\n", "LINE 5\n")}))
+    new = _new_release(
+        tmp_path, lambda f: f.update({"toy/__init__.py": f["toy/__init__.py"].replace("line 5\n", "LINE 5\n")})
+    )
     with pytest.raises(RebaseConflict) as info:
         rebase(toy_series, "toy", "1.1", sha256="1" * 64, source=str(new), old_source=str(toy_upstream), cache=cache)
     statuses = {(r.series, r.name): r for r in info.value.report}

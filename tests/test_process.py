@@ -42,9 +42,11 @@ def test_start_records_logs_and_exit_status(tmp_path):
 
 def test_a_running_name_cannot_start_twice_and_stop_ends_the_whole_group(tmp_path):
     # the child ignores SIGTERM and has a grandchild: stop must still end both, by group
-    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); print('up', flush=True); "
-            "time.sleep(600)")
+    code = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); print('up', flush=True); "
+        "time.sleep(600)"
+    )
     rec = process.start(py(code), name="job", run_dir=tmp_path)
     wait_for(lambda: "up" in Path(rec.log).read_text())
     assert process.state(tmp_path, "job") == "running"

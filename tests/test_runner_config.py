@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from flagscale.errors import ConfigError
 from flagscale.runner.config import action_of, compose, task_type
 
@@ -61,7 +61,9 @@ def test_bad_override_key_names_the_nearest(conf):
 def test_missing_folder_file_and_bad_values(conf, tmp_path):
     with pytest.raises(ConfigError, match="config folder .* does not exist"):
         compose(tmp_path / "nope", "train")
-    with pytest.raises(ConfigError, match=r"trian.yaml does not exist \(did you mean 'train'\?\); configs there: train"):
+    with pytest.raises(
+        ConfigError, match=r"trian.yaml does not exist \(did you mean 'train'\?\); configs there: train"
+    ):
         compose(conf, "trian")
     with pytest.raises(ConfigError, match="action=rn: use one of run, dryrun, stop, status"):
         action_of(compose(conf, "train", ["action=rn"]))
@@ -73,8 +75,19 @@ def test_missing_folder_file_and_bad_values(conf, tmp_path):
 
 
 def test_run_py_reports_config_errors_in_one_line(conf):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), "--config-path", str(conf),
-                             "--config-name", "train", "experiment.task.type=bogus"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "run.py"),
+            "--config-path",
+            str(conf),
+            "--config-name",
+            "train",
+            "experiment.task.type=bogus",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: experiment.task.type=bogus: use one of train, infer, serve"]

@@ -62,12 +62,15 @@ def test_an_action_outside_the_four_is_refused_before_anything_runs():
 
 def test_train_serve_and_infer_tasks_follow_the_protocol(tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
-    cfgs = {train: compose(GPT, "train", [f"experiment.exp_dir={tmp_path}"]),
-            serve: compose(LLAMA, "serve", [f"experiment.exp_dir={tmp_path}"])}
+    cfgs = {
+        train: compose(GPT, "train", [f"experiment.exp_dir={tmp_path}"]),
+        serve: compose(LLAMA, "serve", [f"experiment.exp_dir={tmp_path}"]),
+    }
     for module, cfg in cfgs.items():
         assert isinstance(module.make_task(cfg), Task)
-    settings = infer_settings(compose(LLAMA, "infer", [f"experiment.exp_dir={tmp_path}",
-                                                       f"infer.model={tmp_path / 'tiny.gguf'}"]))
+    settings = infer_settings(
+        compose(LLAMA, "infer", [f"experiment.exp_dir={tmp_path}", f"infer.model={tmp_path / 'tiny.gguf'}"])
+    )
     assert isinstance(infer.InferTask(settings), Task)
 
 
@@ -83,8 +86,9 @@ def test_train_status_and_stop_need_only_the_experiment(tmp_path, capsys):
 
 
 def test_train_dryrun_plans_and_validates_the_task(tmp_path):
-    cfg = compose(GPT, "train", [f"experiment.exp_dir={tmp_path}", f"train.data.data_path={tmp_path}/none",
-                                 "action=dryrun"])
+    cfg = compose(
+        GPT, "train", [f"experiment.exp_dir={tmp_path}", f"train.data.data_path={tmp_path}/none", "action=dryrun"]
+    )
     with pytest.raises(ConfigError, match=f"train.data.data_path: {tmp_path}/none.bin does not exist"):
         train.main(cfg)
     assert not (tmp_path / "scripts").exists()
@@ -98,8 +102,9 @@ def test_serve_status_of_an_empty_folder(tmp_path, capsys):
 
 def test_infer_task_actions_on_an_empty_folder(tmp_path, capsys):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
-    settings = infer_settings(compose(LLAMA, "infer", [f"experiment.exp_dir={tmp_path}",
-                                                       f"infer.model={tmp_path / 'tiny.gguf'}"]))
+    settings = infer_settings(
+        compose(LLAMA, "infer", [f"experiment.exp_dir={tmp_path}", f"infer.model={tmp_path / 'tiny.gguf'}"])
+    )
     task = infer.InferTask(settings)
     assert run_action(task, "status") == 1
     assert capsys.readouterr().out == f"nothing was started in {tmp_path}\n"

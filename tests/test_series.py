@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO_ROOT, make_patch
+
 from flagscale.errors import SeriesError
 from flagscale.patches.series import lint_folder, read_series
 
@@ -26,7 +26,9 @@ def test_clean_folder_lints_clean(folder):
 
 
 def test_every_real_series_lints_clean():
-    folders = {p.parent for p in REPO_ROOT.glob("patches/*/series")} | {p.parent for p in REPO_ROOT.glob("hardware/*/patches/*/series")}
+    folders = {p.parent for p in REPO_ROOT.glob("patches/*/series")} | {
+        p.parent for p in REPO_ROOT.glob("hardware/*/patches/*/series")
+    }
     assert folders
     for folder in folders:
         assert lint_folder(folder) == [], folder
@@ -54,15 +56,18 @@ def test_patches_without_a_series_file_are_an_error(folder):
         read_series(folder, "common")
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (lambda d: d.replace(b"Upstream-Status: Pending\n", b""), "missing 'Upstream-Status:'"),
-    (lambda d: d.replace(b"Upstream-Status: Pending", b"Upstream-Status: Maybe"), "must start with one of"),
-    (lambda d: d.replace(b"Upstream-Status: Pending", b"Upstream-Status: Submitted"), "needs a link"),
-    (lambda d: d.replace(b"Drop-When: never\n", b""), "missing 'Drop-When:'"),
-    (lambda d: d.replace(b"+2\n", b"+2  \n"), "added line ends in whitespace"),
-    (lambda d: d.replace(b"\n", b"\r\n"), "CRLF"),
-    (lambda d: d.replace(b"@@ -1,2 +1,2 @@", b"@@ -1,3 +1,2 @@"), "ends early"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda d: d.replace(b"Upstream-Status: Pending\n", b""), "missing 'Upstream-Status:'"),
+        (lambda d: d.replace(b"Upstream-Status: Pending", b"Upstream-Status: Maybe"), "must start with one of"),
+        (lambda d: d.replace(b"Upstream-Status: Pending", b"Upstream-Status: Submitted"), "needs a link"),
+        (lambda d: d.replace(b"Drop-When: never\n", b""), "missing 'Drop-When:'"),
+        (lambda d: d.replace(b"+2\n", b"+2  \n"), "added line ends in whitespace"),
+        (lambda d: d.replace(b"\n", b"\r\n"), "CRLF"),
+        (lambda d: d.replace(b"@@ -1,2 +1,2 @@", b"@@ -1,3 +1,2 @@"), "ends early"),
+    ],
+)
 def test_lint_finds_header_and_whitespace_damage(folder, edit, problem):
     patch = folder / "0001-ok.patch"
     patch.write_bytes(edit(patch.read_bytes()))

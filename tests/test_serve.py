@@ -7,8 +7,18 @@ import socket
 import urllib.request
 
 import pytest
-from llama_cpp_support import (REPO_ROOT, backend_env, flagscale, free_port, installed_backend, pid_alive, post,
-                               tiny_gguf, wait_gone, work_root)
+from llama_cpp_support import (
+    REPO_ROOT,
+    backend_env,
+    flagscale,
+    free_port,
+    installed_backend,
+    pid_alive,
+    post,
+    tiny_gguf,
+    wait_gone,
+    work_root,
+)
 
 pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
@@ -41,17 +51,22 @@ def _pid(run_dir, name="tiny") -> int:
 
 
 def test_completions_chat_and_streaming(server):
-    code, body = post(server["url"] + "/v1/completions", {"model": "tiny", "prompt": "Once upon", "max_tokens": 8,
-                                                         "temperature": 0, **FULL_LENGTH})
+    code, body = post(
+        server["url"] + "/v1/completions",
+        {"model": "tiny", "prompt": "Once upon", "max_tokens": 8, "temperature": 0, **FULL_LENGTH},
+    )
     assert code == 200 and body["usage"]["completion_tokens"] == 8 and body["model"] == "tiny"
-    code, body = post(server["url"] + "/v1/chat/completions",
-                      {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6,
-                       **FULL_LENGTH})
+    code, body = post(
+        server["url"] + "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, **FULL_LENGTH},
+    )
     assert code == 200 and body["choices"][0]["message"]["role"] == "assistant"
     assert body["usage"]["completion_tokens"] == 6
-    request = urllib.request.Request(server["url"] + "/v1/completions", json.dumps(
-        {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True, **FULL_LENGTH}).encode(),
-        {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server["url"] + "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True, **FULL_LENGTH}).encode(),
+        {"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
@@ -64,16 +79,25 @@ def test_completions_chat_and_streaming(server):
 def test_openai_client_streams_chat(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none")
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
-        extra_body=FULL_LENGTH) if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            stream=True,
+            extra_body=FULL_LENGTH,
+        )
+        if c.choices
+    ]
     assert len(pieces) >= 2
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
 def test_bad_requests_get_json_errors_and_the_server_stays_up(server):
-    request = urllib.request.Request(server["url"] + "/v1/completions", b"{not json",
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server["url"] + "/v1/completions", b"{not json", {"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=10)
     assert 400 <= caught.value.code < 500
@@ -81,8 +105,10 @@ def test_bad_requests_get_json_errors_and_the_server_stays_up(server):
     code, body = post(server["url"] + "/v1/chat/completions", {"model": "tiny", "max_tokens": 4})  # no messages
     assert 400 <= code < 500 and "error" in body
     for route in ("completions", "chat/completions"):  # a model not served: 404 (patch 0003), not tiny's answer
-        code, body = post(server["url"] + f"/v1/{route}", {"model": "gpt-9", "prompt": "x", "max_tokens": 2,
-                                                          "messages": [{"role": "user", "content": "x"}]})
+        code, body = post(
+            server["url"] + f"/v1/{route}",
+            {"model": "gpt-9", "prompt": "x", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+        )
         assert code == 404, (code, body)
         assert body["error"]["type"] == "not_found_error" and "served: tiny" in body["error"]["message"]
     code, body = post(server["url"] + "/v1/completions", {"prompt": "no model named", "max_tokens": 2})
@@ -96,8 +122,14 @@ def test_status_port_in_use_and_already_running(server, env):
     assert result.returncode == 0 and "tiny: running" in result.stdout and "health 200" in result.stdout
     again = flagscale("serve", str(CONF), *server["args"], env=env, cwd=server["run_dir"])
     assert again.returncode == 2 and "tiny is already running" in again.stderr
-    other = flagscale("serve", str(CONF), f"experiment.exp_dir={server['run_dir']}-other",
-                      f"experiment.runner.port={server['port']}", env=env, cwd=server["run_dir"])
+    other = flagscale(
+        "serve",
+        str(CONF),
+        f"experiment.exp_dir={server['run_dir']}-other",
+        f"experiment.runner.port={server['port']}",
+        env=env,
+        cwd=server["run_dir"],
+    )
     assert other.returncode == 2
     assert f"port {server['port']} on 127.0.0.1 is in use" in other.stderr
 
@@ -105,12 +137,16 @@ def test_status_port_in_use_and_already_running(server, env):
 def test_bad_configs_fail_before_anything_starts(env, tmp_path):
     port = free_port()
     base = [f"experiment.exp_dir={tmp_path}", f"experiment.runner.port={port}"]
-    missing = flagscale("serve", str(CONF), *base, f"serve.0.engine_args.model={tmp_path}/none.gguf", env=env,
-                        cwd=tmp_path)
+    missing = flagscale(
+        "serve", str(CONF), *base, f"serve.0.engine_args.model={tmp_path}/none.gguf", env=env, cwd=tmp_path
+    )
     assert missing.returncode == 2 and "none.gguf: no such GGUF file" in missing.stderr
     unknown = flagscale("serve", str(CONF), *base, "+serve.0.engine_args.ctx_sise=64", env=env, cwd=tmp_path)
     assert unknown.returncode == 2
-    assert "serve[0].engine_args.ctx_sise: the engine has no --ctx-sise argument (did you mean ctx_size?)" in unknown.stderr
+    assert (
+        "serve[0].engine_args.ctx_sise: the engine has no --ctx-sise argument (did you mean ctx_size?)"
+        in unknown.stderr
+    )
     owned = flagscale("serve", str(CONF), *base, "+serve.0.engine_args.port=1", env=env, cwd=tmp_path)
     assert owned.returncode == 2 and "set experiment.runner.port instead" in owned.stderr
     assert not (tmp_path / "pids").exists()
@@ -122,17 +158,25 @@ def test_bad_configs_fail_before_anything_starts(env, tmp_path):
 def test_engine_dying_at_start_is_reported_with_its_log(env, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)  # a file, but no model
-    result = flagscale("serve", str(CONF), f"experiment.exp_dir={tmp_path}", f"experiment.runner.port={free_port()}",
-                       f"serve.0.engine_args.model={bad}", env=env, cwd=tmp_path)
+    result = flagscale(
+        "serve",
+        str(CONF),
+        f"experiment.exp_dir={tmp_path}",
+        f"experiment.runner.port={free_port()}",
+        f"serve.0.engine_args.model={bad}",
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "exited before it was ready" in result.stderr
 
 
 def test_stop_stops_only_its_own_server(env, tmp_path):
     ports = [free_port(), free_port()]
     runs = [tmp_path / "a", tmp_path / "b"]
-    for run_dir, port in zip(runs, ports):
-        result = flagscale("serve", str(CONF), f"experiment.exp_dir={run_dir}", f"experiment.runner.port={port}",
-                           env=env, cwd=tmp_path)
+    for run_dir, port in zip(runs, ports, strict=False):
+        result = flagscale(
+            "serve", str(CONF), f"experiment.exp_dir={run_dir}", f"experiment.runner.port={port}", env=env, cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr
     pids = [_pid(r) for r in runs]
     try:

@@ -22,19 +22,32 @@ pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _installed(backend: str):
     from flagscale.upstream.cache import Cache
-    from flagscale.wheels.install import build_in_isolation
     from flagscale.upstream.project import Project
     from flagscale.upstream.target import Target
+    from flagscale.wheels.install import build_in_isolation
 
     target = Target.of(Project(REPO_ROOT), backend, "cpu", cache=Cache(real_cache_dir() / "build-cache"))
     wheel = build_in_isolation(target).path
     site = real_cache_dir() / "engine-tests" / wheel.stem
     if not site.is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",
-                        str(site), str(wheel)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(site),
+                str(wheel),
+            ],
+            check=True,
+        )
     return site, wheel
 
 
@@ -43,15 +56,26 @@ def engine(request, tmp_path_factory):
     site, wheel = _installed(request.param)
     model = tmp_path_factory.mktemp("hf")
     (model / "config.json").write_text("{}")
-    env = {"PYTHONPATH": str(site), "TINY_LLAMA_HF": str(model), "TINY_LLAMA_PROMPTS": str(
-        REPO_ROOT / "examples" / "tiny_llama" / "prompts.txt")}
+    env = {
+        "PYTHONPATH": str(site),
+        "TINY_LLAMA_HF": str(model),
+        "TINY_LLAMA_PROMPTS": str(REPO_ROOT / "examples" / "tiny_llama" / "prompts.txt"),
+    }
     return {"name": request.param, "site": site, "wheel": wheel, "env": env, "model": str(model)}
 
 
 def _dryrun(engine, tmp_path, *extra, command="serve"):
     task = f"{command}=tiny_{engine['name']}"
-    result = flagscale(command, str(CONF), task, f"experiment.exp_dir={tmp_path}", "action=dryrun", *extra,
-                       env=engine["env"], cwd=tmp_path)
+    result = flagscale(
+        command,
+        str(CONF),
+        task,
+        f"experiment.exp_dir={tmp_path}",
+        "action=dryrun",
+        *extra,
+        env=engine["env"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -60,20 +84,55 @@ def test_serve_command_and_environment(engine, tmp_path):
     plan = _dryrun(engine, tmp_path, "experiment.runner.port=9010", "experiment.runner.host=0.0.0.0")
     (proc,) = plan["processes"]
     if engine["name"] == "vllm":
-        assert proc["cmd"][1:] == ["serve", engine["model"], "--served-model-name", "tiny", "--host", "0.0.0.0",
-                                   "--port", "9010", "--enforce-eager", "--gpu-memory-utilization", "0.5",
-                                   "--max-model-len", "512", "--tensor-parallel-size", "1"]
+        assert proc["cmd"][1:] == [
+            "serve",
+            engine["model"],
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9010",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--max-model-len",
+            "512",
+            "--tensor-parallel-size",
+            "1",
+        ]
         assert proc["cmd"][0].endswith("vllm")
     else:
-        assert proc["cmd"] == [sys.executable, "-m", "sglang.launch_server", "--model-path", engine["model"],
-                               "--served-model-name", "tiny", "--host", "0.0.0.0", "--port", "9010",
-                               "--context-length", "512", "--mem-fraction-static", "0.5", "--tp-size", "1"]
+        assert proc["cmd"] == [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            engine["model"],
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9010",
+            "--context-length",
+            "512",
+            "--mem-fraction-static",
+            "0.5",
+            "--tp-size",
+            "1",
+        ]
     assert proc["env"] == {} and proc["url"] == "http://127.0.0.1:9010"
 
 
 def test_visible_devices_follow_the_device_manifest(engine, tmp_path):
-    plan = _dryrun(engine, tmp_path, "+experiment.runner.device=cuda", "+experiment.runner.visible_devices='0,1'",
-                   "+experiment.envs.NCCL_DEBUG=WARN")
+    plan = _dryrun(
+        engine,
+        tmp_path,
+        "+experiment.runner.device=cuda",
+        "+experiment.runner.visible_devices='0,1'",
+        "+experiment.envs.NCCL_DEBUG=WARN",
+    )
     assert plan["processes"][0]["env"] == {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_DEBUG": "WARN"}
     plan = _dryrun(engine, tmp_path, "+experiment.runner.device=ascend", "+experiment.runner.visible_devices=3")
     assert plan["processes"][0]["env"] == {"ASCEND_RT_VISIBLE_DEVICES": "3"}
@@ -81,12 +140,22 @@ def test_visible_devices_follow_the_device_manifest(engine, tmp_path):
 
 def test_unknown_engine_argument_is_refused_with_the_nearest_flag(engine, tmp_path):
     typo, meant = {"vllm": ("max_model_lenn", "max_model_len"), "sglang": ("context_lenght", "context_length")}[
-        engine["name"]]
-    result = flagscale("serve", str(CONF), f"serve=tiny_{engine['name']}", f"experiment.exp_dir={tmp_path}",
-                       f"+serve.0.engine_args.{typo}=1", env=engine["env"], cwd=tmp_path)
+        engine["name"]
+    ]
+    result = flagscale(
+        "serve",
+        str(CONF),
+        f"serve=tiny_{engine['name']}",
+        f"experiment.exp_dir={tmp_path}",
+        f"+serve.0.engine_args.{typo}=1",
+        env=engine["env"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
-    assert f"serve[0].engine_args.{typo}: the engine has no --{typo.replace('_', '-')} argument (did you mean " \
-           f"{meant}?)" in result.stderr
+    assert (
+        f"serve[0].engine_args.{typo}: the engine has no --{typo.replace('_', '-')} argument (did you mean "
+        f"{meant}?)" in result.stderr
+    )
     assert not (tmp_path / "pids").exists()
 
 
@@ -105,8 +174,15 @@ def test_infer_dryrun_and_argument_check(engine, tmp_path):
     plan = _dryrun(engine, tmp_path, command="infer")
     assert plan["cmd"] == [sys.executable, "-m", "flagscale.infer.batch", str(tmp_path / "infer.json")]
     assert plan["settings"]["engine"] == engine["name"] and plan["settings"]["model"] == engine["model"]
-    result = flagscale("infer", str(CONF), f"infer=tiny_{engine['name']}", f"experiment.exp_dir={tmp_path}",
-                       "+infer.engine_args.no_such_arg=1", env=engine["env"], cwd=tmp_path)
+    result = flagscale(
+        "infer",
+        str(CONF),
+        f"infer=tiny_{engine['name']}",
+        f"experiment.exp_dir={tmp_path}",
+        "+infer.engine_args.no_such_arg=1",
+        env=engine["env"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and f"{engine['name']} takes no such argument" in result.stderr
 
 
@@ -114,8 +190,13 @@ def test_the_patched_vllm_package_imports(engine):
     if engine["name"] != "vllm":
         pytest.skip("SGLang's package import needs its runtime dependencies (pybase64, ...), not installable here")
     code = "import vllm, vllm.entrypoints.cli.main; print(vllm.__version__, vllm.__file__)"
-    result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(engine["site"]), "PATH": "/usr/bin"},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(engine["site"]), "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     version, path = result.stdout.split()
     assert version == "0.33.0" and path.startswith(str(engine["site"]))
@@ -123,15 +204,32 @@ def test_the_patched_vllm_package_imports(engine):
 
 
 def _gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    return (
+        shutil.which("nvidia-smi") is not None
+        and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    )
 
 
 @pytest.mark.skipif(not _gpu(), reason="needs a GPU: vLLM/SGLang cannot run a model on these CPUs")
 def test_serves_for_real_on_a_gpu(engine, tmp_path):  # pragma: no cover - GPU runners only
-    result = flagscale("serve", str(CONF), f"serve=tiny_{engine['name']}", f"experiment.exp_dir={tmp_path}",
-                       env=engine["env"], cwd=tmp_path, timeout=900)
+    result = flagscale(
+        "serve",
+        str(CONF),
+        f"serve=tiny_{engine['name']}",
+        f"experiment.exp_dir={tmp_path}",
+        env=engine["env"],
+        cwd=tmp_path,
+        timeout=900,
+    )
     try:
         assert result.returncode == 0, result.stderr
     finally:
-        flagscale("serve", str(CONF), f"serve=tiny_{engine['name']}", f"experiment.exp_dir={tmp_path}", "action=stop",
-                  env=engine["env"], cwd=tmp_path)
+        flagscale(
+            "serve",
+            str(CONF),
+            f"serve=tiny_{engine['name']}",
+            f"experiment.exp_dir={tmp_path}",
+            "action=stop",
+            env=engine["env"],
+            cwd=tmp_path,
+        )

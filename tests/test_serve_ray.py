@@ -12,8 +12,18 @@ import urllib.error
 import urllib.request
 
 import pytest
-from llama_cpp_support import (REPO_ROOT, backend_env, flagscale, free_port, installed_backend, pid_alive, post,
-                               tiny_gguf, wait_gone, work_root)
+from llama_cpp_support import (
+    REPO_ROOT,
+    backend_env,
+    flagscale,
+    free_port,
+    installed_backend,
+    pid_alive,
+    post,
+    tiny_gguf,
+    wait_gone,
+    work_root,
+)
 
 pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
@@ -26,8 +36,12 @@ def cluster(tmp_path_factory):
     env = {**backend_env(installed_backend(root)), "TINY_LLAMA_GGUF": str(tiny_gguf(root))}
     run_dir = tmp_path_factory.mktemp("ray")
     port = free_port()
-    args = ["serve=tiny_ray", f"experiment.exp_dir={run_dir}", f"experiment.runner.port={port}",
-            f"+experiment.runner.ray_port={free_port()}"]
+    args = [
+        "serve=tiny_ray",
+        f"experiment.exp_dir={run_dir}",
+        f"experiment.runner.port={port}",
+        f"+experiment.runner.ray_port={free_port()}",
+    ]
     result = flagscale("serve", str(CONF), *args, env=env, cwd=run_dir)
     assert result.returncode == 0, result.stderr
     try:
@@ -43,11 +57,14 @@ def _replicas(run_dir) -> list[dict]:
 
 def test_routes_by_model_name_with_json_errors(cluster):
     url = cluster["url"]
-    code, body = post(url + "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4,
-                                                     "ignore_eos": True})  # random weights: no early end-of-text
+    code, body = post(
+        url + "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
+    )  # random weights: no early end-of-text
     assert code == 200 and body["usage"]["completion_tokens"] == 4
-    code, body = post(url + "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                                     "max_tokens": 3})
+    code, body = post(
+        url + "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    )
     assert code == 200 and body["choices"][0]["message"]["role"] == "assistant"
     code, body = post(url + "/v1/completions", {"model": "gpt-9", "prompt": "x", "max_tokens": 1})
     assert code == 404 and body["error"]["code"] == "model_not_found" and "served: tiny" in body["error"]["message"]
@@ -57,9 +74,11 @@ def test_routes_by_model_name_with_json_errors(cluster):
     assert caught.value.code == 400 and "not JSON" in json.loads(caught.value.read())["error"]["message"]
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as response:
         assert [m["id"] for m in json.loads(response.read())["data"]] == ["tiny"]
-    request = urllib.request.Request(url + "/v1/completions", json.dumps(
-        {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}).encode(),
-        {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}).encode(),
+        {"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(events) >= 3  # chunks: llama-server holds back split UTF-8 bytes
@@ -74,8 +93,9 @@ def _client(url: str, stop: threading.Event, results: list, attempts: int = 8) -
     while not stop.is_set():
         for attempt in range(attempts):
             try:
-                code, _ = post(url + "/v1/completions", {"model": "tiny", "prompt": "Once upon", "max_tokens": 8},
-                                  timeout=30)
+                code, _ = post(
+                    url + "/v1/completions", {"model": "tiny", "prompt": "Once upon", "max_tokens": 8}, timeout=30
+                )
             except OSError:  # connection reset while a replica died
                 code = 0
             if code == 200:
@@ -100,8 +120,11 @@ def test_a_killed_replica_loses_no_retried_request_and_comes_back(cluster):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # Serve's health check fails, the replica is replaced
             now = _replicas(cluster["run_dir"])
-            if len(now) == 2 and all(pid_alive(r["engine_pid"]) for r in now) and victim["replica"] not in [
-                    r["replica"] for r in now]:
+            if (
+                len(now) == 2
+                and all(pid_alive(r["engine_pid"]) for r in now)
+                and victim["replica"] not in [r["replica"] for r in now]
+            ):
                 break
             time.sleep(0.5)
         else:
@@ -121,9 +144,15 @@ def test_a_killed_replica_loses_no_retried_request_and_comes_back(cluster):
 def test_stop_takes_the_cluster_and_its_engines_down(cluster, tmp_path):
     # a separate, short-lived cluster: the module's one stays up for the other tests
     port = free_port()
-    args = ["serve=tiny_ray", f"experiment.exp_dir={tmp_path}", f"experiment.runner.port={port}",
-            f"+experiment.runner.ray_port={free_port()}", "serve.0.replicas=1", "serve.0.autoscaling.min_replicas=1",
-            "serve.0.autoscaling.max_replicas=1"]
+    args = [
+        "serve=tiny_ray",
+        f"experiment.exp_dir={tmp_path}",
+        f"experiment.runner.port={port}",
+        f"+experiment.runner.ray_port={free_port()}",
+        "serve.0.replicas=1",
+        "serve.0.autoscaling.min_replicas=1",
+        "serve.0.autoscaling.max_replicas=1",
+    ]
     result = flagscale("serve", str(CONF), *args, env=cluster["env"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     engines = [r["engine_pid"] for r in _replicas(tmp_path)]

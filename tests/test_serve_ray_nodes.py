@@ -26,8 +26,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from llama_cpp_support import (REPO_ROOT, backend_env, flagscale, free_port, installed_backend, post, tiny_gguf,
-                               work_root)
+from llama_cpp_support import (
+    REPO_ROOT,
+    backend_env,
+    flagscale,
+    free_port,
+    installed_backend,
+    post,
+    tiny_gguf,
+    work_root,
+)
 
 pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
@@ -55,7 +63,7 @@ def _processes() -> dict[int, tuple[int, int, str, bytes]]:
             environ = Path(f"/proc/{entry.name}/environ").read_bytes()
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] in ("Z", "X"):
             continue
         out[int(entry.name)] = (int(fields[1]), int(fields[19]), cmd.strip(), environ)
@@ -98,18 +106,34 @@ def bystander(tmp_path):
     Yields its GCS server and raylet (pid -> start ticks, command line)."""
     marker = uuid.uuid4().hex
     log = open(tmp_path / "bystander.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                             "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=0",
-                             "--include-dashboard=false", "--disable-usage-stats"], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", MARK: marker})
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--num-cpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", MARK: marker},
+    )
     try:
         deadline = time.monotonic() + 120
         while b"Ray runtime started" not in (tmp_path / "bystander.log").read_bytes():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "bystander.log").read_text()
             time.sleep(0.3)
-        core = {pid: v for pid, v in _of_run(_processes(), marker).items()
-                if "raylet/raylet" in v[1] or "gcs/gcs_server" in v[1]}
+        core = {
+            pid: v
+            for pid, v in _of_run(_processes(), marker).items()
+            if "raylet/raylet" in v[1] or "gcs/gcs_server" in v[1]
+        }
         assert len(core) == 2, core
         yield core
     finally:
@@ -124,31 +148,62 @@ def bystander(tmp_path):
 def test_dryrun_shows_each_worker_node_s_ssh_command(backend, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=3 type=cpu\n127.0.0.2 slots=1\n")
-    base = ["serve=tiny_ray", f"experiment.exp_dir={tmp_path / 'run'}", f"experiment.runner.hostfile={hostfile}",
-            "action=dryrun"]
-    result = flagscale("serve", str(CONF), *base, "experiment.runner.ssh_port=2200",
-                       "experiment.runner.ssh_options=['StrictHostKeyChecking=no','ConnectTimeout=5']",
-                       f"+experiment.envs.EVIL={_hydra_quote(HOSTILE)}", env=backend, cwd=tmp_path)
+    base = [
+        "serve=tiny_ray",
+        f"experiment.exp_dir={tmp_path / 'run'}",
+        f"experiment.runner.hostfile={hostfile}",
+        "action=dryrun",
+    ]
+    result = flagscale(
+        "serve",
+        str(CONF),
+        *base,
+        "experiment.runner.ssh_port=2200",
+        "experiment.runner.ssh_options=['StrictHostKeyChecking=no','ConnectTimeout=5']",
+        f"+experiment.envs.EVIL={_hydra_quote(HOSTILE)}",
+        env=backend,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     processes = json.loads(result.stdout)["processes"]
     assert [p["name"] for p in processes] == ["ray-head", "ray-worker-localhost", "ray-worker-127.0.0.2", "serve-app"]
     head = processes[0]["cmd"]
     ray = head[0]
     assert os.path.isabs(ray) and head[1:4] == ["start", "--head", "--block"]
-    address = "{}:{}".format(*(next(a.split("=", 1)[1] for a in head if a.startswith(f"--{k}="))
-                               for k in ("node-ip-address", "port")))
+    address = "{}:{}".format(
+        *(next(a.split("=", 1)[1] for a in head if a.startswith(f"--{k}=")) for k in ("node-ip-address", "port"))
+    )
     assert address.split(":")[0] == "127.0.0.1"  # this machine's address on its route to the nodes
     for process, host, slots in ((processes[1], "localhost", 3), (processes[2], "127.0.0.2", 1)):
         cmd = process["cmd"]
-        assert cmd[:-1] == ["ssh", "-tt", "-o", "BatchMode=yes", "-p", "2200", "-o", "StrictHostKeyChecking=no",
-                            "-o", "ConnectTimeout=5", "--", host]
+        assert cmd[:-1] == [
+            "ssh",
+            "-tt",
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            "2200",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "ConnectTimeout=5",
+            "--",
+            host,
+        ]
         # what the node's shell runs, word for word: experiment.envs, a check that the node has a terminal
         # (then exec: the same process), the head's own ray, the node's slots as its CPUs
         remote = shlex.split(cmd[-1])
         assert remote[:6] == ["env", "--", "RAY_USAGE_STATS_ENABLED=0", f"EVIL={HOSTILE}", "sh", "-c"]
         assert remote[6].startswith("[ -t 0 ] ||") and remote[6].endswith('exec "$@"')
-        assert remote[7:] == ["flagscale-ray-node", ray, "start", "--block", f"--address={address}",
-                              f"--num-cpus={slots}", "--disable-usage-stats"]
+        assert remote[7:] == [
+            "flagscale-ray-node",
+            ray,
+            "start",
+            "--block",
+            f"--address={address}",
+            f"--num-cpus={slots}",
+            "--disable-usage-stats",
+        ]
     assert not list(tmp_path.glob("PWNED*"))
 
 
@@ -158,10 +213,19 @@ def test_a_node_without_a_terminal_does_not_start_ray(backend, sshd, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("127.0.0.2 slots=1\n")
     marker = uuid.uuid4().hex
-    result = flagscale("serve", str(CONF), "serve=tiny_ray", f"experiment.exp_dir={tmp_path / 'run'}",
-                       f"experiment.runner.hostfile={hostfile}", f"experiment.runner.ssh_port={sshd.port}",
-                       "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
-                       f"+experiment.envs.{MARK}={marker}", "action=dryrun", env=backend, cwd=tmp_path)
+    result = flagscale(
+        "serve",
+        str(CONF),
+        "serve=tiny_ray",
+        f"experiment.exp_dir={tmp_path / 'run'}",
+        f"experiment.runner.hostfile={hostfile}",
+        f"experiment.runner.ssh_port={sshd.port}",
+        "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
+        f"+experiment.envs.{MARK}={marker}",
+        "action=dryrun",
+        env=backend,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     cmd = json.loads(result.stdout)["processes"][1]["cmd"]
     assert cmd[:2] == ["ssh", "-tt"]
@@ -173,27 +237,47 @@ def test_a_node_without_a_terminal_does_not_start_ray(backend, sshd, tmp_path):
 def test_a_worker_node_with_no_route_fails_before_anything_starts(backend, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("no-such-node.invalid slots=1\n")
-    result = flagscale("serve", str(CONF), "serve=tiny_ray", f"experiment.exp_dir={tmp_path / 'run'}",
-                       f"experiment.runner.hostfile={hostfile}", env=backend, cwd=tmp_path)
+    result = flagscale(
+        "serve",
+        str(CONF),
+        "serve=tiny_ray",
+        f"experiment.exp_dir={tmp_path / 'run'}",
+        f"experiment.runner.hostfile={hostfile}",
+        env=backend,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "worker node no-such-node.invalid" in result.stderr, result.stderr
     assert "no route to it from here" in result.stderr and not (tmp_path / "run" / "pids").exists()
 
 
-@pytest.mark.parametrize("override, hosts, message", [
-    ("experiment.runner.ssh_options=['-oProxyCommand=x']", "node-a slots=1\n",
-     "experiment.runner.ssh_options: '-oProxyCommand=x' is not an ssh option (Key=Value)"),
-    ("experiment.runner.ssh_options=StrictHostKeyChecking", "node-a slots=1\n", "expected a list of Key=Value"),
-    ("experiment.runner.ssh_port=70000", "node-a slots=1\n", "experiment.runner.ssh_port=70000: a TCP port"),
-    (None, "node-a gpus=2\n", "hosts:1: 'gpus=2': expected slots=N or type=NAME"),
-    (None, "-oProxyCommand=x slots=1\n", "hosts:1: '-oProxyCommand=x' is not a host"),
-    (None, "node-a slots=0\n", "slots=0: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override, hosts, message",
+    [
+        (
+            "experiment.runner.ssh_options=['-oProxyCommand=x']",
+            "node-a slots=1\n",
+            "experiment.runner.ssh_options: '-oProxyCommand=x' is not an ssh option (Key=Value)",
+        ),
+        ("experiment.runner.ssh_options=StrictHostKeyChecking", "node-a slots=1\n", "expected a list of Key=Value"),
+        ("experiment.runner.ssh_port=70000", "node-a slots=1\n", "experiment.runner.ssh_port=70000: a TCP port"),
+        (None, "node-a gpus=2\n", "hosts:1: 'gpus=2': expected slots=N or type=NAME"),
+        (None, "-oProxyCommand=x slots=1\n", "hosts:1: '-oProxyCommand=x' is not a host"),
+        (None, "node-a slots=0\n", "slots=0: expected a positive integer"),
+    ],
+)
 def test_bad_ssh_settings_and_hostfiles_fail_in_one_line(backend, tmp_path, override, hosts, message):
     hostfile = tmp_path / "hosts"
     hostfile.write_text(hosts)
-    result = flagscale("serve", str(CONF), "serve=tiny_ray", f"experiment.exp_dir={tmp_path / 'run'}",
-                       f"experiment.runner.hostfile={hostfile}", *([override] if override else []), env=backend,
-                       cwd=tmp_path)
+    result = flagscale(
+        "serve",
+        str(CONF),
+        "serve=tiny_ray",
+        f"experiment.exp_dir={tmp_path / 'run'}",
+        f"experiment.runner.hostfile={hostfile}",
+        *([override] if override else []),
+        env=backend,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -206,16 +290,24 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(f"# the worker node: this machine, through the test's sshd\n127.0.0.2 slots={cpus}\n")
     run_dir, port, marker = tmp_path / "run", free_port(), uuid.uuid4().hex
-    args = ["serve=tiny_ray", f"experiment.exp_dir={run_dir}", f"experiment.runner.port={port}",
-            f"+experiment.runner.ray_port={free_port()}", "experiment.runner.deploy=ray",
-            f"experiment.runner.hostfile={hostfile}", f"experiment.runner.ssh_port={sshd.port}",
-            "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
-            "experiment.runner.ready_timeout=300",
-            # what the worker node's replicas need too (a node gets experiment.envs, not this shell's variables)
-            f"+experiment.envs.FLAGSCALE_LLAMA_CPP_BIN={env['FLAGSCALE_LLAMA_CPP_BIN']}",
-            f"+experiment.envs.{MARK}={marker}",
-            "serve.0.replicas=2", "serve.0.autoscaling.min_replicas=2", "serve.0.autoscaling.max_replicas=2",
-            f"+serve.0.ray_actor_options={{num_cpus:{cpus}}}"]
+    args = [
+        "serve=tiny_ray",
+        f"experiment.exp_dir={run_dir}",
+        f"experiment.runner.port={port}",
+        f"+experiment.runner.ray_port={free_port()}",
+        "experiment.runner.deploy=ray",
+        f"experiment.runner.hostfile={hostfile}",
+        f"experiment.runner.ssh_port={sshd.port}",
+        "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in sshd.options) + "]",
+        "experiment.runner.ready_timeout=300",
+        # what the worker node's replicas need too (a node gets experiment.envs, not this shell's variables)
+        f"+experiment.envs.FLAGSCALE_LLAMA_CPP_BIN={env['FLAGSCALE_LLAMA_CPP_BIN']}",
+        f"+experiment.envs.{MARK}={marker}",
+        "serve.0.replicas=2",
+        "serve.0.autoscaling.min_replicas=2",
+        "serve.0.autoscaling.max_replicas=2",
+        f"+serve.0.ray_actor_options={{num_cpus:{cpus}}}",
+    ]
     assert not _of_run(_processes(), marker)
     start = time.monotonic()
     result = flagscale("serve", str(CONF), *args, env=env, cwd=tmp_path, timeout=900)
@@ -228,8 +320,13 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
         assert f"{Path(sys.executable).parent / 'ray'} start --block" in worker["cmd"][-1]  # the head's ray
 
         address = json.loads((run_dir / "serve-app.json").read_text())["_ray_address"]
-        nodes = subprocess.run([sys.executable, "-c", NODES, address], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        nodes = subprocess.run(
+            [sys.executable, "-c", NODES, address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        )
         assert nodes.returncode == 0, nodes.stderr[-3000:]
         alive = [n for n in json.loads(nodes.stdout.strip().splitlines()[-1]) if n["alive"]]
         assert len(alive) == 2, alive
@@ -242,8 +339,14 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
         assert any("raylet/raylet" in ours[pid][1] for pid in on_worker), {p: ours[p][1] for p in on_worker}
         records = sorted((run_dir / "replicas").glob("*.json"))
         replicas = [json.loads(p.read_text()) for p in records]
-        placed = ["worker" if sshd.pid in _ancestors(procs, r["engine_pid"]) else
-                  "head" if head_pid in _ancestors(procs, r["engine_pid"]) else "?" for r in replicas]
+        placed = [
+            "worker"
+            if sshd.pid in _ancestors(procs, r["engine_pid"])
+            else "head"
+            if head_pid in _ancestors(procs, r["engine_pid"])
+            else "?"
+            for r in replicas
+        ]
         assert sorted(placed) == ["head", "worker"], (placed, replicas)
         assert all(r["engine_pid"] in ours for r in replicas)
 
@@ -255,21 +358,26 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
 
         sent = 0
         while sent < 4 or (not served_on_worker() and sent < 40):
-            code, body = post(f"http://127.0.0.1:{port}/v1/completions",
-                              {"model": "tiny", "prompt": f"Request {sent}", "max_tokens": 4, "ignore_eos": True},
-                              timeout=60)
+            code, body = post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                {"model": "tiny", "prompt": f"Request {sent}", "max_tokens": 4, "ignore_eos": True},
+                timeout=60,
+            )
             assert code == 200 and body["usage"]["completion_tokens"] == 4, (code, body)
             sent += 1
         time.sleep(0.5)
         on_worker_node = served_on_worker()
         assert on_worker_node, f"none of {sent} requests through the router reached the worker node's replica"
         remote = replicas[placed.index("worker")]
-        code, body = post(remote["url"] + "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "ignore_eos": True},
-                          timeout=60)  # the engine Ray placed on the worker node, asked directly
+        code, body = post(
+            remote["url"] + "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "ignore_eos": True}, timeout=60
+        )  # the engine Ray placed on the worker node, asked directly
         assert code == 200 and body["usage"]["completion_tokens"] == 2, (code, body)
-        print(f"\nstarted in {started_s:.0f} s: {len(alive)} alive nodes ({[n['cpus'] for n in alive]} CPUs); "
-              f"{len(ours)} processes of the run, {len(on_worker)} on the worker node; replicas on {placed}; "
-              f"{on_worker_node} of {sent} requests answered on the worker node")
+        print(
+            f"\nstarted in {started_s:.0f} s: {len(alive)} alive nodes ({[n['cpus'] for n in alive]} CPUs); "
+            f"{len(ours)} processes of the run, {len(on_worker)} on the worker node; replicas on {placed}; "
+            f"{on_worker_node} of {sent} requests answered on the worker node"
+        )
     finally:
         start = time.monotonic()
         stopped = flagscale("serve", str(CONF), *args, "action=stop", env=env, cwd=tmp_path, timeout=300)
@@ -284,8 +392,9 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
     assert not left, f"processes of the run left after action=stop: {left}"
     assert not [pid for pid, (parent, *_) in _processes().items() if parent == sshd.pid], "an ssh session is left"
     procs = _processes()
-    assert all(procs.get(pid, (0, None))[1] == ticks for pid, (ticks, _) in bystander.items()), \
+    assert all(procs.get(pid, (0, None))[1] == ticks for pid, (ticks, _) in bystander.items()), (
         "stopping the run took down another Ray cluster"
+    )
     print(f"stop took {stop_s:.0f} s; every process of the run gone {gone_s:.0f} s after it began")
 
 
@@ -296,12 +405,20 @@ def test_a_node_that_cannot_join_fails_the_start_and_leaves_nothing(backend, ssh
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.2 slots=1\n")
     run_dir, marker = tmp_path / "run", uuid.uuid4().hex
-    options = [f"IdentityFile={tmp_path / 'no-such-key'}",
-               *(o for o in sshd.options if not o.startswith("IdentityFile="))]
-    args = ["serve=tiny_ray", f"experiment.exp_dir={run_dir}", f"experiment.runner.port={free_port()}",
-            f"+experiment.runner.ray_port={free_port()}", f"experiment.runner.hostfile={hostfile}",
-            f"experiment.runner.ssh_port={sshd.port}", "experiment.runner.ssh_options=[" +
-            ",".join(f"'{o}'" for o in options) + "]", f"+experiment.envs.{MARK}={marker}"]
+    options = [
+        f"IdentityFile={tmp_path / 'no-such-key'}",
+        *(o for o in sshd.options if not o.startswith("IdentityFile=")),
+    ]
+    args = [
+        "serve=tiny_ray",
+        f"experiment.exp_dir={run_dir}",
+        f"experiment.runner.port={free_port()}",
+        f"+experiment.runner.ray_port={free_port()}",
+        f"experiment.runner.hostfile={hostfile}",
+        f"experiment.runner.ssh_port={sshd.port}",
+        "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in options) + "]",
+        f"+experiment.envs.{MARK}={marker}",
+    ]
     result = flagscale("serve", str(CONF), *args, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: Ray worker node 127.0.0.2 did not join the head: its ssh exited (255)" in result.stderr

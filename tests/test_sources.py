@@ -15,8 +15,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import TOY_BASE, git, write_tree
+
 from flagscale.errors import ConfigError, FetchError
 from flagscale.upstream.index import configured_index_url, json_api_url
 from flagscale.upstream.project import Project
@@ -50,8 +50,18 @@ def index(tmp_path, monkeypatch):
     sha = make_sdist(root / "files" / "toy-1.0.tar.gz", TOY_BASE)
 
     def publish(listed_sha: str) -> None:
-        doc = {"releases": {"1.0": [{"packagetype": "sdist", "filename": "toy-1.0.tar.gz",
-                                     "url": "../../files/toy-1.0.tar.gz", "digests": {"sha256": listed_sha}}]}}
+        doc = {
+            "releases": {
+                "1.0": [
+                    {
+                        "packagetype": "sdist",
+                        "filename": "toy-1.0.tar.gz",
+                        "url": "../../files/toy-1.0.tar.gz",
+                        "digests": {"sha256": listed_sha},
+                    }
+                ]
+            }
+        }
         (root / "pypi" / "toy" / "json").write_text(json.dumps(doc))
 
     publish(sha)
@@ -120,17 +130,27 @@ def test_concurrent_fetches_of_one_pin_build_it_once(toy_project, index, cache, 
     project = with_sha(toy_project, index["sha"])
     script = (
         "import sys, dataclasses; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from flagscale.upstream.project import Project\nfrom flagscale.upstream.sources import materialize\nfrom flagscale.upstream.target import Target\n"
+        "from flagscale.upstream.project import Project\nfrom flagscale.upstream.sources import materialize\n"
+        "from flagscale.upstream.target import Target\n"
         "p = Project(__import__('pathlib').Path(sys.argv[3]))\npin = p.pins.resolve('toy')\n"
         "pin = dataclasses.replace(pin, sdist=dataclasses.replace(pin.sdist, sha256=sys.argv[4]))\n"
-        "print(materialize(Target(p, pin, None, 'sdist')).tree)\n")
+        "print(materialize(Target(p, pin, None, 'sdist')).tree)\n"
+    )
     repo = Path(__file__).resolve().parent.parent
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(repo), str(repo / "tests"), str(project.root), index["sha"]],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(repo), str(repo / "tests"), str(project.root), index["sha"]],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outputs = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert len(outputs) == 1
-    assert [p.name for p in (cache.root / "sources").iterdir() if not p.name.startswith(".")] == [f"sdist-{index['sha']}"]
+    assert [p.name for p in (cache.root / "sources").iterdir() if not p.name.startswith(".")] == [
+        f"sdist-{index['sha']}"
+    ]
     assert not list((cache.root / "sources").glob(".*.tmp-*"))
 
 
@@ -170,7 +190,9 @@ def test_initialized_submodule_is_preferred_and_checked_against_the_pin(toy_proj
     git(root, "init", "-q")
     git(root, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(upstream), "third_party/toy")
     pins_file = root / "third_party" / "upstreams.toml"
-    pins_file.write_text(pins_file.read_text().replace('tag = "v1.0"', f'tag = "v1.0"\ncommit = "{head}"\nsubmodule = "third_party/toy"'))
+    pins_file.write_text(
+        pins_file.read_text().replace('tag = "v1.0"', f'tag = "v1.0"\ncommit = "{head}"\nsubmodule = "third_party/toy"')
+    )
     project = Project(root)
     src = materialize(Target.of(project, "toy", None, "auto", cache))
     assert src.kind == "submodule" and src.layout == "repo" and src.key == f"git-{head}"

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, real_cache_dir, wait_until
 
 pytestmark = pytest.mark.integration
@@ -57,8 +56,16 @@ DROPOUT = ("++train.model.hidden_dropout=0.1", "++train.model.attention_dropout=
 
 
 def _env() -> dict[str, str]:
-    drop = ("PYTHONPATH", "VIRTUAL_ENV", "MEGATRON_DEVICE_TYPE", "MEGATRON_COLLECTIVE_BACKEND", "RANK",
-            "WORLD_SIZE", "LOCAL_RANK", "FLAGSCALE_ROOT")
+    drop = (
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "MEGATRON_DEVICE_TYPE",
+        "MEGATRON_COLLECTIVE_BACKEND",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "FLAGSCALE_ROOT",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("MASTER_", "TORCHELASTIC_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", PYTHONWARNINGS="ignore")
     return env
@@ -71,12 +78,27 @@ class Env:
         self.python = root / "bin" / "python"
         self.timings: dict[str, float] = {}
 
-    def train(self, name: str, *overrides: str, config: str = "train", foreground: bool = False,
-              label: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        args = [str(self.flagscale), "train", str(CONF), "--config-name", config,
-                f"experiment.exp_dir={self.work / name}", f"train.data.data_path={self.data}",
-                f"train.model.train_iters={ITERS}", f"train.model.make_vocab_size_divisible_by={VOCAB_DIVISIBLE_BY}",
-                *overrides]
+    def train(
+        self,
+        name: str,
+        *overrides: str,
+        config: str = "train",
+        foreground: bool = False,
+        label: str | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
+        args = [
+            str(self.flagscale),
+            "train",
+            str(CONF),
+            "--config-name",
+            config,
+            f"experiment.exp_dir={self.work / name}",
+            f"train.data.data_path={self.data}",
+            f"train.model.train_iters={ITERS}",
+            f"train.model.make_vocab_size_divisible_by={VOCAB_DIVISIBLE_BY}",
+            *overrides,
+        ]
         if foreground:
             args.insert(3, "--foreground")
         start = time.perf_counter()
@@ -97,17 +119,44 @@ def venv(tmp_path_factory) -> Env:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FLAGSCALE_ROOT")}
     env["FLAGSCALE_CACHE_DIR"] = str(real_cache_dir() / "build-cache")
     start = time.perf_counter()
-    install = subprocess.run([str(root / "bin" / "pip"), "install", "-c", "constraints.txt", ".[train]",
-                              "-C", "device=cpu", "-C", "backend=megatron"],
-                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    install = subprocess.run(
+        [
+            str(root / "bin" / "pip"),
+            "install",
+            "-c",
+            "constraints.txt",
+            ".[train]",
+            "-C",
+            "device=cpu",
+            "-C",
+            "backend=megatron",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
     install_s = round(time.perf_counter() - start, 1)
     work = base / "work"
     work.mkdir()
     # The example's corpus, made by its own script with the installed megatron-core's dataset builder.
-    corpus = subprocess.run([str(root / "bin" / "python"), str(REPO_ROOT / "examples/tiny_gpt/make_corpus.py"),
-                             "--out", str(work / "data"), "--docs", "400"], cwd=work, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    corpus = subprocess.run(
+        [
+            str(root / "bin" / "python"),
+            str(REPO_ROOT / "examples/tiny_gpt/make_corpus.py"),
+            "--out",
+            str(work / "data"),
+            "--docs",
+            "400",
+        ],
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert corpus.returncode == 0, corpus.stdout + corpus.stderr
     e = Env(root, work, work / "data" / "corpus_text_document")
     e.timings["install"] = install_s
@@ -160,7 +209,9 @@ def test_world_size_1_trains_logs_and_checkpoints(venv, world1):
     assert m["step_time"] > 0 and m["tokens_per_sec"] > 0 and 0 < m["lr"] <= 0.01
     ckpt = world1 / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
-    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_{i:07d}" for i in range(SAVE_EVERY, ITERS + 1, SAVE_EVERY)]
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [
+        f"iter_{i:07d}" for i in range(SAVE_EVERY, ITERS + 1, SAVE_EVERY)
+    ]
     assert (ckpt / f"iter_{ITERS:07d}" / "metadata.json").is_file()
     assert (world1 / "pids" / "node0.exit").read_text().strip() == "0"
 
@@ -178,15 +229,17 @@ def test_two_process_layouts(venv, world1, layout):
     assert ranks == ["rank0.log", "rank1.log"]
     if layout in ("tp2", "dp2"):  # same initial weights and global batches as world size 1
         reference = losses(world1)
-        assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), \
+        assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), (
             f"{layout} {curve} != world1 {reference}"
+        )
 
 
 @pytest.fixture(scope="module")
 def world1_dropout(venv) -> Path:
     """World size 1 with dropout, uninterrupted and without checkpoints: the curve a resumed run must follow."""
-    result = venv.train("world1-dropout", *DROPOUT, "train.system.checkpoint.save=null", foreground=True,
-                        label="world1-dropout")
+    result = venv.train(
+        "world1-dropout", *DROPOUT, "train.system.checkpoint.save=null", foreground=True, label="world1-dropout"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return venv.exp("world1-dropout")
 
@@ -209,20 +262,26 @@ def test_killed_run_resumes_on_the_same_loss_curve(venv, request, dropout):
     before = losses(exp)
     assert max(before) < ITERS, "the run finished before it was stopped"
 
-    resumed = venv.train(name, f"train.system.checkpoint.save_interval={SAVE_OFTEN}", *extra, foreground=True,
-                         label=name)
+    resumed = venv.train(
+        name, f"train.system.checkpoint.save_interval={SAVE_OFTEN}", *extra, foreground=True, label=name
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {exp / 'checkpoints' / f'iter_{killed_at:07d}'} (iteration {killed_at})" in resumed.stdout
     logged = [m["iteration"] for m in metrics(exp)]
-    assert logged[len(before):] == list(range(killed_at + 1, ITERS + 1))  # appended by the resumed run
+    assert logged[len(before) :] == list(range(killed_at + 1, ITERS + 1))  # appended by the resumed run
     curve = losses(exp)
     assert sorted(curve) == list(range(1, ITERS + 1))
     # Weights, Adam moments, LR schedule, data position and RNG state all come back: the uninterrupted curve.
-    off = {i: (curve[i], reference[i]) for i in curve
-           if not math.isclose(curve[i], reference[i], rel_tol=1e-4, abs_tol=1e-4)}
+    off = {
+        i: (curve[i], reference[i])
+        for i in curve
+        if not math.isclose(curve[i], reference[i], rel_tol=1e-4, abs_tol=1e-4)
+    }
     after = range(killed_at + 1, ITERS + 1)
-    print(f"\n{name}: killed at {killed_at}; resumed      {[round(curve[i], 6) for i in after]}"
-          f"\n{name}: killed at {killed_at}; uninterrupted {[round(reference[i], 6) for i in after]}")
+    print(
+        f"\n{name}: killed at {killed_at}; resumed      {[round(curve[i], 6) for i in after]}"
+        f"\n{name}: killed at {killed_at}; uninterrupted {[round(reference[i], 6) for i in after]}"
+    )
     assert not off, f"resumed != uninterrupted at {len(off)} iterations (resumed, uninterrupted): {off}"
     assert "with its RNG state" in resumed.stdout
     assert _status(venv, name) == ["finished"]
@@ -241,16 +300,23 @@ def test_resume_in_another_layout_loads_the_weights_but_not_the_rng(venv, world1
     load = venv.work / "world1-iter20"
     shutil.copytree(world1 / "checkpoints" / f"iter_{20:07d}", load / f"iter_{20:07d}")
     (load / "latest_checkpointed_iteration.txt").write_text("20\n")
-    result = venv.train("tp2-from-world1", f"++train.system.checkpoint.load={load}",
-                        "train.system.checkpoint.save=null", config="tp2", foreground=True, label="tp2-from-world1")
+    result = venv.train(
+        "tp2-from-world1",
+        f"++train.system.checkpoint.load={load}",
+        "train.system.checkpoint.save=null",
+        config="tp2",
+        foreground=True,
+        label="tp2-from-world1",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resumed from {load / f'iter_{20:07d}'} (iteration 20)" in result.stdout
     notes = [line for line in result.stdout.splitlines() if "RNG state not restored" in line]
     assert len(notes) == 1 and "TP=1 PP=1 DP=1" in notes[0] and "TP=2 PP=1 DP=1" in notes[0], result.stdout[-3000:]
     curve, reference = losses(venv.exp("tp2-from-world1")), losses(world1)
     assert sorted(curve) == list(range(21, ITERS + 1))
-    assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), \
+    assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), (
         f"tp2 from iteration 20 {curve} != world1 {reference}"
+    )
 
 
 def test_checkpoint_without_rng_state_still_loads(venv, world1):
@@ -261,11 +327,18 @@ def test_checkpoint_without_rng_state_still_loads(venv, world1):
     shutil.copytree(world1 / "checkpoints" / f"iter_{30:07d}", load / f"iter_{30:07d}")
     (load / "latest_checkpointed_iteration.txt").write_text("30\n")
     common = load / f"iter_{30:07d}" / "common.pt"
-    rewrite = ("import sys, torch; d = torch.load(sys.argv[1], weights_only=False); "
-               "torch.save({k: d[k] for k in ('optimizer', 'scheduler', 'iteration')}, sys.argv[1])")
+    rewrite = (
+        "import sys, torch; d = torch.load(sys.argv[1], weights_only=False); "
+        "torch.save({k: d[k] for k in ('optimizer', 'scheduler', 'iteration')}, sys.argv[1])"
+    )
     subprocess.run([str(venv.python), "-c", rewrite, str(common)], check=True, env=_env())
-    result = venv.train("old-ckpt", f"++train.system.checkpoint.load={load}", "train.system.checkpoint.save=null",
-                        foreground=True, label="old-ckpt")
+    result = venv.train(
+        "old-ckpt",
+        f"++train.system.checkpoint.load={load}",
+        "train.system.checkpoint.save=null",
+        foreground=True,
+        label="old-ckpt",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resumed from {load / f'iter_{30:07d}'} (iteration 30)\n" in result.stdout
     assert "RNG state not restored: the checkpoint has none" in result.stdout
@@ -276,8 +349,9 @@ def test_checkpoint_without_rng_state_still_loads(venv, world1):
 
 def test_bf16_mixed_precision_trains_on_the_cpu(venv):
     """bf16 as Megatron-LM does it (Float16Module + fp32 main weights in the optimizer): the cpu supports it."""
-    result = venv.train("bf16", "train.system.precision=bf16", "train.system.checkpoint.save=null", foreground=True,
-                        label="bf16")
+    result = venv.train(
+        "bf16", "train.system.precision=bf16", "train.system.checkpoint.save=null", foreground=True, label="bf16"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "precision bf16" in result.stdout
     curve = losses(venv.exp("bf16"))
@@ -299,11 +373,16 @@ def test_two_nodes_over_ssh_stop_and_resume(venv, world1, sshd):
     hostfile.write_text("127.0.0.1 slots=1 type=cpu\n127.0.0.2 slots=1\n")
     name = "two-nodes"
     exp = venv.exp(name)
-    overrides = ["experiment.runner.nnodes=2", "experiment.runner.nproc_per_node=1",
-                 f"experiment.runner.hostfile={hostfile}", f"experiment.runner.ssh_port={port}",
-                 f"experiment.runner.master_port={_free_port()}", "experiment.runner.master_addr=127.0.0.1",
-                 "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in options) + "]",
-                 f"train.system.checkpoint.save_interval={SAVE_VERY_OFTEN}"]
+    overrides = [
+        "experiment.runner.nnodes=2",
+        "experiment.runner.nproc_per_node=1",
+        f"experiment.runner.hostfile={hostfile}",
+        f"experiment.runner.ssh_port={port}",
+        f"experiment.runner.master_port={_free_port()}",
+        "experiment.runner.master_addr=127.0.0.1",
+        "experiment.runner.ssh_options=[" + ",".join(f"'{o}'" for o in options) + "]",
+        f"train.system.checkpoint.save_interval={SAVE_VERY_OFTEN}",
+    ]
     start = time.perf_counter()
     started = venv.train(name, *overrides, config="dp2")
     assert started.returncode == 0, started.stdout + started.stderr
@@ -319,8 +398,9 @@ def test_two_nodes_over_ssh_stop_and_resume(venv, world1, sshd):
     resumed = venv.train(name, *overrides, config="dp2", foreground=True, timeout=400)
     venv.timings["two-nodes"] = round(time.perf_counter() - start, 1)
     logs = {p.name: p.read_text() for p in (exp / "logs").glob("node*.log")}
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:] + str(
-        {k: v[-2000:] for k, v in logs.items()})
+    assert resumed.returncode == 0, (
+        resumed.stdout[-2000:] + resumed.stderr[-2000:] + str({k: v[-2000:] for k, v in logs.items()})
+    )
     assert set(logs) == {"node0.log", "node1.log"}
     assert "world size 2" in "".join(logs.values())
     assert f"(iteration {killed_at})" in "".join(logs.values())  # "resumed from ..."
@@ -328,8 +408,9 @@ def test_two_nodes_over_ssh_stop_and_resume(venv, world1, sshd):
     assert rank_logs == ["node0/rank0.log", "node1/rank1.log"], rank_logs
     curve, reference = losses(exp), losses(world1)  # DP=2 over two nodes: world size 1's global batches
     assert sorted(curve) == list(range(1, ITERS + 1)) and curve[ITERS] < 0.6 * curve[1]
-    assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), \
+    assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), (
         f"two nodes {curve} != world1 {reference}"
+    )
     assert _status(venv, name, *overrides) == ["finished", "finished"]
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from flagscale.errors import ConfigError
 from flagscale.upstream.pins import load_pins
 
@@ -27,21 +27,32 @@ def test_real_pins_parse_with_the_design_facts():
 
 def test_unknown_backend_suggests_the_nearest():
     pins = load_pins(REPO_ROOT / "third_party" / "upstreams.toml")
-    with pytest.raises(ConfigError, match=r"valid backends: megatron, vllm, sglang, llama.cpp \(did you mean 'vllm'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"valid backends: megatron, vllm, sglang, llama.cpp \(did you mean 'vllm'\?\)"
+    ):
         pins.resolve("vlm")
 
 
-@pytest.mark.parametrize("body, message", [
-    ('[x]\nname="X"\ngit="g"\n', "missing required field 'sdist'"),
-    ('[x]\nname="X"\ngit="g"\ncomit="a"\n[x.sdist]\nname="x"\nversion="1"\nsha256="' + "a" * 64 + '"\n',
-     "unknown field 'comit'.*did you mean 'commit'"),
-    ('[x]\nname="X"\ngit="g"\ncommit="abc"\n[x.sdist]\nname="x"\nversion="1"\nsha256="' + "a" * 64 + '"\n',
-     "not a full 40-hex commit"),
-    ('[x]\nname="X"\ngit="g"\n[x.sdist]\nname="x"\nversion="1"\nsha256="xyz"\n', r"\[x.sdist\].sha256"),
-    ('[x]\nname="X"\ngit="g"\n[x.sdist]\nname="x"\nversion="1"\nsha256="' + "a" * 64 + '"\npaths={"../"=""}\n',
-     "relative folder"),
-    ("[x\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[x]\nname="X"\ngit="g"\n', "missing required field 'sdist'"),
+        (
+            '[x]\nname="X"\ngit="g"\ncomit="a"\n[x.sdist]\nname="x"\nversion="1"\nsha256="' + "a" * 64 + '"\n',
+            "unknown field 'comit'.*did you mean 'commit'",
+        ),
+        (
+            '[x]\nname="X"\ngit="g"\ncommit="abc"\n[x.sdist]\nname="x"\nversion="1"\nsha256="' + "a" * 64 + '"\n',
+            "not a full 40-hex commit",
+        ),
+        ('[x]\nname="X"\ngit="g"\n[x.sdist]\nname="x"\nversion="1"\nsha256="xyz"\n', r"\[x.sdist\].sha256"),
+        (
+            '[x]\nname="X"\ngit="g"\n[x.sdist]\nname="x"\nversion="1"\nsha256="' + "a" * 64 + '"\npaths={"../"=""}\n',
+            "relative folder",
+        ),
+        ("[x\n", "not valid TOML"),
+    ],
+)
 def test_bad_pins_name_file_and_field(tmp_path, body, message):
     path = tmp_path / "upstreams.toml"
     path.write_text(body)

@@ -43,7 +43,10 @@ def make_wheel(folder: Path, when=(2024, 5, 17, 13, 37, 42), extra: dict[str, tu
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "toy_pkg-1.0-py3-none-any.whl"
     entries = {
-        "toy_pkg-1.0.dist-info/WHEEL": (b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n", 0o644),
+        "toy_pkg-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            0o644,
+        ),
         "toy_pkg/zeta.py": (b"Z = 1\n", 0o600),
         "toy_pkg-1.0.dist-info/METADATA": (METADATA.encode(), 0o664),
         "toy_pkg/__init__.py": (b"from toy_pkg.zeta import Z\n", 0o666),
@@ -84,9 +87,15 @@ def test_new_version_renames_dist_info_and_data(tmp_path):
         names = zin.namelist()
         metadata = zin.read("toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/METADATA").decode()
     assert not [n for n in names if n.startswith(("toy_pkg-1.0.dist-info/", "toy_pkg-1.0.data/"))], names
-    assert {"toy_pkg-1.0+fs.cpu.1a2b3c4d.data/scripts/toy-run", "toy_pkg-1.0+fs.cpu.1a2b3c4d.data/data/share/toy.txt",
-            "toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/WHEEL", "toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/entry_points.txt",
-            "toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/RECORD", "toy_pkg/__init__.py", "toy_pkg/bin/run.sh"} <= set(names)
+    assert {
+        "toy_pkg-1.0+fs.cpu.1a2b3c4d.data/scripts/toy-run",
+        "toy_pkg-1.0+fs.cpu.1a2b3c4d.data/data/share/toy.txt",
+        "toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/WHEEL",
+        "toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/entry_points.txt",
+        "toy_pkg-1.0+fs.cpu.1a2b3c4d.dist-info/RECORD",
+        "toy_pkg/__init__.py",
+        "toy_pkg/bin/run.sh",
+    } <= set(names)
     assert "toy_pkg/" not in names  # no directory entries
     assert "Version: 1.0+fs.cpu.1a2b3c4d\n" in metadata and "Version: 1.0\n" not in metadata
     assert metadata.startswith("Metadata-Version: 2.1\n")
@@ -101,9 +110,16 @@ def test_without_a_version_the_names_stay(tmp_path):
 
 def test_record_is_regenerated_and_matches_every_entry(tmp_path):
     extra = {"toy_pkg/data, with comma.txt": (b"comma\n", 0o644)}
-    out = rewrite_wheel(make_wheel(tmp_path / "in", extra=extra), tmp_path / "out", WheelEdit(
-        version="1.0+fs.x", add_requires=("megatron-core @ file:///tmp/w.whl",),
-        dist_info_files={"flagscale_build.json": b"{}\n"}, files={"toy_pkg/_project/pins.toml": b"[x]\n"}))
+    out = rewrite_wheel(
+        make_wheel(tmp_path / "in", extra=extra),
+        tmp_path / "out",
+        WheelEdit(
+            version="1.0+fs.x",
+            add_requires=("megatron-core @ file:///tmp/w.whl",),
+            dist_info_files={"flagscale_build.json": b"{}\n"},
+            files={"toy_pkg/_project/pins.toml": b"[x]\n"},
+        ),
+    )
     dist_info = "toy_pkg-1.0+fs.x.dist-info"
     with zipfile.ZipFile(out) as zin:
         rows = _record(zin, dist_info)
@@ -120,15 +136,24 @@ def test_record_is_regenerated_and_matches_every_entry(tmp_path):
 
 
 def test_requires_dist_added_and_dropped(tmp_path):
-    out = rewrite_wheel(make_wheel(tmp_path / "in"), tmp_path / "out", WheelEdit(
-        version="1.0+cpu", add_requires=("megatron-core @ file:///tmp/m.whl", "torch==2.13.0"),
-        drop_requires=("torch", "Rich")))
+    out = rewrite_wheel(
+        make_wheel(tmp_path / "in"),
+        tmp_path / "out",
+        WheelEdit(
+            version="1.0+cpu",
+            add_requires=("megatron-core @ file:///tmp/m.whl", "torch==2.13.0"),
+            drop_requires=("torch", "Rich"),
+        ),
+    )
     with zipfile.ZipFile(out) as zin:
         metadata = zin.read("toy_pkg-1.0+cpu.dist-info/METADATA").decode()
     head, body = metadata.split("\n\n", 1)
     requires = [line for line in head.splitlines() if line.startswith("Requires-Dist:")]
-    assert requires == ["Requires-Dist: numpy>=1.20", "Requires-Dist: megatron-core @ file:///tmp/m.whl",
-                        "Requires-Dist: torch==2.13.0"]
+    assert requires == [
+        "Requires-Dist: numpy>=1.20",
+        "Requires-Dist: megatron-core @ file:///tmp/m.whl",
+        "Requires-Dist: torch==2.13.0",
+    ]
     # headers after the requirements keep their place; the body is untouched (even a Requires-Dist-looking line)
     assert head.splitlines()[-1] == "Provides-Extra: test"
     assert body == "The long description.\nRequires-Dist: not-a-header (this is body text)\n"
@@ -151,8 +176,11 @@ def test_requires_added_to_metadata_without_any(tmp_path):
 
 
 def test_entries_sorted_with_dist_info_last_and_record_at_the_end(tmp_path):
-    out = rewrite_wheel(make_wheel(tmp_path / "in"), tmp_path / "out",
-                        WheelEdit(version="2", dist_info_files={"flagscale_build.json": b"{}\n"}))
+    out = rewrite_wheel(
+        make_wheel(tmp_path / "in"),
+        tmp_path / "out",
+        WheelEdit(version="2", dist_info_files={"flagscale_build.json": b"{}\n"}),
+    )
     with zipfile.ZipFile(out) as zin:
         names = zin.namelist()
     dist_info = [n for n in names if n.startswith("toy_pkg-2.dist-info/")]
@@ -197,16 +225,22 @@ def test_timestamps_follow_source_date_epoch(tmp_path, monkeypatch):
 
 
 def test_modes_are_normalized(tmp_path):
-    out = rewrite_wheel(make_wheel(tmp_path / "in"), tmp_path / "out",
-                        WheelEdit(version="3", files={"toy_pkg/extra.txt": b"x"}))
+    out = rewrite_wheel(
+        make_wheel(tmp_path / "in"), tmp_path / "out", WheelEdit(version="3", files={"toy_pkg/extra.txt": b"x"})
+    )
     with zipfile.ZipFile(out) as zin:
         modes = {i.filename: i.external_attr >> 16 for i in zin.infolist()}
         assert {i.create_system for i in zin.infolist()} == {3}
         assert {i.compress_type for i in zin.infolist()} == {zipfile.ZIP_DEFLATED}
     expected = {
-        "toy_pkg/bin/run.sh": 0o755, "toy_pkg-3.data/scripts/toy-run": 0o755,  # any exec bit -> 0o755
-        "toy_pkg/zeta.py": 0o644, "toy_pkg/__init__.py": 0o644, "toy_pkg-3.data/data/share/toy.txt": 0o644,
-        "toy_pkg/extra.txt": 0o644, "toy_pkg-3.dist-info/METADATA": 0o644, "toy_pkg-3.dist-info/RECORD": 0o644,
+        "toy_pkg/bin/run.sh": 0o755,
+        "toy_pkg-3.data/scripts/toy-run": 0o755,  # any exec bit -> 0o755
+        "toy_pkg/zeta.py": 0o644,
+        "toy_pkg/__init__.py": 0o644,
+        "toy_pkg-3.data/data/share/toy.txt": 0o644,
+        "toy_pkg/extra.txt": 0o644,
+        "toy_pkg-3.dist-info/METADATA": 0o644,
+        "toy_pkg-3.dist-info/RECORD": 0o644,
     }
     for name, mode in expected.items():
         assert modes[name] == 0o100000 | mode, (name, oct(modes[name]))
@@ -224,9 +258,15 @@ def test_installs_with_pip_semantics(tmp_path):
 
 
 def test_added_files_and_reading_them_back(tmp_path):
-    out = rewrite_wheel(make_wheel(tmp_path / "in"), tmp_path / "out", WheelEdit(
-        version="1.0+cpu", dist_info_files={"flagscale_build.json": b'{"device": "cpu"}\n'},
-        files={"toy_pkg/_project/third_party/upstreams.toml": b"[toy]\n", "toy_pkg/zeta.py": b"Z = 2\n"}))
+    out = rewrite_wheel(
+        make_wheel(tmp_path / "in"),
+        tmp_path / "out",
+        WheelEdit(
+            version="1.0+cpu",
+            dist_info_files={"flagscale_build.json": b'{"device": "cpu"}\n'},
+            files={"toy_pkg/_project/third_party/upstreams.toml": b"[toy]\n", "toy_pkg/zeta.py": b"Z = 2\n"},
+        ),
+    )
     assert read_dist_info_file(out, "flagscale_build.json") == b'{"device": "cpu"}\n'
     assert read_dist_info_file(out, "missing.json") is None
     with zipfile.ZipFile(out) as zin:

@@ -27,8 +27,8 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def converter_root(device: str | None = "cpu", source: str = "auto") -> Path:
     """The patched llama.cpp repository root (holding convert_hf_to_gguf.py and gguf-py/)."""
-    from flagscale.upstream.project import Project
     from flagscale.patches.tree import patched_tree
+    from flagscale.upstream.project import Project
     from flagscale.upstream.target import Target
 
     project = Project.find(Path(__file__).resolve().parent.parent)
@@ -46,9 +46,13 @@ def convert(model: Path, out: Path, outtype: str = "f16", device: str | None = "
         raise FlagScaleError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
     root = converter_root(device, source)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "gguf-py"), os.environ.get("PYTHONPATH")])),
-           "PYTHONDONTWRITEBYTECODE": "1",  # the cached tree is read-only
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "gguf-py"), os.environ.get("PYTHONPATH")])),
+        "PYTHONDONTWRITEBYTECODE": "1",  # the cached tree is read-only
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(model), "--outfile", str(out), "--outtype", outtype]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0 or not out.is_file():
@@ -60,8 +64,9 @@ def convert(model: Path, out: Path, outtype: str = "f16", device: str | None = "
 def quantize(gguf: Path, out: Path, qtype: str) -> Path:
     from flagscale.serve.binaries import llama_tool
 
-    result = subprocess.run([str(llama_tool("llama-quantize")), str(gguf), str(out), qtype, "1"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(llama_tool("llama-quantize")), str(gguf), str(out), qtype, "1"], capture_output=True, text=True
+    )
     if result.returncode != 0 or not out.is_file():
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
         raise FlagScaleError(f"llama-quantize {qtype} failed (exit {result.returncode}):\n{tail}")
@@ -73,15 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="local Hugging Face checkpoint folder")
     parser.add_argument("out", type=Path, help="GGUF file to write")
     parser.add_argument("--outtype", default="f16", help=f"converter output type: {', '.join(OUTTYPES)}")
-    parser.add_argument("--quantize", metavar="TYPE", help="then quantize with llama-quantize (Q4_K_M, Q8_0, ...); "
-                        "OUT gets the quantized model, OUT with .<outtype>.gguf the converted one")
+    parser.add_argument(
+        "--quantize",
+        metavar="TYPE",
+        help="then quantize with llama-quantize (Q4_K_M, Q8_0, ...); "
+        "OUT gets the quantized model, OUT with .<outtype>.gguf the converted one",
+    )
     parser.add_argument("--device", default="cpu", help="device whose patched llama.cpp tree to use")
     parser.add_argument("--source", default="auto", help="auto | submodule | sdist | PATH")
     args = parser.parse_args(argv)
     try:
         if args.quantize:
-            plain = convert(args.model, args.out.with_suffix(f".{args.outtype}.gguf"), args.outtype, args.device,
-                            args.source)
+            plain = convert(
+                args.model, args.out.with_suffix(f".{args.outtype}.gguf"), args.outtype, args.device, args.source
+            )
             quantize(plain, args.out, args.quantize)
         else:
             convert(args.model, args.out, args.outtype, args.device, args.source)

@@ -25,8 +25,28 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "an", "el", "is", "on", "ur", "be", "da",
-             "fi", "go", "hu"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "sa",
+    "ti",
+    "vo",
+    "ze",
+    "po",
+    "an",
+    "el",
+    "is",
+    "on",
+    "ur",
+    "be",
+    "da",
+    "fi",
+    "go",
+    "hu",
+]
 
 
 def corpus(seed: int, lines: int = 4000) -> list[str]:
@@ -43,19 +63,37 @@ def train_tokenizer(out: Path, vocab: int, seed: int) -> None:
     model = io.BytesIO()
     # an iterator and a writer, not file paths: the trainer would record those paths in tokenizer.model
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(seed)), model_writer=model, vocab_size=vocab, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True,  # any input text tokenizes, as with real Llama tokenizers
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
-        num_threads=1, minloglevel=2)
+        sentence_iterator=iter(corpus(seed)),
+        model_writer=model,
+        vocab_size=vocab,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,  # any input text tokenizes, as with real Llama tokenizers
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        num_threads=1,
+        minloglevel=2,
+    )
     (out / "tokenizer.model").write_bytes(model.getvalue())
     config = {
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 512, "legacy": False,
-        "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 512,
+        "legacy": False,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n"
+    )
 
 
 def save_model(out: Path, vocab: int, hidden: int, layers: int, seed: int) -> None:
@@ -63,10 +101,20 @@ def save_model(out: Path, vocab: int, hidden: int, layers: int, seed: int) -> No
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         torch_dtype="float32")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     model.generation_config.save_pretrained(out)
@@ -92,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         make(args.out, args.vocab, args.hidden, args.layers, args.seed)
     except ImportError as exc:
-        print(f"error: {exc.name} is missing: pip install 'flagscale[models]' (torch, transformers, sentencepiece)",
-              file=sys.stderr)
+        print(
+            f"error: {exc.name} is missing: pip install 'flagscale[models]' (torch, transformers, sentencepiece)",
+            file=sys.stderr,
+        )
         return 2
     print(args.out)
     return 0

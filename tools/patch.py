@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """FlagScale's patch workflow for developers; the same commands as `flagscale patch`.
 
-    tools/patch.py checkout megatron /tmp/mc      # pinned upstream + one commit per patch
-    tools/patch.py export megatron /tmp/mc        # commits -> patches/megatron/ (only changed files)
-    tools/patch.py rebase megatron --to 0.16.2    # replay onto a new pin (3-way), report per patch
-    tools/patch.py check                          # does every (device, backend) cell apply?
+tools/patch.py checkout megatron /tmp/mc      # pinned upstream + one commit per patch
+tools/patch.py export megatron /tmp/mc        # commits -> patches/megatron/ (only changed files)
+tools/patch.py rebase megatron --to 0.16.2    # replay onto a new pin (3-way), report per patch
+tools/patch.py check                          # does every (device, backend) cell apply?
 """
 
 import sys

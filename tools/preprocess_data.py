@@ -29,7 +29,7 @@ def documents(path: Path, json_key: str):
                 try:
                     yield json.loads(line)[json_key]
                 except (ValueError, KeyError, TypeError):
-                    raise SystemExit(f"{path}:{lineno}: not a JSON object with a {json_key!r} string")
+                    raise SystemExit(f"{path}:{lineno}: not a JSON object with a {json_key!r} string") from None
             else:
                 yield line.rstrip("\n")
 

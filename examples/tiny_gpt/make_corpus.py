@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             text = " ".join(sentence(rng).capitalize() for _ in range(rng.randint(2, 5)))
             f.write(json.dumps({"text": text}) + "\n")
     tool = Path(__file__).resolve().parents[2] / "tools" / "preprocess_data.py"
-    return subprocess.call([sys.executable, str(tool), "--input", str(corpus),
-                            "--output-prefix", str(args.out / "corpus_text_document")])
+    return subprocess.call(
+        [sys.executable, str(tool), "--input", str(corpus), "--output-prefix", str(args.out / "corpus_text_document")]
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """`flagscale` command line: a thin face over the core, one module per area.
 
-    app.py       the typer apps, shared options, error reporting and progress
-    upstream.py  upstream status | fetch
-    patch.py     patch checkout | export | rebase | check | lint | apply  (= tools/patch.py)
-    wheels.py    install | build | doctor
-    hardware.py  devices | ci matrix
-    tasks.py     train | serve | infer
-    render.py    the tables they print
+app.py       the typer apps, shared options, error reporting and progress
+upstream.py  upstream status | fetch
+patch.py     patch checkout | export | rebase | check | lint | apply  (= tools/patch.py)
+wheels.py    install | build | doctor
+hardware.py  devices | ci matrix
+tasks.py     train | serve | infer
+render.py    the tables they print
 """
 
 from __future__ import annotations

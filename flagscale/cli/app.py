@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 
     from flagscale.upstream.project import Project
 
-app = typer.Typer(help="FlagScale: pinned upstreams + reviewed patches -> device-specific builds.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="FlagScale: pinned upstreams + reviewed patches -> device-specific builds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 upstream_app = typer.Typer(help="Upstream pins and their sources.", no_args_is_help=True)
 patch_app = typer.Typer(help="Patch series: checkout, export, rebase, check, lint, apply.", no_args_is_help=True)
 ci_app = typer.Typer(help="The per-chip CI matrix from the hardware registry.", no_args_is_help=True)
@@ -64,21 +68,20 @@ def print_error(exc: Exception) -> None:
     from rich.markup import escape
 
     line = error_line(exc)
-    console(stderr=True).print(f"[red]error:[/red]{escape(line[len('error:'):])}")
+    console(stderr=True).print(f"[red]error:[/red]{escape(line[len('error:') :])}")
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(message)s")
 
 
-def project(root: Optional[Path]) -> Project:
+def project(root: Path | None) -> Project:
     from flagscale.upstream.project import Project
 
     return Project.find(root)
 
 
-def device_name(project: Project, device: Optional[str]) -> Optional[str]:
+def device_name(project: Project, device: str | None) -> str | None:
     """A device name or alias as the registry's name (None stays None)."""
     if device is None:
         return None
@@ -87,7 +90,7 @@ def device_name(project: Project, device: Optional[str]) -> Optional[str]:
     return resolve_device(project, device).name
 
 
-def default_device(project: Project, device: Optional[str]) -> str:
+def default_device(project: Project, device: str | None) -> str:
     """--device, else the device the installed flagscale was built for, else cpu."""
     from flagscale.runner.environment import device_name as job_device_name
 
@@ -107,8 +110,14 @@ def download_progress():
         return None
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), console=console(stderr=True), transient=True)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console(stderr=True),
+        transient=True,
+    )
     task = None
 
     def update(done: int, total: int) -> None:
@@ -130,8 +139,10 @@ def steps():
 
 
 @app.callback(invoke_without_command=True)
-def main(version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step.")) -> None:
+def main(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
     setup_logging(verbose)
     if version:
         typer.echo(__version__)

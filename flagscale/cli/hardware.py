@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,8 +11,11 @@ from flagscale.cli.app import BackendOpt, DeviceOpt, RootOpt, app, ci_app, proje
 
 
 @app.command("devices")
-def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device (`devices show D` works too)."),
-                shown: Optional[str] = typer.Argument(None, hidden=True), root: Optional[Path] = RootOpt) -> None:
+def devices_cmd(
+    name: str | None = typer.Argument(None, help="Show one device (`devices show D` works too)."),
+    shown: str | None = typer.Argument(None, hidden=True),
+    root: Path | None = RootOpt,
+) -> None:
     """List the devices of the hardware registry, or show one."""
     from flagscale.cli.render import device_lines, print_devices
     from flagscale.hardware.registry import load_devices, resolve_device
@@ -34,11 +36,19 @@ def devices_cmd(name: Optional[str] = typer.Argument(None, help="Show one device
 
 
 @ci_app.command("matrix")
-def ci_matrix(fmt: str = typer.Option("json", "--format", "-f", help="json: {\"include\": [...]} | github: "
-                                      "name=value lines for $GITHUB_OUTPUT (matrix, count, run_matrix, run_count)."),
-              device: Optional[str] = DeviceOpt, backend: Optional[str] = BackendOpt,
-              run_only: bool = typer.Option(False, "--run", help="Only the cells CI runs on the device's runners."),
-              root: Optional[Path] = RootOpt) -> None:
+def ci_matrix(
+    fmt: str = typer.Option(
+        "json",
+        "--format",
+        "-f",
+        help='json: {"include": [...]} | github: '
+        "name=value lines for $GITHUB_OUTPUT (matrix, count, run_matrix, run_count).",
+    ),
+    device: str | None = DeviceOpt,
+    backend: str | None = BackendOpt,
+    run_only: bool = typer.Option(False, "--run", help="Only the cells CI runs on the device's runners."),
+    root: Path | None = RootOpt,
+) -> None:
     """The (device, backend) cells of the registry, as a GitHub Actions strategy.matrix (fromJSON)."""
     from flagscale.hardware.ci_matrix import github_outputs, matrix
 

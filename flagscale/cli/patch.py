@@ -3,29 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from flagscale.cli.app import (BackendOpt, DeviceOpt, RootOpt, SourceOpt, console, device_name, download_progress,
-                               patch_app, project, reported)
+from flagscale.cli.app import (
+    BackendOpt,
+    DeviceOpt,
+    RootOpt,
+    SourceOpt,
+    console,
+    device_name,
+    download_progress,
+    patch_app,
+    project,
+    reported,
+)
 
 
 @patch_app.command("checkout")
-def patch_checkout(backend: str, dest: Path, device: Optional[str] = DeviceOpt, source: str = SourceOpt,
-                   root: Optional[Path] = RootOpt) -> None:
+def patch_checkout(
+    backend: str, dest: Path, device: str | None = DeviceOpt, source: str = SourceOpt, root: Path | None = RootOpt
+) -> None:
     """Create DEST: a git repo of the pinned upstream with one commit per patch, ready to edit."""
     from flagscale.patches.workflow import checkout
 
     with reported():
         proj = project(root)
         commits = checkout(proj, backend, dest, device_name(proj, device), source)
-        typer.echo(f"{dest}: {len(commits)} patch commit(s) on the pinned upstream; edit, commit, then run "
-                   f"`tools/patch.py export {backend}{f' --device {device}' if device else ''} {dest}`")
+        typer.echo(
+            f"{dest}: {len(commits)} patch commit(s) on the pinned upstream; edit, commit, then run "
+            f"`tools/patch.py export {backend}{f' --device {device}' if device else ''} {dest}`"
+        )
 
 
 @patch_app.command("export")
-def patch_export(backend: str, repo: Path, device: Optional[str] = DeviceOpt, root: Optional[Path] = RootOpt) -> None:
+def patch_export(backend: str, repo: Path, device: str | None = DeviceOpt, root: Path | None = RootOpt) -> None:
     """Write REPO's commits back to the series; only changed patches are rewritten."""
     from flagscale.patches.workflow import export
 
@@ -40,11 +52,14 @@ def patch_export(backend: str, repo: Path, device: Optional[str] = DeviceOpt, ro
 
 
 @patch_app.command("rebase")
-def patch_rebase(backend: str, to: str = typer.Option(..., "--to", help="New release version of the pin's sdist."),
-                 sha256: Optional[str] = typer.Option(None, help="Expected sha256 of the new sdist."),
-                 source: Optional[str] = typer.Option(None, "--source", help="Local tree of the new pin."),
-                 old_source: str = typer.Option("auto", "--old-source", help="Source of the current pin."),
-                 root: Optional[Path] = RootOpt) -> None:
+def patch_rebase(
+    backend: str,
+    to: str = typer.Option(..., "--to", help="New release version of the pin's sdist."),
+    sha256: str | None = typer.Option(None, help="Expected sha256 of the new sdist."),
+    source: str | None = typer.Option(None, "--source", help="Local tree of the new pin."),
+    old_source: str = typer.Option("auto", "--old-source", help="Source of the current pin."),
+    root: Path | None = RootOpt,
+) -> None:
     """Replay every series of BACKEND onto a new pin (3-way merge); write patches and pin only on success."""
     from flagscale.cli.render import print_rebase_report
     from flagscale.patches.workflow import rebase
@@ -56,8 +71,12 @@ def patch_rebase(backend: str, to: str = typer.Option(..., "--to", help="New rel
 
 
 @patch_app.command("check")
-def patch_check(device: Optional[str] = DeviceOpt, backend: Optional[str] = BackendOpt, source: str = SourceOpt,
-                root: Optional[Path] = RootOpt) -> None:
+def patch_check(
+    device: str | None = DeviceOpt,
+    backend: str | None = BackendOpt,
+    source: str = SourceOpt,
+    root: Path | None = RootOpt,
+) -> None:
     """Does every (device, backend) cell's series apply to its pin? Non-zero exit if any does not."""
     from flagscale.cli.render import print_check_results
     from flagscale.patches.workflow import check
@@ -71,14 +90,16 @@ def patch_check(device: Optional[str] = DeviceOpt, backend: Optional[str] = Back
 
 
 @patch_app.command("lint")
-def patch_lint(root: Optional[Path] = RootOpt) -> None:
+def patch_lint(root: Path | None = RootOpt) -> None:
     """Check every series folder: headers, whitespace damage, and that `series` lists exactly its files."""
     from flagscale.patches.series import lint_folder
 
     with reported():
         proj = project(root)
-        folders = sorted({p.parent for p in proj.root.glob("patches/*/*") if p.parent.is_dir()} |
-                         {p.parent for p in proj.root.glob("hardware/*/patches/*/*")})
+        folders = sorted(
+            {p.parent for p in proj.root.glob("patches/*/*") if p.parent.is_dir()}
+            | {p.parent for p in proj.root.glob("hardware/*/patches/*/*")}
+        )
         problems = [problem for folder in folders for problem in lint_folder(folder)]
         for problem in problems:
             typer.echo(problem)
@@ -88,8 +109,13 @@ def patch_lint(root: Optional[Path] = RootOpt) -> None:
 
 
 @patch_app.command("apply")
-def patch_apply(backend: str, dest: Optional[Path] = typer.Argument(None, help="Also copy the patched tree here."),
-                device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+def patch_apply(
+    backend: str,
+    dest: Path | None = typer.Argument(None, help="Also copy the patched tree here."),
+    device: str | None = DeviceOpt,
+    source: str = SourceOpt,
+    root: Path | None = RootOpt,
+) -> None:
     """Apply the common (and device) series to the pin; print the cached patched tree's path."""
     from flagscale.patches.apply import copy_tree
     from flagscale.patches.tree import patched_tree
@@ -98,8 +124,9 @@ def patch_apply(backend: str, dest: Optional[Path] = typer.Argument(None, help="
     with reported():
         proj = project(root)
         tree = patched_tree(Target.of(proj, backend, device_name(proj, device), source), progress=download_progress())
-        console(stderr=True).print(f"{len(tree.patches)} patch(es) on {tree.source.origin}"
-                                   f"{' (cached)' if tree.cache_hit else ''}")
+        console(stderr=True).print(
+            f"{len(tree.patches)} patch(es) on {tree.source.origin}{' (cached)' if tree.cache_hit else ''}"
+        )
         if dest is not None:
             if dest.exists() and any(dest.iterdir()):
                 raise typer.BadParameter(f"{dest} is not empty")

@@ -26,12 +26,23 @@ def print_upstream_status(project: Project, cache: Cache) -> None:
     table = Table("backend", "upstream", "tag", "commit", "sdist", "sha256", "submodule", "cached")
     for pin in project.pins:
         path, head = submodule_state(project, pin)
-        sub = "not initialized" if path is None or head is None else (
-            f"at {head[:12]}" + ("" if not pin.commit or head == pin.commit else " (differs from pin!)"))
+        sub = (
+            "not initialized"
+            if path is None or head is None
+            else (f"at {head[:12]}" + ("" if not pin.commit or head == pin.commit else " (differs from pin!)"))
+        )
         cached = "yes" if cache.path("sources", f"sdist-{pin.sdist.sha256}").exists() else "no"
         commit = pin.commit[:12] if pin.commit else (f"~{pin.commit_hint}" if pin.commit_hint else "unresolved")
-        table.add_row(pin.backend, pin.name, pin.tag or "-", commit, f"{pin.sdist.name} {pin.sdist.version}",
-                      pin.sdist.sha256[:12] + "…", sub, cached)
+        table.add_row(
+            pin.backend,
+            pin.name,
+            pin.tag or "-",
+            commit,
+            f"{pin.sdist.name} {pin.sdist.version}",
+            pin.sdist.sha256[:12] + "…",
+            sub,
+            cached,
+        )
     console().print(table)
 
 
@@ -51,8 +62,9 @@ def print_check_results(results: Iterable[CellResult]) -> None:
 
     table = Table("backend", "device", "patches", "result", "detail")
     for r in results:
-        table.add_row(r.backend, r.device or "(common)", str(r.patches), f"[{_CHECK_COLOUR[r.status]}]{r.status}[/]",
-                      r.detail)
+        table.add_row(
+            r.backend, r.device or "(common)", str(r.patches), f"[{_CHECK_COLOUR[r.status]}]{r.status}[/]", r.detail
+        )
     console().print(table)
 
 
@@ -66,9 +78,22 @@ def print_doctor_report(report: Report) -> None:
         return
     table = Table("backend", "distribution", "version", "device", "patches", "state")
     for b in report.backends:
-        state = "[green]ok[/]" if b.ok else "[red]" + "; ".join(filter(None, [
-            b.problem, f"changed: {', '.join(b.changed)}" if b.changed else "",
-            f"missing: {', '.join(b.missing)}" if b.missing else ""])) + "[/]"
+        state = (
+            "[green]ok[/]"
+            if b.ok
+            else "[red]"
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        b.problem,
+                        f"changed: {', '.join(b.changed)}" if b.changed else "",
+                        f"missing: {', '.join(b.missing)}" if b.missing else "",
+                    ],
+                )
+            )
+            + "[/]"
+        )
         table.add_row(b.backend, b.distribution, b.version or "-", b.device or "-", str(b.patches), state)
     out.print(table)
 
@@ -78,25 +103,34 @@ def print_devices(devices: Iterable[Device]) -> None:
 
     table = Table("device", "aliases", "torch", "collective", "backends", "description")
     for dev in devices:
-        table.add_row(dev.name, ", ".join(dev.aliases), dev.torch_device or "-", dev.collective or "-",
-                      ", ".join(dev.backends), dev.description)
+        table.add_row(
+            dev.name,
+            ", ".join(dev.aliases),
+            dev.torch_device or "-",
+            dev.collective or "-",
+            ", ".join(dev.backends),
+            dev.description,
+        )
     console().print(table)
 
 
 def device_lines(dev: Device) -> list[str]:
     """`flagscale devices show D`: every manifest field, one per line."""
+
     def show(values) -> str:
         return ", ".join(values) if values else "-"
 
-    lines = [f"{dev.name}: {dev.description}",
-             f"vendor: {dev.vendor or '-'}",
-             f"manifest: {dev.manifest}",
-             f"aliases: {show(dev.aliases)}",
-             f"torch device: {dev.torch_device or '-'} (extension module: {dev.torch_extension or '-'})",
-             f"collective backend: {dev.collective or '-'}",
-             f"visible devices variable: {dev.visible_devices_env or '-'}",
-             f"backends: {show(dev.backends)}",
-             f"runtime requires: {show(dev.runtime_requires)}"]
+    lines = [
+        f"{dev.name}: {dev.description}",
+        f"vendor: {dev.vendor or '-'}",
+        f"manifest: {dev.manifest}",
+        f"aliases: {show(dev.aliases)}",
+        f"torch device: {dev.torch_device or '-'} (extension module: {dev.torch_extension or '-'})",
+        f"collective backend: {dev.collective or '-'}",
+        f"visible devices variable: {dev.visible_devices_env or '-'}",
+        f"backends: {show(dev.backends)}",
+        f"runtime requires: {show(dev.runtime_requires)}",
+    ]
     for backend, build in dev.builds:
         parts = [f"{k}={v}" for k, v in build.environ().items()]
         parts += [f"-C {k}={v}" for k, v in build.config_settings]
@@ -108,6 +142,8 @@ def device_lines(dev: Device) -> list[str]:
             parts.append(f"needs toolchain: {build.toolchain}")
         lines.append(f"build {backend}: {'; '.join(parts) or '-'}")
     runs = dev.ci.run_backends if dev.ci.run_backends is not None else dev.backends
-    lines.append(f"ci runners: {show(dev.ci.runs_on)}" +
-                 (f" (runs {show(runs)})" if dev.ci.runs_on else " (patch check and build only)"))
+    lines.append(
+        f"ci runners: {show(dev.ci.runs_on)}"
+        + (f" (runs {show(runs)})" if dev.ci.runs_on else " (patch check and build only)")
+    )
     return lines

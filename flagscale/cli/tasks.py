@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,11 +12,14 @@ TaskArgs = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 @app.command("train")
-def train_cmd(config_dir: Path = typer.Argument(..., help="Folder of the experiment YAML, e.g. examples/tiny_gpt/conf."),
-              overrides: Optional[list[str]] = typer.Argument(
-                  None, help="Hydra overrides: action=run|dryrun|stop|status, train.model.num_layers=4, ..."),
-              config_name: str = typer.Option("train", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
-              foreground: bool = typer.Option(False, "--foreground", help="Run attached (schedulers, containers).")) -> None:
+def train_cmd(
+    config_dir: Path = typer.Argument(..., help="Folder of the experiment YAML, e.g. examples/tiny_gpt/conf."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Hydra overrides: action=run|dryrun|stop|status, train.model.num_layers=4, ..."
+    ),
+    config_name: str = typer.Option("train", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
+    foreground: bool = typer.Option(False, "--foreground", help="Run attached (schedulers, containers)."),
+) -> None:
     """Train with Megatron on this device: launch, dry-run, stop or query a job (action=...)."""
     with reported():
         from flagscale.runner.config import compose
@@ -29,12 +31,18 @@ def train_cmd(config_dir: Path = typer.Argument(..., help="Folder of the experim
 
 
 @app.command("serve", context_settings=TaskArgs)
-def serve_cmd(config: str = typer.Argument(..., help="Experiment: a conf folder, a YAML file, or a model name under "
-                                           "examples/ (one-click, e.g. tiny_llama)."),
-              overrides: Optional[list[str]] = typer.Argument(
-                  None, help="[MODEL_CONFIG_YAML] then Hydra overrides: action=run|dryrun|stop|status, "
-                  "experiment.runner.port=8001, serve.0.engine_args.threads=2, ..."),
-              config_name: str = typer.Option("serve", "--config-name", "-c", help="Experiment YAML (without .yaml).")) -> None:
+def serve_cmd(
+    config: str = typer.Argument(
+        ...,
+        help="Experiment: a conf folder, a YAML file, or a model name under examples/ (one-click, e.g. tiny_llama).",
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        help="[MODEL_CONFIG_YAML] then Hydra overrides: action=run|dryrun|stop|status, "
+        "experiment.runner.port=8001, serve.0.engine_args.threads=2, ...",
+    ),
+    config_name: str = typer.Option("serve", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
+) -> None:
     """Serve models with an OpenAI-compatible API (llama.cpp, vLLM, SGLang; direct or Ray Serve)."""
     with reported():
         from flagscale.serve import main as serve_main
@@ -45,11 +53,15 @@ def serve_cmd(config: str = typer.Argument(..., help="Experiment: a conf folder,
 
 
 @app.command("infer", context_settings=TaskArgs)
-def infer_cmd(config: str = typer.Argument(..., help="Experiment: a conf folder, a YAML file, or a model name under "
-                                           "examples/ (e.g. tiny_llama)."),
-              overrides: Optional[list[str]] = typer.Argument(
-                  None, help="Hydra overrides: action=run|dryrun, infer.generate.max_tokens=32, ..."),
-              config_name: str = typer.Option("infer", "--config-name", "-c", help="Experiment YAML (without .yaml).")) -> None:
+def infer_cmd(
+    config: str = typer.Argument(
+        ..., help="Experiment: a conf folder, a YAML file, or a model name under examples/ (e.g. tiny_llama)."
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Hydra overrides: action=run|dryrun, infer.generate.max_tokens=32, ..."
+    ),
+    config_name: str = typer.Option("infer", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
+) -> None:
     """Offline batch generation: a prompts file in, a JSONL of completions out (llama.cpp, vLLM, SGLang)."""
     with reported():
         from flagscale.infer import main as infer_main

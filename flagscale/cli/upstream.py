@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,7 +10,7 @@ from flagscale.cli.app import RootOpt, SourceOpt, console, download_progress, pr
 
 
 @upstream_app.command("status")
-def upstream_status(root: Optional[Path] = RootOpt) -> None:
+def upstream_status(root: Path | None = RootOpt) -> None:
     """Show every pin: tag, commit, release sdist, submodule state, and what is cached."""
     from flagscale.cli.render import print_upstream_status
     from flagscale.upstream.cache import Cache
@@ -21,7 +20,7 @@ def upstream_status(root: Optional[Path] = RootOpt) -> None:
 
 
 @upstream_app.command("fetch")
-def upstream_fetch(backend: str, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+def upstream_fetch(backend: str, source: str = SourceOpt, root: Path | None = RootOpt) -> None:
     """Materialize BACKEND's pinned source into the read-only cache and print its path."""
     from flagscale.upstream.sources import materialize
     from flagscale.upstream.target import Target

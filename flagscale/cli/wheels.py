@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,8 +12,9 @@ BackendsOpt = typer.Option(..., "--backend", "-b", help="Backend(s), comma-separ
 
 
 @app.command("install")
-def install_cmd(backend: str = BackendsOpt, device: Optional[str] = DeviceOpt, source: str = SourceOpt,
-                root: Optional[Path] = RootOpt) -> None:
+def install_cmd(
+    backend: str = BackendsOpt, device: str | None = DeviceOpt, source: str = SourceOpt, root: Path | None = RootOpt
+) -> None:
     """Build (or reuse) the patched backend wheel(s) and install them with the device's runtime requirements."""
     from flagscale.wheels.install import install
 
@@ -26,16 +26,21 @@ def install_cmd(backend: str = BackendsOpt, device: Optional[str] = DeviceOpt, s
 
 
 @app.command("build")
-def build_cmd(backend: str = BackendsOpt,
-              out: Path = typer.Option(..., "--out", "-o", help="Wheelhouse folder to write."),
-              device: Optional[str] = DeviceOpt, source: str = SourceOpt, root: Optional[Path] = RootOpt) -> None:
+def build_cmd(
+    backend: str = BackendsOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Wheelhouse folder to write."),
+    device: str | None = DeviceOpt,
+    source: str = SourceOpt,
+    root: Path | None = RootOpt,
+) -> None:
     """Write a wheelhouse: the flagscale wheel (X+device) and the patched backend wheels it pins."""
     from flagscale.wheels.install import build_wheelhouse
 
     with reported():
         proj = project(root)
-        for path in build_wheelhouse(proj, backends(proj, backend), default_device(proj, device), out, source,
-                                     step=steps()):
+        for path in build_wheelhouse(
+            proj, backends(proj, backend), default_device(proj, device), out, source, step=steps()
+        ):
             typer.echo(path)
 
 

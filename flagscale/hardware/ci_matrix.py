@@ -46,9 +46,11 @@ def smoke_command(device: Device, backend: str) -> str:
     the manifest names (for Megatron: the device accessor's device type and collective backend)."""
     if backend == "megatron" and device.torch_device and device.collective:
         expected = f"({json.dumps(device.torch_device)}, {json.dumps(device.collective)})"
-        code = ("from megatron.core import device_utils as d; "
-                "got = (d.get_device_type(), d.default_collective_backend()); "
-                f"assert got == {expected}, got; print(*got)")
+        code = (
+            "from megatron.core import device_utils as d; "
+            "got = (d.get_device_type(), d.default_collective_backend()); "
+            f"assert got == {expected}, got; print(*got)"
+        )
     elif backend == "vllm":
         code = "import vllm; from vllm.platforms import current_platform as p; print(vllm.__version__, p.device_type)"
     elif backend == "sglang":
@@ -60,8 +62,7 @@ def smoke_command(device: Device, backend: str) -> str:
     return f"python -c {shlex.quote(code)}"
 
 
-def matrix(project: Project, device: str | None = None, backend: str | None = None,
-           only_run: bool = False) -> dict:
+def matrix(project: Project, device: str | None = None, backend: str | None = None, only_run: bool = False) -> dict:
     """`{"include": [cell, ...]}` over the registry, in device then backend order."""
     devices = load_devices(project) if device is None else {(d := resolve_device(project, device)).name: d}
     wanted = project.pins.resolve(backend).backend if backend else None
@@ -75,10 +76,13 @@ def github_outputs(project: Project, device: str | None = None, backend: str | N
     """`name=value` lines for `$GITHUB_OUTPUT`: the full matrix, the run matrix and their sizes."""
     full = matrix(project, device, backend)
     run = {"include": [c for c in full["include"] if c["run"]]}
+
     def compact(value: dict) -> str:
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
-    return (f"matrix={compact(full)}\n"
-            f"count={len(full['include'])}\n"
-            f"run_matrix={compact(run)}\n"
-            f"run_count={len(run['include'])}\n")
+    return (
+        f"matrix={compact(full)}\n"
+        f"count={len(full['include'])}\n"
+        f"run_matrix={compact(run)}\n"
+        f"run_count={len(run['include'])}\n"
+    )

@@ -23,7 +23,7 @@ def read_prompts(path: str) -> list[str]:
             try:
                 prompts.append(str(json.loads(line)["prompt"]))
             except (ValueError, KeyError):
-                raise SystemExit(f"error: {path}:{number}: a JSON line needs a \"prompt\" field")
+                raise SystemExit(f'error: {path}:{number}: a JSON line needs a "prompt" field') from None
         else:
             prompts.append(line)
     if not prompts:

@@ -19,9 +19,14 @@ def generate(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
 
 
 def _record(prompt: str, text: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> dict:
-    return {"prompt": prompt, "completion": text, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "latency_s": round(seconds, 6),
-            "tokens_per_s": round(completion_tokens / seconds, 3) if seconds > 0 else None}
+    return {
+        "prompt": prompt,
+        "completion": text,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "latency_s": round(seconds, 6),
+        "tokens_per_s": round(completion_tokens / seconds, 3) if seconds > 0 else None,
+    }
 
 
 def llama_kwargs(settings: InferSettings) -> dict:
@@ -34,8 +39,14 @@ def _llama_cpp(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
     llm = Llama(**llama_kwargs(settings))
     for prompt in prompts:
         start = time.perf_counter()
-        out = llm.create_completion(prompt, max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                    top_p=settings.top_p, seed=settings.seed, stop=list(settings.stop) or None)
+        out = llm.create_completion(
+            prompt,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            stop=list(settings.stop) or None,
+        )
         seconds = time.perf_counter() - start
         usage = out["usage"]
         yield _record(prompt, out["choices"][0]["text"], usage["prompt_tokens"], usage["completion_tokens"], seconds)
@@ -43,9 +54,16 @@ def _llama_cpp(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
 
 def vllm_objects(settings: InferSettings):
     """(LLM kwargs, SamplingParams kwargs): what `vllm.LLM(...)` and `SamplingParams(...)` receive."""
-    return ({"model": settings.model, "seed": settings.seed, **settings.engine_args},
-            {"max_tokens": settings.max_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
-             "seed": settings.seed, "stop": list(settings.stop) or None})
+    return (
+        {"model": settings.model, "seed": settings.seed, **settings.engine_args},
+        {
+            "max_tokens": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": settings.seed,
+            "stop": list(settings.stop) or None,
+        },
+    )
 
 
 def _vllm(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
@@ -56,16 +74,23 @@ def _vllm(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
     start = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(**sampling))  # one batch: the engine schedules it
     seconds = time.perf_counter() - start
-    for prompt, out in zip(prompts, outputs):
-        yield _record(prompt, out.outputs[0].text, len(out.prompt_token_ids or []), len(out.outputs[0].token_ids),
-                      seconds)
+    for prompt, out in zip(prompts, outputs, strict=False):
+        yield _record(
+            prompt, out.outputs[0].text, len(out.prompt_token_ids or []), len(out.outputs[0].token_ids), seconds
+        )
 
 
 def sglang_objects(settings: InferSettings):
     """(Engine kwargs, sampling_params): what `sglang.Engine(...)` and `.generate(...)` receive."""
-    return ({"model_path": settings.model, "random_seed": settings.seed, **settings.engine_args},
-            {"max_new_tokens": settings.max_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
-             "stop": list(settings.stop) or None})
+    return (
+        {"model_path": settings.model, "random_seed": settings.seed, **settings.engine_args},
+        {
+            "max_new_tokens": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "stop": list(settings.stop) or None,
+        },
+    )
 
 
 def _sglang(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
@@ -77,7 +102,7 @@ def _sglang(settings: InferSettings, prompts: list[str]) -> Iterator[dict]:
         start = time.perf_counter()
         outputs = engine.generate(prompts, sampling_params=sampling)
         seconds = time.perf_counter() - start
-        for prompt, out in zip(prompts, outputs):
+        for prompt, out in zip(prompts, outputs, strict=False):
             meta = out.get("meta_info", {})
             yield _record(prompt, out["text"], meta.get("prompt_tokens", 0), meta.get("completion_tokens", 0), seconds)
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flagscale.errors import ApplyError, PatchError
 from flagscale.patches.patchfile import FileChange, Hunk, Patch
+from flagscale.upstream.cache import remove_tree
 
 _MISSING = object()
 
@@ -53,8 +54,14 @@ class Plan:
         return [p for p in self.placements if p.offset and (patch is None or p.patch == patch)]
 
 
-def plan_patches(root: Path, patches: Sequence[Patch], *, to_tree: Callable[[str], str | None] = lambda p: p,
-                 pin_label: str = "the upstream", hint: str = "") -> Plan:
+def plan_patches(
+    root: Path,
+    patches: Sequence[Patch],
+    *,
+    to_tree: Callable[[str], str | None] = lambda p: p,
+    pin_label: str = "the upstream",
+    hint: str = "",
+) -> Plan:
     """Compute the result of applying `patches` in order to the tree at `root`; write nothing."""
     plan = Plan()
     lines: dict[str, list[bytes]] = {}  # working copy of each touched file: split once, joined once
@@ -67,13 +74,24 @@ def plan_patches(root: Path, patches: Sequence[Patch], *, to_tree: Callable[[str
     return plan
 
 
-def _plan_file(root: Path, plan: Plan, lines: dict[str, list[bytes]], folders: set[str], patch: Patch,
-               change: FileChange, to_tree: Callable[[str], str | None], pin_label: str, hint: str) -> None:
+def _plan_file(
+    root: Path,
+    plan: Plan,
+    lines: dict[str, list[bytes]],
+    folders: set[str],
+    patch: Patch,
+    change: FileChange,
+    to_tree: Callable[[str], str | None],
+    pin_label: str,
+    hint: str,
+) -> None:
     where = f"{patch.name}: {change.path}"
     tree_path = to_tree(change.path)
     if tree_path is None:
-        raise ApplyError(f"{where}: this file is not shipped in {pin_label}'s sdist; "
-                         "use the submodule source (--source submodule) or drop the file from the patch")
+        raise ApplyError(
+            f"{where}: this file is not shipped in {pin_label}'s sdist; "
+            "use the submodule source (--source submodule) or drop the file from the patch"
+        )
     if tree_path not in plan.finals:
         original = _read_original(str(root), tree_path, where, folders)
         plan.originals[tree_path] = original
@@ -92,8 +110,10 @@ def _plan_file(root: Path, plan: Plan, lines: dict[str, list[bytes]], folders: s
         plan.placements.append(Placement(patch.name, change.path, hunk.number, offset))
     if change.op == "delete":
         if image:
-            raise ApplyError(f"{where}: the patch deletes this file but {pin_label}'s copy has more "
-                             f"content than the patch removes{hint}")
+            raise ApplyError(
+                f"{where}: the patch deletes this file but {pin_label}'s copy has more "
+                f"content than the patch removes{hint}"
+            )
         plan.finals[tree_path] = FileState(None)
         return
     executable = current.executable if change.new_mode is None else change.new_mode == "100755"
@@ -122,13 +142,14 @@ def _apply_hunk(image: list[bytes], written: list[bool], hunk: Hunk, where: str,
     found = _find(image, written, pre, min(expected, len(image)), match_beginning, match_end)
     if found is None:
         raise ApplyError(f"{where} does not apply to {pin_label} (context differs; no fuzz is allowed){hint}")
-    image[found:found + len(pre)] = post
-    written[found:found + len(pre)] = [True] * len(post)
+    image[found : found + len(pre)] = post
+    written[found : found + len(pre)] = [True] * len(post)
     return found - expected
 
 
-def _find(image: list[bytes], written: list[bool], pre: list[bytes], line: int, match_beginning: bool,
-          match_end: bool) -> int | None:
+def _find(
+    image: list[bytes], written: list[bool], pre: list[bytes], line: int, match_beginning: bool, match_end: bool
+) -> int | None:
     n, size = len(pre), len(image)
 
     def matches(at: int) -> bool:
@@ -138,7 +159,7 @@ def _find(image: list[bytes], written: list[bool], pre: list[bytes], line: int, 
             return False
         if at + n > size or (n and image[at] != pre[0]):  # the first line rules out most places cheaply
             return False
-        return image[at:at + n] == pre and not any(written[at:at + n])
+        return image[at : at + n] == pre and not any(written[at : at + n])
 
     backwards = forwards = line
     if matches(line):
@@ -161,7 +182,7 @@ def _read_original(root: str, tree_path: str, where: str, folders: set[str]) -> 
     """Read a file the patch touches, refusing symlinks anywhere on its path."""
     parts = tree_path.split("/")
     for depth in range(len(parts) - 1):
-        folder = "/".join(parts[:depth + 1])
+        folder = "/".join(parts[: depth + 1])
         if folder in folders:
             continue
         try:
@@ -238,16 +259,15 @@ def apply_to_new_tree(plan: Plan, source: Path, dest: Path, *, link: bool = Fals
         write_plan(plan, staging)
         os.rename(staging, dest)
     except BaseException:
-        from flagscale.upstream.cache import remove_tree
-
         remove_tree(staging)
         raise
 
 
 def copy_tree(source: Path, dest: Path, *, link: bool = False) -> None:
     """Copy (or hard-link) a tree into an existing empty folder, leaving folders writable."""
-    shutil.copytree(source, dest, symlinks=True, copy_function=_link_or_copy if link else shutil.copy2,
-                    dirs_exist_ok=True)
+    shutil.copytree(
+        source, dest, symlinks=True, copy_function=_link_or_copy if link else shutil.copy2, dirs_exist_ok=True
+    )
     for dirpath, _, _ in os.walk(dest):
         os.chmod(dirpath, 0o755)
 
@@ -266,7 +286,7 @@ def _write_file(target: Path, state: FileState) -> None:
     try:
         view = memoryview(state.content or b"")
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fchmod(fd, 0o755 if state.executable else 0o644)
     finally:
         os.close(fd)

@@ -19,9 +19,19 @@ from flagscale.errors import PatchError
 
 _HUNK = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
 _REGULAR_MODES = {"100644", "100755"}
-_EXTENDED = (b"old mode ", b"new mode ", b"deleted file mode ", b"new file mode ", b"index ",
-             b"similarity index ", b"dissimilarity index ", b"rename from ", b"rename to ",
-             b"copy from ", b"copy to ")
+_EXTENDED = (
+    b"old mode ",
+    b"new mode ",
+    b"deleted file mode ",
+    b"new file mode ",
+    b"index ",
+    b"similarity index ",
+    b"dissimilarity index ",
+    b"rename from ",
+    b"rename to ",
+    b"copy from ",
+    b"copy to ",
+)
 UPSTREAM_STATUSES = ("Pending", "Submitted", "Accepted", "Backport", "Denied", "Inappropriate")
 
 
@@ -86,7 +96,9 @@ def parse_patch(data: bytes, name: str) -> Patch:
     first_diff = next((i for i, line in enumerate(lines) if line.startswith(b"diff --git ")), None)
     if first_diff is None:
         if any(line.startswith((b"--- ", b"+++ ")) for line in lines):
-            raise PatchError(f"{name}: not a git-style diff (no 'diff --git' line); regenerate it with git format-patch")
+            raise PatchError(
+                f"{name}: not a git-style diff (no 'diff --git' line); regenerate it with git format-patch"
+            )
         raise PatchError(f"{name}: contains no diff")
     headers, body = _parse_message(b"".join(lines[:first_diff]))
     files = _Parser(name, lines, first_diff).parse()
@@ -130,15 +142,19 @@ class _Parser:
             elif line.strip() == b"":
                 self.i += 1
             else:
-                raise self.fail(f"unexpected text between file diffs: {_show(line)} (a hunk's line counts may be wrong)")
+                raise self.fail(
+                    f"unexpected text between file diffs: {_show(line)} (a hunk's line counts may be wrong)"
+                )
         return files
 
     def file_change(self) -> FileChange:
         start = self.i
         diff_line = self.lines[self.i]
         if diff_line.endswith(b"\r\n"):
-            raise self.fail("CRLF line endings in the diff headers (the patch was damaged by a Windows "
-                            "editor or mailer); restore LF endings, e.g. `dos2unix`, and check again")
+            raise self.fail(
+                "CRLF line endings in the diff headers (the patch was damaged by a Windows "
+                "editor or mailer); restore LF endings, e.g. `dos2unix`, and check again"
+            )
         self.i += 1
         modes: dict[bytes, str] = {}
         while self.i < len(self.lines) and self.lines[self.i].startswith(_EXTENDED):
@@ -147,7 +163,7 @@ class _Parser:
                 raise self.fail("renames and copies are not supported; export the patch with --no-renames")
             for key in (b"old mode ", b"new mode ", b"deleted file mode ", b"new file mode "):
                 if ext.startswith(key):
-                    mode = ext[len(key):].strip().decode("ascii", "replace")
+                    mode = ext[len(key) :].strip().decode("ascii", "replace")
                     if mode not in _REGULAR_MODES:
                         what = {"120000": "a symlink", "160000": "a submodule"}.get(mode, f"mode {mode}")
                         raise self.fail(f"refusing to create or change {what}: only regular files may be patched")
@@ -178,7 +194,9 @@ class _Parser:
         else:
             op, path = "modify", new_path
             if old_path != new_path:
-                raise self.fail(f"renames are not supported ({old_path} -> {new_path}); export with --no-renames", start)
+                raise self.fail(
+                    f"renames are not supported ({old_path} -> {new_path}); export with --no-renames", start
+                )
         if path is None:
             raise self.fail("no file name", start)
         hunks: list[Hunk] = []
@@ -193,8 +211,10 @@ class _Parser:
     def path_of(self, raw: bytes, prefix: bytes) -> str | None:
         raw = raw.rstrip(b"\n")
         if raw.endswith(b"\r"):
-            raise self.fail("CRLF line endings in the diff headers (the patch was damaged by a Windows "
-                            "editor or mailer); restore LF endings, e.g. `dos2unix`, and check again")
+            raise self.fail(
+                "CRLF line endings in the diff headers (the patch was damaged by a Windows "
+                "editor or mailer); restore LF endings, e.g. `dos2unix`, and check again"
+            )
         raw = raw.split(b"\t", 1)[0]
         if raw == b"/dev/null":
             return None
@@ -202,19 +222,19 @@ class _Parser:
             raw = _c_unquote(raw)
         if not raw.startswith(prefix):
             raise self.fail(f"path {_show(raw)} lacks the {prefix.decode()} prefix (patches use -p1 paths)")
-        return self.safe(raw[len(prefix):])
+        return self.safe(raw[len(prefix) :])
 
     def paths_from_diff_line(self, line: bytes, at: int) -> tuple[str, str]:
-        rest = line[len(b"diff --git "):].rstrip(b"\n")
+        rest = line[len(b"diff --git ") :].rstrip(b"\n")
         if rest.startswith(b'"'):  # git C-quotes unusual names: "a/t\303\251st" "b/t\303\251st"
             end = 1
             while end < len(rest) and (rest[end] != ord('"') or rest[end - 1] == ord("\\")):
                 end += 1
-            a, b = _c_unquote(rest[:end + 1]), rest[end + 1:].strip()
+            a, b = _c_unquote(rest[: end + 1]), rest[end + 1 :].strip()
             b = _c_unquote(b) if b.startswith(b'"') else b
         else:
             half = (len(rest) - 1) // 2
-            a, b = rest[:half], rest[half + 1:]
+            a, b = rest[:half], rest[half + 1 :]
         if not (a.startswith(b"a/") and b.startswith(b"b/") and a[2:] == b[2:]):
             raise self.fail("cannot read the file name from the 'diff --git' line", at)
         path = self.safe(a[2:])
@@ -241,8 +261,10 @@ class _Parser:
         match = _HUNK.match(header_line.rstrip(b"\n"))
         if not match:
             if header_line.endswith(b"\r\n"):
-                raise self.fail("CRLF line endings in the diff headers (the patch was damaged by a Windows "
-                                "editor or mailer); restore LF endings, e.g. `dos2unix`, and check again")
+                raise self.fail(
+                    "CRLF line endings in the diff headers (the patch was damaged by a Windows "
+                    "editor or mailer); restore LF endings, e.g. `dos2unix`, and check again"
+                )
             raise self.fail(f"malformed hunk header {_show(header_line)}")
         old_start, new_start = int(match[1]), int(match[3])
         old_len = 1 if match[2] is None else int(match[2])
@@ -255,8 +277,11 @@ class _Parser:
         old_left, new_left = old_len, new_len
         while old_left > 0 or new_left > 0:
             if self.i >= len(self.lines):
-                raise self.fail(f"{path}: hunk {number} ({header}) ends early: its header promises "
-                                f"{old_len} old and {new_len} new lines", at)
+                raise self.fail(
+                    f"{path}: hunk {number} ({header}) ends early: its header promises "
+                    f"{old_len} old and {new_len} new lines",
+                    at,
+                )
             line = self.lines[self.i]
             tag, text = line[:1], line[1:]
             if tag == b" " and old_left > 0 and new_left > 0:
@@ -275,25 +300,35 @@ class _Parser:
                 self.i += 1
                 continue
             elif line in (b"\n", b"\r\n"):
-                raise self.fail(f"{path}: hunk {number} ({header}): context line without its leading space "
-                                "(whitespace damage from an editor or mailer); regenerate the patch")
+                raise self.fail(
+                    f"{path}: hunk {number} ({header}): context line without its leading space "
+                    "(whitespace damage from an editor or mailer); regenerate the patch"
+                )
             else:
-                raise self.fail(f"{path}: hunk {number} ({header}): line counts do not match the hunk body "
-                                f"(got {_show(line)} with {old_left} old and {new_left} new lines still expected)")
+                raise self.fail(
+                    f"{path}: hunk {number} ({header}): line counts do not match the hunk body "
+                    f"(got {_show(line)} with {old_left} old and {new_left} new lines still expected)"
+                )
             tags.append(tag)
             self.i += 1
         if self.i < len(self.lines) and self.lines[self.i].startswith(b"\\") and tags:
             self.no_newline(tags[-1], old, new)
             self.i += 1
-        if self.i < len(self.lines) and self.lines[self.i][:1] in (b" ", b"-", b"+") \
-                and not self.lines[self.i].startswith((b"--- ", b"+++ ", b"-- \n")):
-            raise self.fail(f"{path}: hunk {number} ({header}) is longer than its header says "
-                            f"({old_len} old, {new_len} new lines); fix the counts or regenerate the patch")
+        if (
+            self.i < len(self.lines)
+            and self.lines[self.i][:1] in (b" ", b"-", b"+")
+            and not self.lines[self.i].startswith((b"--- ", b"+++ ", b"-- \n"))
+        ):
+            raise self.fail(
+                f"{path}: hunk {number} ({header}) is longer than its header says "
+                f"({old_len} old, {new_len} new lines); fix the counts or regenerate the patch"
+            )
         changes = [k for k, t in enumerate(tags) if t != b" "]
         leading = changes[0] if changes else len(tags)
         trailing = len(tags) - 1 - changes[-1] if changes else 0
-        return Hunk(number, header, old_start, old_len, new_start, new_len, tuple(old), tuple(new),
-                    leading, trailing, at + 1)
+        return Hunk(
+            number, header, old_start, old_len, new_start, new_len, tuple(old), tuple(new), leading, trailing, at + 1
+        )
 
     def no_newline(self, tag: bytes, old: list[bytes], new: list[bytes]) -> None:
         """'\\ No newline at end of file' strips the newline of the line before it."""
@@ -308,14 +343,23 @@ def _c_unquote(raw: bytes) -> bytes:
     body = raw.strip(b'"')
     out = bytearray()
     i = 0
-    escapes = {ord("n"): 10, ord("t"): 9, ord('"'): 34, ord("\\"): 92, ord("a"): 7, ord("b"): 8,
-               ord("f"): 12, ord("r"): 13, ord("v"): 11}
+    escapes = {
+        ord("n"): 10,
+        ord("t"): 9,
+        ord('"'): 34,
+        ord("\\"): 92,
+        ord("a"): 7,
+        ord("b"): 8,
+        ord("f"): 12,
+        ord("r"): 13,
+        ord("v"): 11,
+    }
     while i < len(body):
         c = body[i]
         if c == 92 and i + 1 < len(body):
             n = body[i + 1]
             if 48 <= n <= 55:
-                out.append(int(body[i + 1:i + 4], 8))
+                out.append(int(body[i + 1 : i + 4], 8))
                 i += 4
                 continue
             out.append(escapes.get(n, n))

@@ -89,8 +89,10 @@ def lint_folder(folder: Path) -> list[str]:
     on_disk = sorted(p.name for p in folder.glob("*") if p.is_file() and p.name != SERIES_FILE)
     for name in on_disk:
         if name not in series.names:
-            problems.append(f"{folder / name}: not listed in {folder / SERIES_FILE}" +
-                            ("" if name.endswith(".patch") else " (only .patch files belong here)"))
+            problems.append(
+                f"{folder / name}: not listed in {folder / SERIES_FILE}"
+                + ("" if name.endswith(".patch") else " (only .patch files belong here)")
+            )
     for path in series.paths:
         problems += lint_patch(path)
     return problems

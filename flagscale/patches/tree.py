@@ -46,10 +46,20 @@ class PatchedTree:
         return {
             "backend": self.backend,
             "device": self.device,
-            "source": {"kind": self.source.kind, "key": self.source.key, "layout": self.source.layout,
-                       "origin": self.source.origin},
-            "pin": {"git": pin.git, "tag": pin.tag, "commit": pin.commit, "sdist": pin.sdist.name,
-                    "version": pin.sdist.version, "sha256": pin.sdist.sha256},
+            "source": {
+                "kind": self.source.kind,
+                "key": self.source.key,
+                "layout": self.source.layout,
+                "origin": self.source.origin,
+            },
+            "pin": {
+                "git": pin.git,
+                "tag": pin.tag,
+                "commit": pin.commit,
+                "sdist": pin.sdist.name,
+                "version": pin.sdist.version,
+                "sha256": pin.sdist.sha256,
+            },
             "patches": [vars(p) for p in self.patches],
             "key": self.key,
             "engine": ENGINE_VERSION,
@@ -62,20 +72,35 @@ def load_series_patches(project: Project, backend: str, device: str | None) -> l
 
 def hint_for(backend: str, device: str | None) -> str:
     dev = f" --device {device}" if device else ""
-    return (f"; refresh the patch with `tools/patch.py checkout {backend}{dev} DIR` (edit, then `export`), "
-            f"or after a pin change run `tools/patch.py rebase {backend} --to VERSION`")
+    return (
+        f"; refresh the patch with `tools/patch.py checkout {backend}{dev} DIR` (edit, then `export`), "
+        f"or after a pin change run `tools/patch.py rebase {backend} --to VERSION`"
+    )
 
 
 def plan_series(source: Source, labelled: list[tuple[str, Patch]], backend: str, device: str | None) -> Plan:
     from flagscale.patches.apply import plan_patches  # lazy: a cache hit never plans (see flagscale.fastpath)
 
-    return plan_patches(source.tree, [p for _, p in labelled], to_tree=source.to_tree_path,
-                        pin_label=source.pin.label, hint=hint_for(backend, device))
+    return plan_patches(
+        source.tree,
+        [p for _, p in labelled],
+        to_tree=source.to_tree_path,
+        pin_label=source.pin.label,
+        hint=hint_for(backend, device),
+    )
 
 
 def tree_key(source: Source, device: str | None, applied: list[AppliedPatch]) -> str:
-    blob = json.dumps({"engine": ENGINE_VERSION, "source": source.key, "layout": source.layout,
-                       "device": device, "patches": [vars(p) for p in applied]}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "engine": ENGINE_VERSION,
+            "source": source.key,
+            "layout": source.layout,
+            "device": device,
+            "patches": [vars(p) for p in applied],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -11,17 +11,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagscale.upstream import git as g
-from flagscale.patches.apply import plan_patches, write_plan
-from flagscale.upstream.cache import Cache, remove_tree
 from flagscale.errors import ApplyError, ConfigError, FlagScaleError, GitError, RebaseConflict
-from flagscale.upstream.index import find_sdist
+from flagscale.patches.apply import plan_patches, write_plan
 from flagscale.patches.patchfile import Patch, read_patch
-from flagscale.upstream.project import Project
 from flagscale.patches.series import read_series, series_for, series_header, write_series
-from flagscale.upstream.sources import Source, materialize
 from flagscale.patches.tree import load_series_patches, patched_tree
+from flagscale.upstream import git as g
+from flagscale.upstream.cache import Cache, remove_tree
+from flagscale.upstream.index import find_sdist
 from flagscale.upstream.pins import Pin
+from flagscale.upstream.project import Project
+from flagscale.upstream.sources import Source, materialize
 from flagscale.upstream.target import Target
 
 TRAILER = "FlagScale-Patch"
@@ -29,8 +29,14 @@ STATE_FILE = "flagscale-checkout.json"
 
 
 # ----------------------------------------------------------------------------------------- checkout
-def checkout(project: Project, backend: str, dest: Path, device: str | None = None, source: str = "auto",
-             cache: Cache | None = None) -> list[str]:
+def checkout(
+    project: Project,
+    backend: str,
+    dest: Path,
+    device: str | None = None,
+    source: str = "auto",
+    cache: Cache | None = None,
+) -> list[str]:
     """Create `dest` as a git repo of the pin (repository layout) plus one commit per patch."""
     target = Target.of(project, backend, device, source, cache)
     pin = target.pin
@@ -42,9 +48,14 @@ def checkout(project: Project, backend: str, dest: Path, device: str | None = No
     try:
         base = _base_repo(src, dest)
         commits = _commit_patches(dest, labelled, pin, pin.backend, device)
-        state = {"backend": pin.backend, "device": device, "base": base, "source": src.key,
-                 "pin": {"version": pin.sdist.version, "sha256": pin.sdist.sha256, "commit": pin.commit},
-                 "project": str(project.root)}
+        state = {
+            "backend": pin.backend,
+            "device": device,
+            "base": base,
+            "source": src.key,
+            "pin": {"version": pin.sdist.version, "sha256": pin.sdist.sha256, "commit": pin.commit},
+            "project": str(project.root),
+        }
         (dest / ".git" / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     except BaseException:
         remove_tree(dest)
@@ -59,12 +70,17 @@ def _base_repo(src: Source, dest: Path) -> str:
     return g.commit_all(dest, f"upstream: {src.pin.label}\n\nFlagScale-Source: {src.key}\n", env=g.BOT_IDENTITY)
 
 
-def _commit_patches(repo: Path, labelled: list[tuple[str, Patch]], pin: Pin, backend: str,
-                    device: str | None) -> list[str]:
+def _commit_patches(
+    repo: Path, labelled: list[tuple[str, Patch]], pin: Pin, backend: str, device: str | None
+) -> list[str]:
     commits = []
     for label, patch in labelled:
-        plan = plan_patches(repo, [patch], pin_label=pin.label,
-                            hint=f"; the series does not apply to its own pin: run `tools/patch.py check --backend {backend}`")
+        plan = plan_patches(
+            repo,
+            [patch],
+            pin_label=pin.label,
+            hint=f"; the series does not apply to its own pin: run `tools/patch.py check --backend {backend}`",
+        )
         write_plan(plan, repo)
         env = {**g.BOT_IDENTITY, **_author_env(patch)}
         commits.append(g.commit_all(repo, _commit_message(patch, label), env=env))
@@ -114,16 +130,21 @@ def export(project: Project, backend: str, repo: Path, device: str | None = None
 def _checkout_state(repo: Path, backend: str, device: str | None) -> dict:
     file = repo / ".git" / STATE_FILE
     if not file.is_file():
-        raise ConfigError(f"{repo} is not a FlagScale checkout; create one with `tools/patch.py checkout {backend} DIR`")
+        raise ConfigError(
+            f"{repo} is not a FlagScale checkout; create one with `tools/patch.py checkout {backend} DIR`"
+        )
     state = json.loads(file.read_text())
     if state["backend"] != backend or state["device"] != device:
-        raise ConfigError(f"{repo} is a checkout of backend {state['backend']} device {state['device']}; "
-                          f"export it with the same --backend/--device")
+        raise ConfigError(
+            f"{repo} is a checkout of backend {state['backend']} device {state['device']}; "
+            f"export it with the same --backend/--device"
+        )
     return state
 
 
-def _render_commits(repo: Path, commits: list[str], folders: dict[str, Path],
-                    device: str | None) -> list[tuple[str, str, bytes]]:
+def _render_commits(
+    repo: Path, commits: list[str], folders: dict[str, Path], device: str | None
+) -> list[tuple[str, str, bytes]]:
     """(series label, file name, bytes) per commit, in commit order."""
     outputs: list[tuple[str, str, bytes]] = []
     taken = {label: {p.name for p in folder.glob("*.patch")} for label, folder in folders.items()}
@@ -137,11 +158,13 @@ def _render_commits(repo: Path, commits: list[str], folders: dict[str, Path],
         for path in folder.glob("*.patch"):
             if (label, path.name) not in claimed:
                 by_subject.setdefault(read_patch(path).subject, (label, path.name))
-    known = [k or by_subject.pop(message.splitlines()[0].strip() if message else "", None)
-             for k, message in zip(known, messages)]
+    known = [
+        k or by_subject.pop(message.splitlines()[0].strip() if message else "", None)
+        for k, message in zip(known, messages, strict=False)
+    ]
     last_common = max((i for i, k in enumerate(known) if k and k[0] == "common"), default=-1)
     label = "common"
-    for index, (commit, message, found) in enumerate(zip(commits, messages, known)):
+    for index, (commit, message, found) in enumerate(zip(commits, messages, known, strict=False)):
         if found:
             new_label, name = found
         else:
@@ -150,8 +173,10 @@ def _render_commits(repo: Path, commits: list[str], folders: dict[str, Path],
             new_label = f"device:{device}" if device and index > last_common else label
             name = _new_name(message, taken[new_label])
         if label.startswith("device:") and new_label == "common":
-            raise ConfigError(f"commit {commit[:12]} ({name}) is a common patch after device patches; "
-                              "reorder the commits so common patches come first")
+            raise ConfigError(
+                f"commit {commit[:12]} ({name}) is a common patch after device patches; "
+                "reorder the commits so common patches come first"
+            )
         label = new_label
         taken[label].add(name)
         outputs.append((label, name, _strip_trailer(g.format_patch(repo, commit))))
@@ -209,8 +234,15 @@ class PatchReport:
     detail: str = ""
 
 
-def rebase(project: Project, backend: str, to_version: str, sha256: str | None = None,
-           source: str | None = None, old_source: str = "auto", cache: Cache | None = None) -> list[PatchReport]:
+def rebase(
+    project: Project,
+    backend: str,
+    to_version: str,
+    sha256: str | None = None,
+    source: str | None = None,
+    old_source: str = "auto",
+    cache: Cache | None = None,
+) -> list[PatchReport]:
     """Replay every series of `backend` onto a new pin with a 3-way merge; write only if all succeed."""
     old = Target.of(project, backend, None, old_source, cache)
     old_pin = old.pin
@@ -232,8 +264,8 @@ def rebase(project: Project, backend: str, to_version: str, sha256: str | None =
             g.git(repo, "reset", "-q", "--hard", old_base)
             old_commits = _commit_patches(repo, labelled, old_pin, old_pin.backend, device)
             g.git(repo, "checkout", "-q", "--detach", new_base)
-            results = _replay(repo, list(zip(labelled, old_commits)), new_pin)
-            for ((label, patch), (status, detail, data)) in zip(labelled, results):
+            results = _replay(repo, list(zip(labelled, old_commits, strict=False)), new_pin)
+            for (label, patch), (status, detail, data) in zip(labelled, results, strict=False):
                 if device and label == "common":
                     continue
                 report.append(PatchReport(label, patch.name, status, detail))
@@ -241,11 +273,17 @@ def rebase(project: Project, backend: str, to_version: str, sha256: str | None =
                     outputs.append((label, patch.name, data))
     if any(r.status in ("conflict", "skipped") for r in report):
         conflicts = sum(r.status == "conflict" for r in report)
-        raise RebaseConflict(f"{conflicts} patch(es) conflict with {new_pin.label}; nothing was written. "
-                             "Resolve them in a checkout of the new pin, then rebase again", report)
+        raise RebaseConflict(
+            f"{conflicts} patch(es) conflict with {new_pin.label}; nothing was written. "
+            "Resolve them in a checkout of the new pin, then rebase again",
+            report,
+        )
     for label, name, data in outputs:
-        folder = project.common_series_dir(old_pin.backend) if label == "common" else \
-            project.device_series_dir(label.split(":", 1)[1], old_pin.backend)
+        folder = (
+            project.common_series_dir(old_pin.backend)
+            if label == "common"
+            else project.device_series_dir(label.split(":", 1)[1], old_pin.backend)
+        )
         path = folder / name
         if path.read_bytes() != data:
             tmp_file = path.with_name(f".{name}.tmp")
@@ -299,7 +337,7 @@ def _replay(repo: Path, items: list[tuple[tuple[str, Patch], str]], new_pin: Pin
     """Cherry-pick each patch commit onto HEAD: (status, detail, refreshed patch bytes or None)."""
     results: list[tuple[str, str, bytes | None]] = []
     blocked = False
-    for (label, patch), commit in items:
+    for (_label, patch), commit in items:
         if blocked:
             results.append(("skipped", "after a conflicting patch", None))
             continue
@@ -310,8 +348,7 @@ def _replay(repo: Path, items: list[tuple[tuple[str, Patch], str]], new_pin: Pin
             detail = ", ".join(f"{o.path} hunk {o.hunk} {o.offset:+d}" for o in offsets)
         except ApplyError:
             status, detail = "merged", "3-way merge"
-        picked = g.git(repo, "cherry-pick", "--allow-empty", "--no-commit", commit, check=False,
-                       env=g.BOT_IDENTITY)
+        picked = g.git(repo, "cherry-pick", "--allow-empty", "--no-commit", commit, check=False, env=g.BOT_IDENTITY)
         if picked.returncode != 0:
             detail = _conflict_detail(repo)
             g.git(repo, "cherry-pick", "--abort", check=False)
@@ -321,8 +358,13 @@ def _replay(repo: Path, items: list[tuple[tuple[str, Patch], str]], new_pin: Pin
             continue
         message = g.out(repo, "log", "-1", "--format=%B", commit)
         author = g.out(repo, "log", "-1", "--format=%an%x00%ae%x00%aD", commit).split("\0")
-        env = {**g.BOT_IDENTITY, "GIT_AUTHOR_NAME": author[0], "GIT_AUTHOR_EMAIL": author[1],
-               "GIT_AUTHOR_DATE": author[2].strip(), "GIT_COMMITTER_DATE": author[2].strip()}
+        env = {
+            **g.BOT_IDENTITY,
+            "GIT_AUTHOR_NAME": author[0],
+            "GIT_AUTHOR_EMAIL": author[1],
+            "GIT_AUTHOR_DATE": author[2].strip(),
+            "GIT_COMMITTER_DATE": author[2].strip(),
+        }
         new_commit = g.commit_all(repo, message, env=env)
         results.append((status, detail, _strip_trailer(g.format_patch(repo, new_commit))))
     return results
@@ -338,8 +380,11 @@ def _conflict_detail(repo: Path) -> str:
             parts.append(name)
             continue
         starts = [i + 1 for i, line in enumerate(lines) if line.startswith("<<<<<<< ")]
-        parts.append(f"{name} (conflict at line{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))})"
-                     if starts else name)
+        parts.append(
+            f"{name} (conflict at line{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))})"
+            if starts
+            else name
+        )
     return "; ".join(parts) or "cherry-pick failed"
 
 
@@ -390,8 +435,13 @@ def cells(project: Project, backend: str | None = None, device: str | None = Non
     return out
 
 
-def check(project: Project, backend: str | None = None, device: str | None = None, source: str = "auto",
-          cache: Cache | None = None) -> list[CellResult]:
+def check(
+    project: Project,
+    backend: str | None = None,
+    device: str | None = None,
+    source: str = "auto",
+    cache: Cache | None = None,
+) -> list[CellResult]:
     cache = cache or Cache()  # one cache for every cell
     results = []
     for b, d in cells(project, backend, device):

@@ -57,6 +57,8 @@ def _visible(device: Device, visible_devices: str | None) -> dict[str, str]:
     if visible_devices is None:
         return {}
     if not device.visible_devices_env:
-        raise ConfigError(f"experiment.runner.visible_devices is set but device {device.name} has no "
-                          "visible-devices variable (device.visible_devices_env in its manifest)")
+        raise ConfigError(
+            f"experiment.runner.visible_devices is set but device {device.name} has no "
+            "visible-devices variable (device.visible_devices_env in its manifest)"
+        )
     return {device.visible_devices_env: visible_devices}

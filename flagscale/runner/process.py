@@ -52,7 +52,7 @@ def start_ticks(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
     if fields[0] in ("Z", "X"):  # exited, not yet reaped
         return None
     return int(fields[19])
@@ -101,16 +101,18 @@ def _prepare(run_dir: Path, name: str) -> tuple[Path, Path]:
     record_path, exit_path, stopped_path = _paths(run_dir, name)
     old = read_record(run_dir, name)
     if old is not None and old.host == socket.gethostname() and is_alive(old):
-        raise LaunchError(f"{name} is already running (pid {old.pid}, log {old.log or '-'}): "
-                          "stop it first with action=stop")
+        raise LaunchError(
+            f"{name} is already running (pid {old.pid}, log {old.log or '-'}): stop it first with action=stop"
+        )
     record_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (exit_path, stopped_path):
         stale.unlink(missing_ok=True)
     return record_path, exit_path
 
 
-def _spawn(cmd: Sequence[str], name: str, run_dir: Path, env: Mapping[str, str] | None, cwd,
-           detached: bool) -> tuple[subprocess.Popen, ProcessRecord]:
+def _spawn(
+    cmd: Sequence[str], name: str, run_dir: Path, env: Mapping[str, str] | None, cwd, detached: bool
+) -> tuple[subprocess.Popen, ProcessRecord]:
     if not cmd:
         raise LaunchError(f"{name}: empty command")
     record_path, exit_path = _prepare(run_dir, name)
@@ -123,29 +125,38 @@ def _spawn(cmd: Sequence[str], name: str, run_dir: Path, env: Mapping[str, str] 
         out = open(log_path, "ab")
     supervisor = [sys.executable, "-m", "flagscale.runner.supervise", str(exit_path), "--", *map(str, cmd)]
     try:
-        proc = subprocess.Popen(supervisor, env=None if env is None else dict(env), cwd=cwd,
-                                stdin=subprocess.DEVNULL if detached else None, stdout=out,
-                                stderr=subprocess.STDOUT if detached else None, start_new_session=detached)
+        proc = subprocess.Popen(
+            supervisor,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL if detached else None,
+            stdout=out,
+            stderr=subprocess.STDOUT if detached else None,
+            start_new_session=detached,
+        )
     except OSError as exc:
         raise LaunchError(f"{name}: could not start {cmd[0]}: {exc}") from None
     finally:
         if out is not None:
             out.close()
     ticks = start_ticks(proc.pid)
-    record = ProcessRecord(name, proc.pid, ticks if ticks is not None else -1, socket.gethostname(),
-                           tuple(map(str, cmd)), log, time.time())
+    record = ProcessRecord(
+        name, proc.pid, ticks if ticks is not None else -1, socket.gethostname(), tuple(map(str, cmd)), log, time.time()
+    )
     _write_json(record_path, asdict(record))
     return proc, record
 
 
-def start(cmd: Sequence[str], *, name: str, run_dir: Path, env: Mapping[str, str] | None = None,
-          cwd: str | Path | None = None) -> ProcessRecord:
+def start(
+    cmd: Sequence[str], *, name: str, run_dir: Path, env: Mapping[str, str] | None = None, cwd: str | Path | None = None
+) -> ProcessRecord:
     """Start `cmd` detached (own session), logging to run_dir/logs/<name>.log, and record it."""
     return _spawn(cmd, name, run_dir, env, cwd, detached=True)[1]
 
 
-def run_foreground(cmd: Sequence[str], *, name: str, run_dir: Path, env: Mapping[str, str] | None = None,
-                   cwd: str | Path | None = None) -> int:
+def run_foreground(
+    cmd: Sequence[str], *, name: str, run_dir: Path, env: Mapping[str, str] | None = None, cwd: str | Path | None = None
+) -> int:
     """Run `cmd` attached to this terminal (for schedulers and containers), recorded like `start`."""
     proc, _ = _spawn(cmd, name, run_dir, env, cwd, detached=False)
     try:
@@ -231,13 +242,14 @@ def _supervised(record: ProcessRecord) -> list[int]:
             text = stat.read_text()
         except OSError:
             continue
-        if int(text[text.rindex(")") + 2:].split()[1]) == record.pid:  # field 4: the parent's pid
+        if int(text[text.rindex(")") + 2 :].split()[1]) == record.pid:  # field 4: the parent's pid
             children.append(int(stat.parent.name))
     return children
 
 
-def stop(run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.0,
-         command_only: bool = False) -> list[str]:
+def stop(
+    run_dir: Path, names: Sequence[str] | None = None, timeout: float = 15.0, command_only: bool = False
+) -> list[str]:
     """SIGTERM the recorded process groups that are still ours, SIGKILL what is left after `timeout`.
 
     `command_only`: the SIGTERM goes to the supervised command alone, for a command that shuts its own

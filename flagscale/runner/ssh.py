@@ -26,8 +26,9 @@ def check_options(options: Iterable[str], key: str = OPTIONS_KEY) -> tuple[str, 
     return tuple(checked)
 
 
-def ssh_command(host: str, remote_argv: Sequence[str], *, port: int = 22, options: Iterable[str] = (),
-                tty: bool = False) -> list[str]:
+def ssh_command(
+    host: str, remote_argv: Sequence[str], *, port: int = 22, options: Iterable[str] = (), tty: bool = False
+) -> list[str]:
     """ssh argv running `remote_argv` on `host`: the remote shell sees one string of quoted words.
 
     `tty=True` (`-tt`) gives the remote command a terminal even when ours is none: when this ssh ends (it is

@@ -15,8 +15,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float | None, interval: float,
-               timeout_error: Callable[[], BaseException] | None = None) -> T | bool:
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float | None,
+    interval: float,
+    timeout_error: Callable[[], BaseException] | None = None,
+) -> T | bool:
     """Call `condition` every `interval` seconds until it returns something true, and return that.
 
     `condition` runs at least once, and once more for each `interval` before `timeout` seconds have

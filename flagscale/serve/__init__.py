@@ -55,14 +55,17 @@ def main(cfg) -> int:
 def plan(settings) -> list[dict]:
     """What `run` would start: name, command, environment (validated against the installed engines)."""
     if settings.deploy == "direct":
-        return [{"name": c.name, "cmd": list(c.cmd), "env": dict(c.env), "url": c.base_url}
-                for c in direct.commands(settings)]
+        return [
+            {"name": c.name, "cmd": list(c.cmd), "env": dict(c.env), "url": c.base_url}
+            for c in direct.commands(settings)
+        ]
     return ray_cluster.plan(settings)
 
 
 def dryrun(settings) -> int:
-    print(json.dumps({"deploy": settings.deploy, "run_dir": str(settings.run_dir), "processes": plan(settings)},
-                     indent=2))
+    print(
+        json.dumps({"deploy": settings.deploy, "run_dir": str(settings.run_dir), "processes": plan(settings)}, indent=2)
+    )
     return 0
 
 

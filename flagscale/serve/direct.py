@@ -22,21 +22,28 @@ def start(settings: ServeSettings) -> dict[str, str]:
     planned = commands(settings)
     for command in planned:
         if process.state(settings.run_dir, command.name) == "running":
-            raise LaunchError(f"{command.name} is already running from {settings.run_dir}: action=status to see it, "
-                              "action=stop to stop it")
+            raise LaunchError(
+                f"{command.name} is already running from {settings.run_dir}: action=status to see it, "
+                "action=stop to stop it"
+            )
         port = int(command.base_url.rsplit(":", 1)[1])
         if not port_free(settings.host, port):
-            raise LaunchError(f"port {port} on {settings.host} is in use: stop what holds it or set "
-                              "experiment.runner.port")
+            raise LaunchError(
+                f"port {port} on {settings.host} is in use: stop what holds it or set experiment.runner.port"
+            )
     started = []
     try:
         for command in planned:
             record = process.start(command.cmd, name=command.name, run_dir=settings.run_dir, env=full_env(command))
             started.append(command.name)
             log.info("started %s (pid %d), log %s", command.name, record.pid, record.log)
-            seconds = wait_ready(command.health_url, settings.ready_timeout,
-                                 lambda name=command.name: process.state(settings.run_dir, name) == "running",
-                                 f"{command.name} ({command.cmd[0]})", record.log)
+            seconds = wait_ready(
+                command.health_url,
+                settings.ready_timeout,
+                lambda name=command.name: process.state(settings.run_dir, name) == "running",
+                f"{command.name} ({command.cmd[0]})",
+                record.log,
+            )
             log.info("%s ready at %s in %.1f s", command.name, command.base_url, seconds)
     except BaseException:
         if started:

@@ -50,21 +50,26 @@ def log_tail(log: str | Path | None, lines: int = 8) -> str:
     return "\n".join(text[-lines:])
 
 
-def wait_ready(url: str, timeout: float, alive: Callable[[], bool], what: str, log: str | Path | None = None,
-               interval: float = 0.2) -> float:
+def wait_ready(
+    url: str, timeout: float, alive: Callable[[], bool], what: str, log: str | Path | None = None, interval: float = 0.2
+) -> float:
     """Poll `url` until it answers 200; LaunchError when the process dies or `timeout` passes. Returns seconds."""
+
     def ready() -> bool:
         if probe(url) == 200:
             return True
         if not alive():
             tail = log_tail(log)
-            raise LaunchError(f"{what} exited before it was ready"
-                              + (f"; last lines of {log}:\n{tail}" if tail else ""))
+            raise LaunchError(
+                f"{what} exited before it was ready" + (f"; last lines of {log}:\n{tail}" if tail else "")
+            )
         return False
 
     def too_slow() -> LaunchError:
-        return LaunchError(f"{what} did not answer {url} within {timeout:.0f} s (see {log or 'its log'}); "
-                           "raise experiment.runner.ready_timeout for big models")
+        return LaunchError(
+            f"{what} did not answer {url} within {timeout:.0f} s (see {log or 'its log'}); "
+            "raise experiment.runner.ready_timeout for big models"
+        )
 
     start = time.monotonic()
     wait_until(ready, timeout, interval, too_slow)

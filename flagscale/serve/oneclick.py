@@ -37,10 +37,13 @@ def resolve(config: str, config_name: str) -> tuple[Path, str]:
             conf = examples / config / "conf"
             if (conf / f"{config_name}.yaml").is_file():
                 return conf, config_name
-        known = sorted({p.parent.parent.name for d in _examples_dirs() if d.is_dir()
-                        for p in d.glob(f"*/conf/{config_name}.yaml")})
-        raise ConfigError(f"{config!r} is neither a config folder, a YAML file, nor a model under examples/ with "
-                          f"conf/{config_name}.yaml; models: {', '.join(known) or 'none'}")
+        known = sorted(
+            {p.parent.parent.name for d in _examples_dirs() if d.is_dir() for p in d.glob(f"*/conf/{config_name}.yaml")}
+        )
+        raise ConfigError(
+            f"{config!r} is neither a config folder, a YAML file, nor a model under examples/ with "
+            f"conf/{config_name}.yaml; models: {', '.join(known) or 'none'}"
+        )
     raise ConfigError(f"{config} does not exist")
 
 

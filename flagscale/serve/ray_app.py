@@ -59,18 +59,39 @@ def deployments(settings: ServeSettings, config: dict):
             logs.mkdir(parents=True, exist_ok=True)
             log = logs / f"replica-{command.name}.log"
             with open(log, "ab") as out:
-                self.proc = subprocess.Popen(command.cmd, env=full_env(command), stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-            wait_ready(command.health_url, settings.ready_timeout, lambda: self.proc.poll() is None,
-                       f"replica {command.name} ({command.cmd[0]})", log)
+                self.proc = subprocess.Popen(
+                    command.cmd,
+                    env=full_env(command),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
+            wait_ready(
+                command.health_url,
+                settings.ready_timeout,
+                lambda: self.proc.poll() is None,
+                f"replica {command.name} ({command.cmd[0]})",
+                log,
+            )
             self.client = httpx.AsyncClient(base_url=command.base_url, timeout=httpx.Timeout(None, connect=5.0))
             # where tests and operators find each replica's processes: the engine and the replica actor
             records = settings.run_dir / "replicas"
             records.mkdir(parents=True, exist_ok=True)
             self.record = records / f"{command.name}.json"
-            self.record.write_text(json.dumps({"model": model, "replica": tag, "engine_pid": self.proc.pid,
-                                               "replica_pid": os.getpid(), "url": command.base_url,
-                                               "started_at": time.time()}) + "\n")
+            self.record.write_text(
+                json.dumps(
+                    {
+                        "model": model,
+                        "replica": tag,
+                        "engine_pid": self.proc.pid,
+                        "replica_pid": os.getpid(),
+                        "url": command.base_url,
+                        "started_at": time.time(),
+                    }
+                )
+                + "\n"
+            )
 
         async def forward(self, path: str, body: bytes) -> tuple[int, bytes, str]:
             import httpx
@@ -78,8 +99,13 @@ def deployments(settings: ServeSettings, config: dict):
             try:
                 response = await self.client.post(path, content=body, headers={"Content-Type": "application/json"})
             except httpx.HTTPError as exc:
-                message = {"error": {"message": f"engine unavailable ({type(exc).__name__}); retry",
-                                     "type": "unavailable", "code": None}}
+                message = {
+                    "error": {
+                        "message": f"engine unavailable ({type(exc).__name__}); retry",
+                        "type": "unavailable",
+                        "code": None,
+                    }
+                }
                 return 503, json.dumps(message).encode(), "application/json"
             return response.status_code, response.content, response.headers.get("content-type", "application/json")
 
@@ -89,8 +115,9 @@ def deployments(settings: ServeSettings, config: dict):
 
             started = False
             try:
-                async with self.client.stream("POST", path, content=body,
-                                              headers={"Content-Type": "application/json"}) as response:
+                async with self.client.stream(
+                    "POST", path, content=body, headers={"Content-Type": "application/json"}
+                ) as response:
                     started = True
                     yield response.status_code, response.headers.get("content-type", "text/event-stream")
                     async for chunk in response.aiter_raw():
@@ -98,8 +125,13 @@ def deployments(settings: ServeSettings, config: dict):
             except httpx.HTTPError as exc:
                 if started:  # the status has gone out: all that is left is to cut the stream short
                     raise
-                message = {"error": {"message": f"engine unavailable ({type(exc).__name__}); retry",
-                                     "type": "unavailable", "code": None}}
+                message = {
+                    "error": {
+                        "message": f"engine unavailable ({type(exc).__name__}); retry",
+                        "type": "unavailable",
+                        "code": None,
+                    }
+                }
                 yield 503, "application/json"
                 yield json.dumps(message).encode()
 
@@ -120,7 +152,7 @@ def deployments(settings: ServeSettings, config: dict):
 
     class Router:
         def __init__(self, names: list[str], *handles) -> None:
-            self.handles = dict(zip(names, handles))
+            self.handles = dict(zip(names, handles, strict=False))
 
         @app.get("/health")
         async def health(self):
@@ -128,14 +160,20 @@ def deployments(settings: ServeSettings, config: dict):
 
         @app.get("/v1/models")
         async def models(self):
-            return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "flagscale"}
-                                               for n in self.handles]}
+            return {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "owned_by": "flagscale"} for n in self.handles],
+            }
 
         @app.post("/v1/{endpoint:path}")
         async def route(self, endpoint: str, request: Request):
             if endpoint not in ROUTED:
-                return _error(404, f"/v1/{endpoint} is not served; routes: " + ", ".join(f"/v1/{r}" for r in ROUTED),
-                              "invalid_request_error", "not_found")
+                return _error(
+                    404,
+                    f"/v1/{endpoint} is not served; routes: " + ", ".join(f"/v1/{r}" for r in ROUTED),
+                    "invalid_request_error",
+                    "not_found",
+                )
             body = await request.body()
             try:
                 data = json.loads(body)
@@ -146,8 +184,12 @@ def deployments(settings: ServeSettings, config: dict):
             name = data.get("model") or (next(iter(self.handles)) if len(self.handles) == 1 else None)
             handle = self.handles.get(name) if isinstance(name, str) else None
             if handle is None:
-                return _error(404, f"model {name!r} is not served here; served: {', '.join(self.handles)}",
-                              "invalid_request_error", "model_not_found")
+                return _error(
+                    404,
+                    f"model {name!r} is not served here; served: {', '.join(self.handles)}",
+                    "invalid_request_error",
+                    "model_not_found",
+                )
             if data.get("stream"):
                 # The engine's status comes first, so an engine error (a bad request, say) keeps its 4xx/5xx
                 # and JSON body instead of going out as a 200 event stream.
@@ -167,21 +209,27 @@ def deployments(settings: ServeSettings, config: dict):
 
     handles = []
     for spec in settings.models:
-        options: dict = {"name": spec.name, "ray_actor_options": {"num_cpus": spec.num_cpus},
-                         "health_check_period_s": settings.health_check_period_s, "health_check_timeout_s": 30,
-                         "max_ongoing_requests": 64}
+        options: dict = {
+            "name": spec.name,
+            "ray_actor_options": {"num_cpus": spec.num_cpus},
+            "health_check_period_s": settings.health_check_period_s,
+            "health_check_timeout_s": 30,
+            "max_ongoing_requests": 64,
+        }
         if spec.max_replicas:
-            options["autoscaling_config"] = {"min_replicas": spec.min_replicas or 0,
-                                             "max_replicas": spec.max_replicas,
-                                             "initial_replicas": max(spec.min_replicas or 0, min(spec.replicas,
-                                                                                                 spec.max_replicas)),
-                                             "target_ongoing_requests": 4}
+            options["autoscaling_config"] = {
+                "min_replicas": spec.min_replicas or 0,
+                "max_replicas": spec.max_replicas,
+                "initial_replicas": max(spec.min_replicas or 0, min(spec.replicas, spec.max_replicas)),
+                "target_ongoing_requests": 4,
+            }
         else:
             options["num_replicas"] = spec.replicas
         # Ray's stubs type serve.deployment(cls) as the decorator overload; it returns a Deployment here.
         handles.append(serve.deployment(EngineReplica).options(**options).bind(config, spec.name))  # type: ignore[attr-defined]
     router = serve.deployment(serve.ingress(app)(Router)).options(  # type: ignore[attr-defined]
-        name="router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+        name="router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000
+    )
     return router.bind([m.name for m in settings.models], *handles)
 
 
@@ -195,8 +243,10 @@ def main(argv: list[str]) -> int:
     ray.init(address=address, namespace=f"flagscale-{settings.exp_name}", log_to_driver=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(deployments(settings, config), name=settings.exp_name, route_prefix="/")
-    print(f"deployed {', '.join(m.name for m in settings.models)} on Ray Serve at {settings.host}:{settings.port}",
-          flush=True)
+    print(
+        f"deployed {', '.join(m.name for m in settings.models)} on Ray Serve at {settings.host}:{settings.port}",
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -37,8 +37,10 @@ WORKER = "ray-worker-"  # + host
 JOINED = "Ray runtime started"  # what `ray start` prints once its node has joined the cluster
 # Run on the node before `ray start` (exec'd: same process): without a terminal (an sshd with PermitTTY no
 # ignores -tt) nothing would take the node down when its ssh ends, so it does not start at all.
-NEEDS_TERMINAL = ('[ -t 0 ] || { echo "flagscale: ssh gave this node no terminal (sshd PermitTTY?); a Ray node '
-                  'started without one would outlive action=stop" >&2; exit 1; }; exec "$@"')
+NEEDS_TERMINAL = (
+    '[ -t 0 ] || { echo "flagscale: ssh gave this node no terminal (sshd PermitTTY?); a Ray node '
+    'started without one would outlive action=stop" >&2; exit 1; }; exec "$@"'
+)
 
 
 def _ray_cli() -> str:
@@ -49,8 +51,9 @@ def _ray_cli() -> str:
     found = shutil.which("ray")
     if found:
         return os.path.abspath(found)
-    raise LaunchError(f"Ray is not installed for {sys.executable} (no `ray` beside it or on PATH): "
-                      "pip install 'ray[serve]'")
+    raise LaunchError(
+        f"Ray is not installed for {sys.executable} (no `ray` beside it or on PATH): pip install 'ray[serve]'"
+    )
 
 
 def worker_nodes(settings: ServeSettings) -> list[Node]:
@@ -61,8 +64,21 @@ def worker_nodes(settings: ServeSettings) -> list[Node]:
 def worker_command(settings: ServeSettings, node: Node, ray: str, address: str) -> list[str]:
     """ssh argv of one worker node: `ray start --block` joining `address` with the node's slots as CPUs."""
     env = [f"{k}={v}" for k, v in (("RAY_USAGE_STATS_ENABLED", "0"), *settings.envs)]
-    remote = ["env", "--", *env, "sh", "-c", NEEDS_TERMINAL, "flagscale-ray-node", ray, "start", "--block",
-              f"--address={address}", f"--num-cpus={node.slots}", "--disable-usage-stats"]
+    remote = [
+        "env",
+        "--",
+        *env,
+        "sh",
+        "-c",
+        NEEDS_TERMINAL,
+        "flagscale-ray-node",
+        ray,
+        "start",
+        "--block",
+        f"--address={address}",
+        f"--num-cpus={node.slots}",
+        "--disable-usage-stats",
+    ]
     # -tt: the node's terminal hangs up when this ssh is stopped, and `ray start` with its raylet goes down
     return ssh_command(node.host, remote, port=settings.ssh_port, options=settings.ssh_options, tty=True)
 
@@ -81,8 +97,9 @@ def _route_source(host: str) -> str:
             probe.connect((socket.gethostbyname(host), 9))
             return probe.getsockname()[0]
     except OSError as exc:
-        raise LaunchError(f"worker node {host} (experiment.runner.hostfile): no route to it from here ({exc})") \
-            from None
+        raise LaunchError(
+            f"worker node {host} (experiment.runner.hostfile): no route to it from here ({exc})"
+        ) from None
 
 
 def commands(settings: ServeSettings) -> list[tuple[str, list[str]]]:
@@ -90,8 +107,17 @@ def commands(settings: ServeSettings) -> list[tuple[str, list[str]]]:
     ip, port = head_address(settings).split(":")
     replicas = sum(max(m.replicas, m.max_replicas or 0) for m in settings.models)
     cpus = max(os.cpu_count() or 1, replicas)  # logical: each replica reserves one, its engine sets threads
-    head = [ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={port}", f"--num-cpus={cpus}",
-            "--include-dashboard=false", "--disable-usage-stats"]
+    head = [
+        ray,
+        "start",
+        "--head",
+        "--block",
+        f"--node-ip-address={ip}",
+        f"--port={port}",
+        f"--num-cpus={cpus}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
     out = [(HEAD, head)]
     for node in worker_nodes(settings):
         out.append((WORKER + node.host, worker_command(settings, node, ray, f"{ip}:{port}")))
@@ -116,8 +142,10 @@ def start(settings: ServeSettings) -> dict[str, str]:
     planned = plan(settings)
     if process.state(settings.run_dir, APP) == "running":
         raise LaunchError(f"{settings.exp_name} is already running from {settings.run_dir}: action=stop first")
-    for host, port, what in ((settings.host, settings.port, "experiment.runner.port"),
-                             ("127.0.0.1", settings.ray_port, "experiment.runner.ray_port")):
+    for host, port, what in (
+        (settings.host, settings.port, "experiment.runner.port"),
+        ("127.0.0.1", settings.ray_port, "experiment.runner.ray_port"),
+    ):
         if not port_free(host, port):
             raise LaunchError(f"port {port} on {host} is in use: stop what holds it or set {what}")
     config = dict(settings.extra.get("config") or {})
@@ -144,10 +172,16 @@ def start(settings: ServeSettings) -> dict[str, str]:
                 joining[name] = log_start
         record = process.read_record(settings.run_dir, APP)
         url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
-        wait_ready(f"{url}/health", settings.ready_timeout + 60,
-                   lambda: process.state(settings.run_dir, APP) == "running" and
-                   process.state(settings.run_dir, HEAD) == "running",
-                   "the Ray Serve application", record.log if record else None, interval=0.5)
+        wait_ready(
+            f"{url}/health",
+            settings.ready_timeout + 60,
+            lambda: (
+                process.state(settings.run_dir, APP) == "running" and process.state(settings.run_dir, HEAD) == "running"
+            ),
+            "the Ray Serve application",
+            record.log if record else None,
+            interval=0.5,
+        )
         # The router answers /health as soon as it is up; serve.run returns (and the app says so) only once
         # every model's replicas are healthy too.
         _wait_deployed(settings, app_log, app_log_start, settings.ready_timeout + 60)
@@ -160,6 +194,7 @@ def start(settings: ServeSettings) -> dict[str, str]:
 
 def _wait_joined(settings: ServeSettings, joining: dict[str, int], timeout: float) -> None:
     """Until every worker node's `ray start` says its node joined; a node whose ssh ended fails the start."""
+
     def text(name: str, start: int) -> str:
         with open(settings.run_dir / "logs" / f"{name}.log", "rb") as f:
             f.seek(start)
@@ -179,25 +214,32 @@ def _wait_joined(settings: ServeSettings, joining: dict[str, int], timeout: floa
                 del pending[name]
             elif not running:
                 code = process.exit_status(settings.run_dir, name)
-                raise LaunchError(f"Ray worker node {name[len(WORKER):]} did not join the head: its ssh exited"
-                                  f"{f' ({code})' if code is not None else ''}; last lines of its log:\n"
-                                  f"{tail(name, start)}")
+                raise LaunchError(
+                    f"Ray worker node {name[len(WORKER) :]} did not join the head: its ssh exited"
+                    f"{f' ({code})' if code is not None else ''}; last lines of its log:\n"
+                    f"{tail(name, start)}"
+                )
         return not pending
 
     def too_slow() -> LaunchError:
         name, start = next(iter(pending.items()))
-        return LaunchError(f"Ray worker node(s) {', '.join(n[len(WORKER):] for n in pending)} did not join the "
-                           f"head within {timeout:.0f} s (experiment.runner.ready_timeout); last lines of "
-                           f"{name}'s log:\n{tail(name, start)}")
+        return LaunchError(
+            f"Ray worker node(s) {', '.join(n[len(WORKER) :] for n in pending)} did not join the "
+            f"head within {timeout:.0f} s (experiment.runner.ready_timeout); last lines of "
+            f"{name}'s log:\n{tail(name, start)}"
+        )
 
     wait_until(all_joined, timeout, 0.3, too_slow)
 
 
 def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: float) -> None:
     """Until the app says `deployed` (serve.run returned: every replica is healthy) in this run's part of its log."""
+
     def failed() -> LaunchError:
-        return LaunchError(f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last "
-                           f"lines of its log:\n{log_tail(str(log))}")
+        return LaunchError(
+            f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last "
+            f"lines of its log:\n{log_tail(str(log))}"
+        )
 
     def deployed() -> bool:
         with open(log, "rb") as f:
@@ -224,6 +266,10 @@ def _wait_for_head(settings: ServeSettings, timeout: float = 90.0) -> None:
             sock.settimeout(1.0)
             return sock.connect_ex((ip, int(port))) == 0
 
-    wait_until(listening, timeout, 0.3,
-               lambda: LaunchError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f} s"))
+    wait_until(
+        listening,
+        timeout,
+        0.3,
+        lambda: LaunchError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f} s"),
+    )
     time.sleep(1.0)  # the GCS listens a moment before the raylet registers

@@ -39,8 +39,11 @@ def latest_iteration(root: str | Path | None) -> int | None:
 def _layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    return {"TP": ps.get_tensor_model_parallel_world_size(), "PP": ps.get_pipeline_model_parallel_world_size(),
-            "DP": ps.get_data_parallel_world_size()}
+    return {
+        "TP": ps.get_tensor_model_parallel_world_size(),
+        "PP": ps.get_pipeline_model_parallel_world_size(),
+        "DP": ps.get_data_parallel_world_size(),
+    }
 
 
 def _describe(layout: dict[str, int]) -> str:
@@ -53,6 +56,7 @@ def _device_rng() -> Any:
 
     try:
         from megatron.core import device_utils  # the patched megatron-core's device accessor
+
         return None if device_utils.is_cpu() else device_utils
     except ImportError:
         return torch.cuda if torch.cuda.is_available() else None
@@ -66,13 +70,21 @@ def _rng_shard(layout: dict[str, int]) -> Any:
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if (device := _device_rng()) is not None:
         state["device"] = device.get_rng_state()
-    return ShardedObject(RNG, state, (layout["PP"], layout["TP"], layout["DP"]),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_data_parallel_rank()), replica_id=0)
+    return ShardedObject(
+        RNG,
+        state,
+        (layout["PP"], layout["TP"], layout["DP"]),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        replica_id=0,
+    )
 
 
 def _set_rng(state: dict[str, Any]) -> None:
@@ -142,9 +154,13 @@ def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None
         _set_rng(state[RNG])
         note = None
     elif saved is None:
-        note = ("RNG state not restored: the checkpoint has none (saved before FlagScale kept it); "
-                "dropout masks differ from the original run's")
+        note = (
+            "RNG state not restored: the checkpoint has none (saved before FlagScale kept it); "
+            "dropout masks differ from the original run's"
+        )
     else:
-        note = (f"RNG state not restored: the checkpoint was saved with {_describe(saved)}, this run is "
-                f"{_describe(current)}; weights and optimizer loaded, dropout masks differ from the original run's")
+        note = (
+            f"RNG state not restored: the checkpoint was saved with {_describe(saved)}, this run is "
+            f"{_describe(current)}; weights and optimizer loaded, dropout masks differ from the original run's"
+        )
     return int(state["iteration"]), note

@@ -17,10 +17,16 @@ def build_train_dataset(settings, tokenizer, cache_dir: Path):
 
     m = settings.model
     config = GPTDatasetConfig(
-        random_seed=settings.system.seed, sequence_length=m.seq_length,
-        blend=([settings.data.data_path], None), split=settings.data.split, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        path_to_cache=str(cache_dir), mmap_bin_files=True,
+        random_seed=settings.system.seed,
+        sequence_length=m.seq_length,
+        blend=([settings.data.data_path], None),
+        split=settings.data.split,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(cache_dir),
+        mmap_bin_files=True,
     )
     samples = m.train_iters * m.global_batch_size
     # Rank 0 builds (and caches) the sample index first, the others then read it.

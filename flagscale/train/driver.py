@@ -64,22 +64,36 @@ def build_model(t: TrainSettings, vocab_size: int):
     s, m = t.system, t.model
     dtype = _dtype_flags(s.precision)
     config = TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size, init_method_std=m.init_method_std,
-        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
         tensor_model_parallel_size=s.tensor_model_parallel_size,
         pipeline_model_parallel_size=s.pipeline_model_parallel_size,
-        bf16=s.precision == "bf16", fp16=s.precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=s.precision == "bf16",
+        fp16=s.precision == "fp16",
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         # Portable settings: CPU-side init and no fused kernels (the local spec, no TransformerEngine).
-        use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
         apply_rope_fusion=False,
     )
     model = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab_size,
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         position_embedding_type=m.position_embedding_type,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     if s.precision != "fp32":
         model = Float16Module(config, model)
@@ -96,18 +110,33 @@ def build_optimizer(t: TrainSettings, model):
 
     s, m, o = t.system, t.model, t.model.optimizer
     config = OptimizerConfig(
-        optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-        bf16=s.precision == "bf16", fp16=s.precision == "fp16", params_dtype=_dtype_flags(s.precision),
+        optimizer=o.name,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=s.precision == "bf16",
+        fp16=s.precision == "fp16",
+        params_dtype=_dtype_flags(s.precision),
     )
     optimizer = get_megatron_optimizer(config, [model])
     decay = o.decay_iters or m.train_iters
     # Steps are iterations (Megatron-LM counts samples; the curve is the same, scaled).
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(decay, o.warmup_iters + 1),
-        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=m.train_iters, wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0 if o.warmup_iters else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters,
+        lr_decay_steps=max(decay, o.warmup_iters + 1),
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=m.train_iters,
+        wd_incr_style="constant",
     )
     return optimizer, scheduler
 
@@ -121,10 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     exp_dir = Path(payload["exp_dir"])
     started = time.perf_counter()
 
+    import megatron.core
     import torch
     import torch.distributed as dist
-
-    import megatron.core
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -135,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # the FlagScale device accessor of the patched megatron-core
         from megatron.core import device_utils
+
         device_type, backend = device_utils.get_device_type(), device_utils.default_collective_backend()
     except ImportError:
         device_type, backend = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
@@ -150,17 +179,21 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     else:  # run by hand, without torchrun: one process
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=s.tensor_model_parallel_size,
-                                             pipeline_model_parallel_size=s.pipeline_model_parallel_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=s.tensor_model_parallel_size,
+        pipeline_model_parallel_size=s.pipeline_model_parallel_size,
+    )
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     last_stage = parallel_state.is_pipeline_last_stage()
     reporter = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
     _setup_logging(exp_dir, rank, console=reporter or rank == 0)
     if rank == 0:
-        log.info(f"flagscale train: megatron-core {megatron.core.__version__} ({Path(megatron.core.__file__).parent}), "
-                 f"device {device_type}, backend {dist.get_backend()}, world size {world_size} "
-                 f"(TP={s.tensor_model_parallel_size} PP={s.pipeline_model_parallel_size} DP={dp}), "
-                 f"precision {s.precision}")
+        log.info(
+            f"flagscale train: megatron-core {megatron.core.__version__} ({Path(megatron.core.__file__).parent}), "
+            f"device {device_type}, backend {dist.get_backend()}, world size {world_size} "
+            f"(TP={s.tensor_model_parallel_size} PP={s.pipeline_model_parallel_size} DP={dp}), "
+            f"precision {s.precision}"
+        )
 
     torch.manual_seed(s.seed)  # the same on every rank: CPU-initialized weights equal across layouts
     tensor_parallel.model_parallel_cuda_manual_seed(s.seed)
@@ -177,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     if load_from and checkpoint.latest_iteration(load_from) is not None:
         start_iter, rng_note = checkpoint.load(load_from, model, optimizer, scheduler)
         if rank == 0:
-            log.info(f"resumed from {checkpoint.iteration_dir(load_from, start_iter)} (iteration {start_iter})"
-                     + (" with its RNG state" if rng_note is None else ""))
+            log.info(
+                f"resumed from {checkpoint.iteration_dir(load_from, start_iter)} (iteration {start_iter})"
+                + (" with its RNG state" if rng_note is None else "")
+            )
             if rng_note:
                 log.info(rng_note)
 
@@ -204,15 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_iter = m.global_batch_size * m.seq_length
     last_saved = start_iter
     if rank == 0:
-        log.info(f"training iterations {start_iter + 1}..{m.train_iters}, {num_micro} micro-batch(es) of "
-                 f"{m.micro_batch_size} per step per DP rank, global batch {m.global_batch_size}")
+        log.info(
+            f"training iterations {start_iter + 1}..{m.train_iters}, {num_micro} micro-batch(es) of "
+            f"{m.micro_batch_size} per step per DP rank, global batch {m.global_batch_size}"
+        )
     for it in range(start_iter, m.train_iters):
         t0 = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = forward_backward(forward_step_func=forward_step, data_iterator=batches.microbatches(it),
-                                  model=[model], num_microbatches=num_micro, seq_length=m.seq_length,
-                                  micro_batch_size=m.micro_batch_size, forward_only=False)
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=batches.microbatches(it),
+            model=[model],
+            num_microbatches=num_micro,
+            seq_length=m.seq_length,
+            micro_batch_size=m.micro_batch_size,
+            forward_only=False,
+        )
         ok, grad_norm, _ = optimizer.step()
         if ok:
             scheduler.step(increment=1)
@@ -226,13 +269,26 @@ def main(argv: list[str] | None = None) -> int:
         if logged and metrics is not None:
             lr = optimizer.param_groups[0]["lr"]
             gn = float(grad_norm) if grad_norm is not None else float("nan")
-            log.info(f" iteration {iteration:8d}/{m.train_iters:8d} | consumed samples: "
-                     f"{iteration * m.global_batch_size:10d} | step time (ms): {step_time * 1000:8.1f} | "
-                     f"tokens/s: {tokens_per_iter / step_time:10.1f} | lr: {lr:.4E} | lm loss: {loss:.6E} | "
-                     f"grad norm: {gn:.4f} |")
-            metrics.write(json.dumps({"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": gn,
-                                      "step_time": step_time, "tokens_per_sec": tokens_per_iter / step_time,
-                                      "skipped": not ok}) + "\n")
+            log.info(
+                f" iteration {iteration:8d}/{m.train_iters:8d} | consumed samples: "
+                f"{iteration * m.global_batch_size:10d} | step time (ms): {step_time * 1000:8.1f} | "
+                f"tokens/s: {tokens_per_iter / step_time:10.1f} | lr: {lr:.4E} | lm loss: {loss:.6E} | "
+                f"grad norm: {gn:.4f} |"
+            )
+            metrics.write(
+                json.dumps(
+                    {
+                        "iteration": iteration,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": gn,
+                        "step_time": step_time,
+                        "tokens_per_sec": tokens_per_iter / step_time,
+                        "skipped": not ok,
+                    }
+                )
+                + "\n"
+            )
             metrics.flush()
         if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
             path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=15.0)
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)  # the command after -- is never parsed as options
-    args, cmd = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    args, cmd = parser.parse_args(argv[:cut]), argv[cut + 1 :]
 
     with reported():  # one `error: ...` line on stderr and exit status 2, which the launcher reads back
         if args.action == "start":

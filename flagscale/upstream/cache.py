@@ -58,7 +58,7 @@ class Cache:
 
 def make_read_only(path: Path) -> None:
     """Drop write permission on a whole tree so nothing can edit a cache entry in place."""
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         for name in filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)

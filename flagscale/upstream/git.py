@@ -9,21 +9,53 @@ from pathlib import Path
 from flagscale.errors import GitError
 
 # Identity and dates for commits FlagScale makes itself, so their hashes are reproducible.
-BOT_IDENTITY = {"GIT_AUTHOR_NAME": "FlagScale", "GIT_AUTHOR_EMAIL": "flagscale@localhost",
-                "GIT_COMMITTER_NAME": "FlagScale", "GIT_COMMITTER_EMAIL": "flagscale@localhost",
-                "GIT_AUTHOR_DATE": "@0 +0000", "GIT_COMMITTER_DATE": "@0 +0000"}
+BOT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "FlagScale",
+    "GIT_AUTHOR_EMAIL": "flagscale@localhost",
+    "GIT_COMMITTER_NAME": "FlagScale",
+    "GIT_COMMITTER_EMAIL": "flagscale@localhost",
+    "GIT_AUTHOR_DATE": "@0 +0000",
+    "GIT_COMMITTER_DATE": "@0 +0000",
+}
 
 # Byte-stable patch output: no commit hashes, full blob ids, no diffstat, no tool version.
-FORMAT_PATCH_ARGS = ("format-patch", "--stdout", "--zero-commit", "--full-index", "--no-stat",
-                     "--no-signature", "--no-renames", "-N", "--no-binary", "--encode-email-headers")
+FORMAT_PATCH_ARGS = (
+    "format-patch",
+    "--stdout",
+    "--zero-commit",
+    "--full-index",
+    "--no-stat",
+    "--no-signature",
+    "--no-renames",
+    "-N",
+    "--no-binary",
+    "--encode-email-headers",
+)
 
 
-def git(repo: Path, *args: str, env: dict[str, str] | None = None, input: bytes | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def git(
+    repo: Path, *args: str, env: dict[str, str] | None = None, input: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", **(env or {})}
-    result = subprocess.run(["git", "-C", str(repo), "-c", "core.autocrlf=false", "-c", "diff.noprefix=false",
-                             "-c", "diff.mnemonicPrefix=false", "-c", "core.quotePath=true", *args],
-                            env=full_env, input=input, capture_output=True)
+    result = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "-c",
+            "core.autocrlf=false",
+            "-c",
+            "diff.noprefix=false",
+            "-c",
+            "diff.mnemonicPrefix=false",
+            "-c",
+            "core.quotePath=true",
+            *args,
+        ],
+        env=full_env,
+        input=input,
+        capture_output=True,
+    )
     if check and result.returncode != 0:
         message = result.stderr.decode("utf-8", "replace").strip().splitlines()
         raise GitError(f"`git {' '.join(args[:3])}` failed in {repo}: {message[-1] if message else 'no output'}")

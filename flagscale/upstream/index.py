@@ -32,8 +32,12 @@ def configured_index_url() -> str:
     """The index pip would use: $PIP_INDEX_URL, else pip's config files (last one wins), else PyPI."""
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"]
-    files = [Path("/etc/xdg/pip/pip.conf"), Path("/etc/pip.conf"), Path.home() / ".pip" / "pip.conf",
-             Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "pip" / "pip.conf"]
+    files = [
+        Path("/etc/xdg/pip/pip.conf"),
+        Path("/etc/pip.conf"),
+        Path.home() / ".pip" / "pip.conf",
+        Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "pip" / "pip.conf",
+    ]
     if sys.prefix != sys.base_prefix:
         files.append(Path(sys.prefix) / "pip.conf")
     if os.environ.get("PIP_CONFIG_FILE"):
@@ -66,16 +70,24 @@ def find_sdist(project: str, version: str, index_url: str | None = None) -> Rele
         with urllib.request.urlopen(api, timeout=60) as response:
             document = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise FetchError(f"cannot read {api} ({exc}); check your network or pip's index-url, "
-                         "or pass a local source with --source PATH") from None
+        raise FetchError(
+            f"cannot read {api} ({exc}); check your network or pip's index-url, "
+            "or pass a local source with --source PATH"
+        ) from None
     files = document.get("releases", {}).get(version)
     if files is None:
         known = ", ".join(sorted(document.get("releases", {}))[-8:])
         raise FetchError(f"{project} {version} is not on {index_url} (recent versions: {known})")
     for entry in files:
         if entry.get("packagetype") == "sdist":
-            return Release(project, version, urllib.parse.urljoin(api, entry["url"]), entry["filename"],
-                           entry["digests"]["sha256"], entry.get("size"))
+            return Release(
+                project,
+                version,
+                urllib.parse.urljoin(api, entry["url"]),
+                entry["filename"],
+                entry["digests"]["sha256"],
+                entry.get("size"),
+            )
     raise FetchError(f"{project} {version} has no sdist on {index_url}; pass a local source with --source PATH")
 
 
@@ -99,8 +111,10 @@ def download(url: str, dest: Path, expected_sha256: str, progress=None) -> None:
     actual = digest.hexdigest()
     if actual != expected_sha256:
         part.unlink(missing_ok=True)
-        raise FetchError(f"{url}: sha256 is {actual}, the pin says {expected_sha256}; the index served "
-                         "a different file: do not trust it, check third_party/upstreams.toml")
+        raise FetchError(
+            f"{url}: sha256 is {actual}, the pin says {expected_sha256}; the index served "
+            "a different file: do not trust it, check third_party/upstreams.toml"
+        )
     os.replace(part, dest)
 
 

@@ -18,7 +18,7 @@ class Project:
     root: Path
 
     @classmethod
-    def find(cls, root: Path | str | None = None) -> "Project":
+    def find(cls, root: Path | str | None = None) -> Project:
         """The checkout at `root`, else $FLAGSCALE_ROOT, else the nearest parent of the cwd holding the pins."""
         if root is None:
             root = os.environ.get("FLAGSCALE_ROOT")

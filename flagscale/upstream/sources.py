@@ -63,8 +63,10 @@ def materialize(target: Target, progress: Callable[[int, int], None] | None = No
         if path is not None and head is not None:
             return _from_submodule(pin, path, head, cache)
         if source == "submodule":
-            raise FetchError(f"{pin.backend}: submodule {pin.submodule} is not initialized; run "
-                             f"`git submodule update --init {pin.submodule}` or use --source sdist")
+            raise FetchError(
+                f"{pin.backend}: submodule {pin.submodule} is not initialized; run "
+                f"`git submodule update --init {pin.submodule}` or use --source sdist"
+            )
     return _from_sdist(pin, cache, progress)
 
 
@@ -77,8 +79,10 @@ def fetch_sdist(pin: Pin, cache: Cache, progress=None) -> Path:
     def build(tmp: Path) -> None:
         release = find_sdist(sd.name, sd.version)
         if release.sha256 != sd.sha256:
-            raise FetchError(f"the index lists sha256 {release.sha256} for {release.filename}, the pin says "
-                             f"{sd.sha256}; check third_party/upstreams.toml before trusting either")
+            raise FetchError(
+                f"the index lists sha256 {release.sha256} for {release.filename}, the pin says "
+                f"{sd.sha256}; check third_party/upstreams.toml before trusting either"
+            )
         log.info("downloading %s", release.url)
         download(release.url, tmp / release.filename, sd.sha256, progress)
 
@@ -123,16 +127,21 @@ def _extract_sdist(archive: Path, dest: Path) -> None:
 
 def _from_submodule(pin: Pin, path: Path, head: str, cache: Cache) -> Source:
     if pin.commit and head != pin.commit:
-        raise FetchError(f"{pin.backend}: submodule {pin.submodule} is at {head[:12]} but the pin is "
-                         f"{pin.commit[:12]}; run `git submodule update {pin.submodule}`")
+        raise FetchError(
+            f"{pin.backend}: submodule {pin.submodule} is at {head[:12]} but the pin is "
+            f"{pin.commit[:12]}; run `git submodule update {pin.submodule}`"
+        )
     if _git(path, "status", "--porcelain", "--untracked-files=no").strip():
-        raise FetchError(f"{pin.backend}: submodule {pin.submodule} has local changes; turn them into "
-                         "patches with `tools/patch.py export` or pass --source sdist")
+        raise FetchError(
+            f"{pin.backend}: submodule {pin.submodule} has local changes; turn them into "
+            "patches with `tools/patch.py export` or pass --source sdist"
+        )
     key = f"git-{head}"
 
     def build(tmp: Path) -> None:
-        archive = subprocess.run(["git", "-C", str(path), "archive", "--format=tar", head],
-                                 check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(path), "archive", "--format=tar", head], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
 
     tree, _ = cache.get_or_create("sources", key, build)

@@ -20,8 +20,9 @@ class Target:
     cache: Cache = field(default_factory=Cache, compare=False)
 
     @classmethod
-    def of(cls, project: Project, backend: str, device: str | None = None, source: str = "auto",
-           cache: Cache | None = None) -> Target:
+    def of(
+        cls, project: Project, backend: str, device: str | None = None, source: str = "auto", cache: Cache | None = None
+    ) -> Target:
         """The target of `backend` (a name or alias) in `project`."""
         return cls(project, project.pins.resolve(backend), device, source, cache or Cache())
 

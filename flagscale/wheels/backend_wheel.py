@@ -58,8 +58,10 @@ def build_dir(tree: PatchedTree) -> Path:
         return tree.path / repo_root_of_sdist[0]
     if all(repo == sdist for repo, sdist in src.pin.sdist.paths):
         return tree.path  # the repository root builds the same distribution
-    raise ConfigError(f"{src.pin.backend}: its wheel builds from the {src.pin.sdist.name} sdist, not from the "
-                         f"{src.pin.name} repository; use --source sdist (upstream-source=sdist)")
+    raise ConfigError(
+        f"{src.pin.backend}: its wheel builds from the {src.pin.sdist.name} sdist, not from the "
+        f"{src.pin.name} repository; use --source sdist (upstream-source=sdist)"
+    )
 
 
 def build_requires(tree: PatchedTree, settings: BackendBuild) -> list[str]:
@@ -84,8 +86,10 @@ def device_settings(target: Target) -> tuple[Device | None, BackendBuild]:
         return None, BackendBuild()
     dev = resolve_device(target.project, target.device)
     if target.backend not in dev.backends:
-        raise ConfigError(f"device {dev.name} does not support backend {target.backend}; it supports "
-                          f"{', '.join(dev.backends) or 'none'} (see {dev.manifest})")
+        raise ConfigError(
+            f"device {dev.name} does not support backend {target.backend}; it supports "
+            f"{', '.join(dev.backends) or 'none'} (see {dev.manifest})"
+        )
     return dev, dev.build_for(target.backend)
 
 
@@ -105,15 +109,29 @@ def _plan(target: Target, python: str) -> _Planned:
     dev, settings = device_settings(target)
     target = replace(target, device=dev.name if dev else None)
     tree = patched_tree(target)
-    inputs = {"builder": BUILDER_VERSION, "tree": tree.key, "env": settings.environ(),
-              "config_settings": dict(settings.config_settings), "python": _python_tag(python),
-              "source_date_epoch": source_date_epoch()}
+    inputs = {
+        "builder": BUILDER_VERSION,
+        "tree": tree.key,
+        "env": settings.environ(),
+        "config_settings": dict(settings.config_settings),
+        "python": _python_tag(python),
+        "source_date_epoch": source_date_epoch(),
+    }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     label = f"fs.{local_segment(target.device)}.{key[:8]}" if target.device else f"fs.{key[:8]}"
     provenance = BackendProvenance(
-        target.backend, target.device, key, tree.patches, upstream_record(target.pin, tree.source.kind),
-        {"env": settings.environ(), "config_settings": dict(settings.config_settings), "python": inputs["python"],
-         "source_date_epoch": inputs["source_date_epoch"]})
+        target.backend,
+        target.device,
+        key,
+        tree.patches,
+        upstream_record(target.pin, tree.source.kind),
+        {
+            "env": settings.environ(),
+            "config_settings": dict(settings.config_settings),
+            "python": inputs["python"],
+            "source_date_epoch": inputs["source_date_epoch"],
+        },
+    )
     return _Planned(target, tree, settings, key, label, provenance)
 
 
@@ -130,8 +148,12 @@ def cached_backend_wheel(target: Target, python: str | None = None) -> BackendWh
     return _wheel_of(planned, entry, True) if entry.exists() else None
 
 
-def build_backend_wheel(target: Target, python: str | None = None, log_dir: Path | None = None,
-                        progress: Callable[[str], None] | None = None) -> BackendWheel:
+def build_backend_wheel(
+    target: Target,
+    python: str | None = None,
+    log_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BackendWheel:
     """The target's patched backend wheel, from the cache or built now with the upstream's own build system.
 
     `progress` hears how far a long compile is (`llama.cpp: compiled 120/268 (44%)`).
@@ -149,8 +171,9 @@ def build_backend_wheel(target: Target, python: str | None = None, log_dir: Path
         logfile.parent.mkdir(parents=True, exist_ok=True)
         built = _run_upstream_build(work, raw, python, planned.settings, logfile, target.backend, progress)
         version = _with_label(_wheel_version(built), planned.label)
-        rewrite_wheel(built, tmp, WheelEdit(version=version,
-                                            dist_info_files={PROVENANCE_FILE: to_bytes(planned.provenance)}))
+        rewrite_wheel(
+            built, tmp, WheelEdit(version=version, dist_info_files={PROVENANCE_FILE: to_bytes(planned.provenance)})
+        )
         remove_tree(work)
         remove_tree(raw)
 
@@ -197,8 +220,7 @@ def compile_progress(logfile: Path) -> tuple[int, int] | None:
     return (int(steps[-1][0]), int(steps[-1][1])) if steps else None
 
 
-def _wait_reporting(proc: subprocess.Popen, logfile: Path, backend: str,
-                    progress: Callable[[str], None] | None) -> int:
+def _wait_reporting(proc: subprocess.Popen, logfile: Path, backend: str, progress: Callable[[str], None] | None) -> int:
     """Wait for the build, telling `progress` each time the compile passes another tenth."""
     reported = -1
     while True:
@@ -212,8 +234,15 @@ def _wait_reporting(proc: subprocess.Popen, logfile: Path, backend: str,
             progress(f"{backend}: compiled {step[0]}/{step[1]} ({100 * step[0] // step[1]}%)")
 
 
-def _run_upstream_build(work: Path, out: Path, python: str, settings: BackendBuild, logfile: Path,
-                        backend: str, progress: Callable[[str], None] | None = None) -> Path:
+def _run_upstream_build(
+    work: Path,
+    out: Path,
+    python: str,
+    settings: BackendBuild,
+    logfile: Path,
+    backend: str,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     from pyproject_hooks import BuildBackendHookCaller
 
     pyproject = work / "pyproject.toml"
@@ -237,11 +266,17 @@ def _run_upstream_build(work: Path, out: Path, python: str, settings: BackendBui
             raise
         if returncode != 0:
             tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
-            raise BuildError(f"building the {backend} wheel failed (exit {returncode}); last lines of "
-                             f"{logfile}:\n" + "\n".join(tail))
+            raise BuildError(
+                f"building the {backend} wheel failed (exit {returncode}); last lines of {logfile}:\n" + "\n".join(tail)
+            )
 
-    hooks = BuildBackendHookCaller(str(work), system.get("build-backend", "setuptools.build_meta:__legacy__"),
-                                   system.get("backend-path"), runner=runner, python_executable=python)
+    hooks = BuildBackendHookCaller(
+        str(work),
+        system.get("build-backend", "setuptools.build_meta:__legacy__"),
+        system.get("backend-path"),
+        runner=runner,
+        python_executable=python,
+    )
     out.mkdir()
     log.info("building the %s wheel with its own build system (log: %s)", backend, logfile)
     name = hooks.build_wheel(str(out), config_settings=dict(settings.config_settings) or None)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from flagscale import __version__
@@ -16,8 +16,14 @@ from flagscale.patches.tree import patched_tree
 from flagscale.upstream.index import sha256_file
 from flagscale.upstream.project import PINS_FILE, Project
 from flagscale.upstream.target import Target
-from flagscale.wheels.backend_wheel import (BackendWheel, build_backend_wheel, build_requires, cached_backend_wheel,
-                                            device_settings, local_segment)
+from flagscale.wheels.backend_wheel import (
+    BackendWheel,
+    build_backend_wheel,
+    build_requires,
+    cached_backend_wheel,
+    device_settings,
+    local_segment,
+)
 from flagscale.wheels.provenance import PROVENANCE_FILE, DeviceProvenance, PinnedBackend, to_bytes
 from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel
 
@@ -31,7 +37,6 @@ class BuildSettings:
     device: str | None  # None: the plain toolchain wheel
     backends: tuple[str, ...]
     upstream_source: str = "auto"  # auto | submodule | sdist | a path
-
 
     def targets(self, project: Project) -> list[Target]:
         return [Target.of(project, b, self.device, self.upstream_source) for b in self.backends]
@@ -49,8 +54,9 @@ def backend_build_requires(settings: BuildSettings) -> list[str]:
 
 
 def device_provenance(settings: BuildSettings, wheels: list[BackendWheel], requires: list[str]) -> DeviceProvenance:
-    pinned = tuple(PinnedBackend(w.provenance, w.distribution, w.version, w.path.name, sha256_file(w.path))
-                   for w in wheels)
+    pinned = tuple(
+        PinnedBackend(w.provenance, w.distribution, w.version, w.path.name, sha256_file(w.path)) for w in wheels
+    )
     return DeviceProvenance(settings.device, pinned, tuple(requires), settings.upstream_source)
 
 
@@ -76,8 +82,14 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # a frontend shows the backend's stderr (pip with -v)
 
 
-def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build: Callable[[str], str], *, editable: bool = False,
-                       requirement: Callable[[BackendWheel], str] | None = None) -> str:
+def build_distribution(
+    settings: BuildSettings,
+    wheel_directory: str,
+    flit_build: Callable[[str], str],
+    *,
+    editable: bool = False,
+    requirement: Callable[[BackendWheel], str] | None = None,
+) -> str:
     """Build the backend wheels, then the FlagScale wheel pinned to them; returns its file name.
 
     `requirement` says how to pin a backend wheel: a file:// direct reference by default (works with
@@ -93,5 +105,6 @@ def build_distribution(settings: BuildSettings, wheel_directory: str, flit_build
             version=f"{__version__}+{local_segment(settings.device)}" if settings.device else None,
             add_requires=tuple(pin(w) for w in wheels) + tuple(runtime),
             dist_info_files={PROVENANCE_FILE: to_bytes(device_provenance(settings, wheels, runtime))},
-            files={} if editable else project_data(project))
+            files={} if editable else project_data(project),
+        )
         return rewrite_wheel(Path(tmp) / name, Path(wheel_directory), edit).name

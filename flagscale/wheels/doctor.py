@@ -76,13 +76,23 @@ def diagnose() -> Report:
             continue  # a copy later on sys.path is shadowed: the first is what Python imports
         changed, missing = verify_files(dist)
         want = expected.get(key)
-        found[key] = BackendHealth(prov.backend, name, dist.version, want.version if want else None,
-                                   prov.device, len(prov.patches), changed, missing)
+        found[key] = BackendHealth(
+            prov.backend,
+            name,
+            dist.version,
+            want.version if want else None,
+            prov.device,
+            len(prov.patches),
+            changed,
+            missing,
+        )
     for key, want in expected.items():
         if key in found:
             health = found[key]
             if health.expected_version and health.version != health.expected_version:
-                health.problem = f"installed {health.version}, flagscale {version} was built with {health.expected_version}"
+                health.problem = (
+                    f"installed {health.version}, flagscale {version} was built with {health.expected_version}"
+                )
             continue
         found[key] = _absent(want)
     return Report(version, own.device if own else None, sorted(found.values(), key=lambda h: h.backend))
@@ -94,12 +104,22 @@ def _absent(want: PinnedBackend) -> BackendHealth:
     try:
         installed = md.distribution(want.distribution)
     except md.PackageNotFoundError:
-        return BackendHealth(prov.backend, want.distribution, None, want.version, prov.device, len(prov.patches),
-                             problem="not installed")
-    problem = (f"replaced by {installed.version} without FlagScale's patches (a plain pip install?); "
-               f"reinstall with `flagscale install --backend {prov.backend}`")
-    return BackendHealth(prov.backend, want.distribution, installed.version, want.version, prov.device,
-                         len(prov.patches), problem=problem)
+        return BackendHealth(
+            prov.backend, want.distribution, None, want.version, prov.device, len(prov.patches), problem="not installed"
+        )
+    problem = (
+        f"replaced by {installed.version} without FlagScale's patches (a plain pip install?); "
+        f"reinstall with `flagscale install --backend {prov.backend}`"
+    )
+    return BackendHealth(
+        prov.backend,
+        want.distribution,
+        installed.version,
+        want.version,
+        prov.device,
+        len(prov.patches),
+        problem=problem,
+    )
 
 
 def _norm(name: str) -> str:

@@ -19,8 +19,13 @@ from flagscale.patches.tree import patched_tree
 from flagscale.upstream.cache import Cache
 from flagscale.upstream.project import Project
 from flagscale.upstream.target import Target
-from flagscale.wheels.backend_wheel import (BackendWheel, build_backend_wheel, build_requires, cached_backend_wheel,
-                                            device_settings)
+from flagscale.wheels.backend_wheel import (
+    BackendWheel,
+    build_backend_wheel,
+    build_requires,
+    cached_backend_wheel,
+    device_settings,
+)
 from flagscale.wheels.device_wheel import BuildSettings, build_distribution, runtime_requires
 
 log = logging.getLogger(__name__)
@@ -68,8 +73,9 @@ def build_in_isolation(target: Target, step: Step = _no_step) -> BackendWheel:
             try:
                 env.install(requires)
             except subprocess.CalledProcessError as exc:
-                raise BuildError(f"{pin.backend}: installing its build requirements failed ({exc}); "
-                                 "check your package index") from None
+                raise BuildError(
+                    f"{pin.backend}: installing its build requirements failed ({exc}); check your package index"
+                ) from None
             finally:
                 if os.environ.get("PIP_CONSTRAINT") == constraints:
                     del os.environ["PIP_CONSTRAINT"]
@@ -77,24 +83,47 @@ def build_in_isolation(target: Target, step: Step = _no_step) -> BackendWheel:
         return build_backend_wheel(target, python=env.python_executable, progress=step)
 
 
-def install(project: Project, backends: list[str], device: str | None, source: str = "auto",
-            cache: Cache | None = None, step: Step = _no_step) -> list[BackendWheel]:
+def install(
+    project: Project,
+    backends: list[str],
+    device: str | None,
+    source: str = "auto",
+    cache: Cache | None = None,
+    step: Step = _no_step,
+) -> list[BackendWheel]:
     """Build (or reuse) the patched backend wheels and pip-install them with the device's runtime needs."""
     wheels = [build_in_isolation(Target.of(project, b, device, source, cache), step) for b in backends]
     runtime = runtime_requires(project, device, wheels)
     step(f"installing {', '.join(w.path.name for w in wheels)}" + (f" and {', '.join(runtime)}" if runtime else ""))
     with _constraints_file([]) as constraints:
-        cmd = [sys.executable, "-m", "pip", "install", "--constraint", constraints, *map(str, (w.path for w in wheels)),
-               *runtime]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--constraint",
+            constraints,
+            *map(str, (w.path for w in wheels)),
+            *runtime,
+        ]
         result = subprocess.run(cmd)
     if result.returncode != 0:
-        raise BuildError(f"pip could not install {', '.join(w.path.name for w in wheels)} (exit "
-                         f"{result.returncode}); see pip's output above")
+        raise BuildError(
+            f"pip could not install {', '.join(w.path.name for w in wheels)} (exit "
+            f"{result.returncode}); see pip's output above"
+        )
     return wheels
 
 
-def build_wheelhouse(project: Project, backends: list[str], device: str | None, out: Path, source: str = "auto",
-                     cache: Cache | None = None, step: Step = _no_step) -> list[Path]:
+def build_wheelhouse(
+    project: Project,
+    backends: list[str],
+    device: str | None,
+    out: Path,
+    source: str = "auto",
+    cache: Cache | None = None,
+    step: Step = _no_step,
+) -> list[Path]:
     """FlagScale's wheel (`X+device`, plain `name==version` pins) and the backend wheels, in `out`."""
     wheels = [build_in_isolation(Target.of(project, b, device, source, cache), step) for b in backends]
     out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +138,9 @@ def build_wheelhouse(project: Project, backends: list[str], device: str | None, 
     cwd = os.getcwd()
     os.chdir(project.root)  # flit reads pyproject.toml from the current folder
     try:
-        name = build_distribution(settings, str(out), buildapi.build_wheel,
-                                  requirement=lambda w: f"{w.distribution}=={w.version}")
+        name = build_distribution(
+            settings, str(out), buildapi.build_wheel, requirement=lambda w: f"{w.distribution}=={w.version}"
+        )
     finally:
         os.chdir(cwd)
     written.append(out / name)

@@ -22,9 +22,14 @@ TOOLCHAIN = {"name": "flagscale", "version": __version__}
 
 def upstream_record(pin: Pin, source_kind: str) -> dict[str, Any]:
     """The pin a wheel was built from, as recorded (for people and audits; nothing reads it back)."""
-    return {"name": pin.name, "git": pin.git, "tag": pin.tag, "commit": pin.commit,
-            "sdist": {"name": pin.sdist.name, "version": pin.sdist.version, "sha256": pin.sdist.sha256},
-            "source": source_kind}
+    return {
+        "name": pin.name,
+        "git": pin.git,
+        "tag": pin.tag,
+        "commit": pin.commit,
+        "sdist": {"name": pin.sdist.name, "version": pin.sdist.version, "sha256": pin.sdist.sha256},
+        "source": source_kind,
+    }
 
 
 @dataclass(frozen=True)
@@ -40,15 +45,27 @@ class BackendProvenance:
     toolchain: dict[str, str] = field(default_factory=lambda: dict(TOOLCHAIN))
 
     def to_json(self) -> dict[str, Any]:
-        return {"toolchain": self.toolchain, "backend": self.backend, "device": self.device,
-                "upstream": self.upstream, "patches": [vars(p) for p in self.patches], "build": self.build,
-                "key": self.key}
+        return {
+            "toolchain": self.toolchain,
+            "backend": self.backend,
+            "device": self.device,
+            "upstream": self.upstream,
+            "patches": [vars(p) for p in self.patches],
+            "build": self.build,
+            "key": self.key,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BackendProvenance:
-        return cls(data["backend"], data.get("device"), data.get("key", ""),
-                   tuple(AppliedPatch(p["series"], p["name"], p["sha256"]) for p in data.get("patches", [])),
-                   data.get("upstream", {}), data.get("build", {}), data.get("toolchain", {}))
+        return cls(
+            data["backend"],
+            data.get("device"),
+            data.get("key", ""),
+            tuple(AppliedPatch(p["series"], p["name"], p["sha256"]) for p in data.get("patches", [])),
+            data.get("upstream", {}),
+            data.get("build", {}),
+            data.get("toolchain", {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -62,13 +79,23 @@ class PinnedBackend:
     wheel_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.provenance.to_json(), "distribution": self.distribution, "version": self.version,
-                "wheel": self.wheel, "wheel_sha256": self.wheel_sha256}
+        return {
+            **self.provenance.to_json(),
+            "distribution": self.distribution,
+            "version": self.version,
+            "wheel": self.wheel,
+            "wheel_sha256": self.wheel_sha256,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PinnedBackend:
-        return cls(BackendProvenance.from_json(data), data["distribution"], data["version"], data.get("wheel", ""),
-                   data.get("wheel_sha256", ""))
+        return cls(
+            BackendProvenance.from_json(data),
+            data["distribution"],
+            data["version"],
+            data.get("wheel", ""),
+            data.get("wheel_sha256", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,16 +109,27 @@ class DeviceProvenance:
     toolchain: dict[str, str] = field(default_factory=lambda: dict(TOOLCHAIN))
 
     def to_json(self) -> dict[str, Any]:
-        return {"toolchain": self.toolchain, "device": self.device,
-                "settings": {"device": self.device, "backend": [b.provenance.backend for b in self.backends],
-                             "upstream-source": self.upstream_source},
-                "runtime_requires": list(self.runtime_requires), "backends": [b.to_json() for b in self.backends]}
+        return {
+            "toolchain": self.toolchain,
+            "device": self.device,
+            "settings": {
+                "device": self.device,
+                "backend": [b.provenance.backend for b in self.backends],
+                "upstream-source": self.upstream_source,
+            },
+            "runtime_requires": list(self.runtime_requires),
+            "backends": [b.to_json() for b in self.backends],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceProvenance:
-        return cls(data.get("device"), tuple(PinnedBackend.from_json(b) for b in data.get("backends", [])),
-                   tuple(data.get("runtime_requires", [])), data.get("settings", {}).get("upstream-source", "auto"),
-                   data.get("toolchain", {}))
+        return cls(
+            data.get("device"),
+            tuple(PinnedBackend.from_json(b) for b in data.get("backends", [])),
+            tuple(data.get("runtime_requires", [])),
+            data.get("settings", {}).get("upstream-source", "auto"),
+            data.get("toolchain", {}),
+        )
 
 
 def to_bytes(provenance: BackendProvenance | DeviceProvenance) -> bytes:

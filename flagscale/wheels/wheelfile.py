@@ -62,7 +62,7 @@ def rewrite_wheel(source: Path, out_dir: Path, edit: WheelEdit) -> Path:
             arcname = info.filename
             for suffix in (".dist-info/", ".data/"):
                 if arcname.startswith(old_prefix + suffix):
-                    arcname = new_prefix + arcname[len(old_prefix):]
+                    arcname = new_prefix + arcname[len(old_prefix) :]
             executable = bool((info.external_attr >> 16) & 0o111)
             entries[arcname] = (zin.read(info), executable)
     dist_info = f"{new_prefix}.dist-info"
@@ -90,11 +90,14 @@ def _edit_metadata(text: str, version: str, edit: WheelEdit) -> str:
     for line in lines:
         if line.startswith("Version:"):
             line = f"Version: {version}"
-        elif line.startswith("Requires-Dist:") and _normalize(re.split(r"[\s;<>=!~\[(@]", line[14:].strip(), 1)[0]) in drop:
+        elif (
+            line.startswith("Requires-Dist:")
+            and _normalize(re.split(r"[\s;<>=!~\[(@]", line[14:].strip(), maxsplit=1)[0]) in drop
+        ):
             continue
         kept.append(line)
     last_requires = max((i for i, line in enumerate(kept) if line.startswith("Requires-Dist:")), default=len(kept) - 1)
-    kept[last_requires + 1:last_requires + 1] = [f"Requires-Dist: {r}" for r in edit.add_requires]
+    kept[last_requires + 1 : last_requires + 1] = [f"Requires-Dist: {r}" for r in edit.add_requires]
     return "\n".join(kept) + "\n" + (sep[1:] + body if sep else "")
 
 
@@ -111,7 +114,7 @@ def write_wheel(target: Path, entries: dict[str, tuple[bytes, bool]], dist_info:
     """Write a wheel deterministically: sorted entries, dist-info last, fixed time, RECORD regenerated."""
     date_time = time.gmtime(source_date_epoch())[:6]
     record_name = f"{dist_info}/RECORD"
-    ordered = sorted((n for n in entries if not n.startswith(dist_info + "/")))
+    ordered = sorted(n for n in entries if not n.startswith(dist_info + "/"))
     ordered += sorted(n for n in entries if n.startswith(dist_info + "/") and n != record_name)
     record = io.StringIO()
     record_rows = csv.writer(record, lineterminator="\n")  # quotes names with commas, as pip reads them

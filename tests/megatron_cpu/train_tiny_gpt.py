@@ -61,13 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
 
+    import megatron.core
     import torch
     import torch.distributed as dist
-
-    import megatron.core
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -89,12 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=rank, world_size=world_size)
     if rank == 0:
-        emit(event="start", megatron_core=megatron.core.__file__, megatron_version=megatron.core.__version__,
-             device_type=device_type, backend=dist.get_backend(), world_size=world_size, tp=args.tp, pp=args.pp,
-             torch=torch.__version__)
+        emit(
+            event="start",
+            megatron_core=megatron.core.__file__,
+            megatron_version=megatron.core.__version__,
+            device_type=device_type,
+            backend=dist.get_backend(),
+            world_size=world_size,
+            tp=args.tp,
+            pp=args.pp,
+            torch=torch.__version__,
+        )
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
-                                             pipeline_model_parallel_size=args.pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     assert args.global_batch % (dp * args.micro_batch) == 0, "global batch must split over DP x micro batch"
@@ -104,17 +109,31 @@ def main(argv: list[str] | None = None) -> int:
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
 
     config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
     )
     model = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab,
-        max_sequence_length=args.seq, position_embedding_type="rope",
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=args.vocab,
+        max_sequence_length=args.seq,
+        position_embedding_type="rope",
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
     # As Megatron-LM's training loop: the schedule all-reduces the DP gradients through these hooks.
@@ -137,17 +156,26 @@ def main(argv: list[str] | None = None) -> int:
 
         return output, loss_func
 
-    reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                and dp_rank == 0)
+    reporter = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and dp_rank == 0
+    )
     for step in range(args.steps):
         batch = synthetic_batch(step, args)
         local = batch.chunk(dp)[dp_rank]
         microbatches = iter(local.split(args.micro_batch))
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = forward_backward(forward_step_func=forward_step, data_iterator=microbatches, model=[model],
-                                  num_microbatches=num_microbatches, seq_length=args.seq,
-                                  micro_batch_size=args.micro_batch, forward_only=False)
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=microbatches,
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=args.seq,
+            micro_batch_size=args.micro_batch,
+            forward_only=False,
+        )
         _, grad_norm, _ = optimizer.step()
         if parallel_state.is_pipeline_last_stage():
             loss = torch.stack([m["lm loss"] for m in losses]).mean()
