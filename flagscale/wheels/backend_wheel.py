@@ -253,7 +253,7 @@ def _run_upstream_build(
 
     def runner(cmd: Sequence[str], cwd: str | None = None, extra_environ=None) -> None:
         # Drop the hook variables of the frontend that runs *us* (python -m build, a newer pip): an inherited
-        # _PYPROJECT_HOOKS_BACKEND_PATH_JSON would make the upstream's backend load from our backend-path.
+        # _PYPROJECT_HOOKS_BACKEND_PATH_JSON would make the upstream's build hooks load from our backend-path.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("_PYPROJECT_HOOKS_", "PEP517_"))}
         full = {**inherited, **(extra_environ or {}), **env}
         with open(logfile, "ab") as log_out:

@@ -79,7 +79,7 @@ def project_data(project: Project) -> dict[str, bytes]:
 
 
 def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)  # a frontend shows the backend's stderr (pip with -v)
+    print(message, file=sys.stderr, flush=True)  # a frontend shows the build hooks' stderr (pip with -v)
 
 
 def build_distribution(
