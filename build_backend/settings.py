@@ -6,21 +6,39 @@ FLAGSCALE_UPSTREAM_SOURCE) for tools that cannot pass -C; -C wins.
 
 from __future__ import annotations
 
-import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-KNOWN_KEYS = ("device", "backend", "upstream-source")
-ENV_VARS = {"device": "FLAGSCALE_DEVICE", "backend": "FLAGSCALE_BACKEND", "upstream-source": "FLAGSCALE_UPSTREAM_SOURCE"}
+from flagscale.errors import ConfigError, SettingsError
+from flagscale.settings import convert, data_keys, setting
+
+__all__ = ["KNOWN_KEYS", "SettingsError", "parse_settings"]
+
+UNKNOWN_SETTING = "unknown config setting {key!r}{hint}; valid settings: {valid}"
 
 
-class SettingsError(ValueError):
-    """A config setting is not one FlagScale knows, or has a value it cannot use."""
+def _upstream_source(value: str) -> str:
+    if value not in ("auto", "submodule", "sdist") and not Path(value).is_dir():
+        raise ValueError("use auto, submodule, sdist or an existing folder")
+    return value
 
 
-def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+@dataclass(frozen=True)
+class Requested:
+    """The settings as given, before the device and backend names are resolved against the checkout."""
+
+    device: str = ""  # "" or none: the plain toolchain wheel
+    backend: str = ""  # comma-separated
+    upstream_source: str = setting("auto", key="upstream-source", check=_upstream_source)
+
+
+KNOWN_KEYS = data_keys(Requested)
+ENV_VARS = {
+    "device": "FLAGSCALE_DEVICE",
+    "backend": "FLAGSCALE_BACKEND",
+    "upstream-source": "FLAGSCALE_UPSTREAM_SOURCE",
+}
 
 
 def parse_settings(config_settings: dict | None, root: Path | None = None):
@@ -29,34 +47,33 @@ def parse_settings(config_settings: dict | None, root: Path | None = None):
         if key.startswith("--"):  # pip's own pass-through options (--build-option, ...)
             continue
         normalized = key.replace("_", "-").lower()
-        if normalized not in KNOWN_KEYS:
-            raise SettingsError(f"unknown config setting {key!r}{_hint(normalized, KNOWN_KEYS)}; "
-                                f"valid settings: {', '.join(KNOWN_KEYS)}")
         if isinstance(value, list):
             value = ",".join(value) if normalized == "backend" else value[-1]
         raw[normalized] = str(value)
-    from flagscale.errors import ConfigError
+    try:
+        requested = convert(Requested, raw, "", unknown=UNKNOWN_SETTING)
+    except ConfigError as exc:
+        raise SettingsError(str(exc)) from None
     from flagscale.upstream.project import Project
 
     project = Project.find(root)  # as the build itself does: $FLAGSCALE_ROOT, else the checkout around the cwd
     try:
         device = None
-        if raw.get("device", "").strip().lower() not in ("", "none"):
+        if requested.device.strip().lower() not in ("", "none"):
             from flagscale.hardware.registry import resolve_device
 
-            device = resolve_device(project, raw["device"]).name
+            device = resolve_device(project, requested.device).name
         backends = []
-        for name in filter(None, (b.strip() for b in raw.get("backend", "").split(","))):
+        for name in filter(None, (b.strip() for b in requested.backend.split(","))):
             backend = project.pins.resolve(name).backend
             if backend not in backends:
                 backends.append(backend)
     except ConfigError as exc:
         raise SettingsError(f"config setting: {exc}") from None
-    source = raw.get("upstream-source", "auto")
-    if source not in ("auto", "submodule", "sdist") and not Path(source).is_dir():
-        raise SettingsError(f"upstream-source={source!r}: use auto, submodule, sdist or an existing folder")
     if backends and device is None:
-        raise SettingsError("backend=... needs a device: add -C device=cpu (or another device from `flagscale devices`)")
+        raise SettingsError(
+            "backend=... needs a device: add -C device=cpu (or another device from `flagscale devices`)"
+        )
     from flagscale.wheels.device_wheel import BuildSettings
 
-    return BuildSettings(device, tuple(backends), source)
+    return BuildSettings(device, tuple(backends), requested.upstream_source)

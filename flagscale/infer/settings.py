@@ -23,10 +23,40 @@ from pathlib import Path
 from typing import Any
 
 from flagscale.errors import ConfigError
-from flagscale.serve.settings import _plain, _unknown, engine_name
+from flagscale.serve.settings import engine_name
+from flagscale.settings import at_least, convert, plain, setting
 
-TASK_KEYS = {"engine", "model", "engine_args", "generate"}
-GENERATE_KEYS = {"prompts", "output", "max_tokens", "temperature", "top_p", "seed", "stop"}
+
+def _stop_words(value: Any) -> tuple[str, ...]:
+    """`stop:` is one string or a list of them."""
+    if isinstance(value, (list, tuple)):
+        return tuple(map(str, value))
+    if isinstance(value, str):
+        return (value,) if value else ()
+    raise ValueError("expected a string or a list of strings")
+
+
+@dataclass(frozen=True)
+class Generate:
+    """`generate:` of the task YAML."""
+
+    prompts: str | None = None
+    output: str | None = None  # None: <exp_dir>/completions.jsonl
+    max_tokens: int = setting(32, check=at_least(1))
+    temperature: float = setting(0.0, check=at_least(0.0))
+    top_p: float = setting(1.0, check=at_least(0.0))
+    seed: int = setting(0, check=at_least(0))
+    stop: Any = setting(None, check=_stop_words)
+
+
+@dataclass(frozen=True)
+class InferTask:
+    """The task YAML (the `infer:` section)."""
+
+    engine: str | None = None  # None: experiment.task.backend
+    model: str | None = None
+    engine_args: dict | None = None
+    generate: Generate | None = None
 
 
 @dataclass(frozen=True)
@@ -48,51 +78,43 @@ class InferSettings:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "InferSettings":
+    def from_json(cls, data: dict) -> InferSettings:
         return cls(**{**data, "stop": tuple(data["stop"]), "envs": tuple(map(tuple, data["envs"]))})
 
 
-def _number(value: Any, where: str, kind=float, low: float = 0.0):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-        raise ConfigError(f"{where}={value!r}: expected a number >= {low}")
-    if kind is int and not isinstance(value, int):
-        raise ConfigError(f"{where}={value!r}: expected an integer")
-    return kind(value)
-
-
 def from_config(cfg: Any) -> InferSettings:
-    exp = _plain(cfg.get("experiment")) or {}
-    task = _plain(cfg.get("infer"))
+    exp = plain(cfg.get("experiment")) or {}
+    task = plain(cfg.get("infer"))
     if not isinstance(task, dict):
         raise ConfigError("the config has no infer section: add `- infer: <task yaml>` to the defaults list")
-    _unknown(task, TASK_KEYS, "infer")
-    engine = engine_name(task.get("engine") or (exp.get("task") or {}).get("backend") or "", "infer.engine")
-    model = str(task.get("model") or "")
+    t = convert(InferTask, task, "infer", from_yaml=True)
+    engine = engine_name(t.engine or (exp.get("task") or {}).get("backend") or "", "infer.engine")
+    model = t.model or ""
     if not model:
         raise ConfigError("infer.model: the model to load is required")
     if engine == "llama.cpp" and not Path(model).is_file():
-        raise ConfigError(f"infer.model={model}: no such GGUF file (convert a checkpoint with tools/convert_to_gguf.py)")
+        raise ConfigError(
+            f"infer.model={model}: no such GGUF file (convert a checkpoint with tools/convert_to_gguf.py)"
+        )
     if Path(model).exists():
         model = str(Path(model).resolve())
-    args = task.get("engine_args") or {}
-    if not isinstance(args, dict):
-        raise ConfigError(f"infer.engine_args: expected a mapping, got {args!r}")
-    gen = task.get("generate") or {}
-    _unknown(gen, GENERATE_KEYS, "infer.generate")
-    prompts = Path(str(gen.get("prompts") or ""))
-    if not gen.get("prompts") or not prompts.is_file():
-        raise ConfigError(f"infer.generate.prompts={gen.get('prompts')}: no such prompts file")
-    output = Path(str(gen.get("output") or Path(str(exp.get("exp_dir") or "outputs/infer")) / "completions.jsonl"))
-    stop = gen.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    run_dir = Path(str(exp.get("exp_dir") or "outputs/infer")).expanduser().resolve()
+    gen = t.generate or Generate()
+    prompts = Path(gen.prompts or "")
+    if not gen.prompts or not prompts.is_file():
+        raise ConfigError(f"infer.generate.prompts={gen.prompts}: no such prompts file")
+    exp_dir = Path(str(exp.get("exp_dir") or "outputs/infer"))
+    output = Path(gen.output or exp_dir / "completions.jsonl")
     return InferSettings(
-        engine=engine, model=model, engine_args=dict(args), prompts=str(prompts.resolve()),
+        engine=engine,
+        model=model,
+        engine_args=dict(t.engine_args or {}),
+        prompts=str(prompts.resolve()),
         output=str(output.expanduser().resolve()),
-        max_tokens=_number(gen.get("max_tokens", 32), "infer.generate.max_tokens", int, 1),
-        temperature=_number(gen.get("temperature", 0.0), "infer.generate.temperature"),
-        top_p=_number(gen.get("top_p", 1.0), "infer.generate.top_p"),
-        seed=_number(gen.get("seed", 0), "infer.generate.seed", int),
-        stop=tuple(map(str, stop)), run_dir=str(run_dir),
-        envs=tuple(sorted((str(k), str(v)) for k, v in (exp.get("envs") or {}).items())))
+        max_tokens=gen.max_tokens,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        seed=gen.seed,
+        stop=gen.stop or (),
+        run_dir=str(exp_dir.expanduser().resolve()),
+        envs=tuple(sorted((str(k), str(v)) for k, v in (exp.get("envs") or {}).items())),
+    )

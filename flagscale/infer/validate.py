@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.util
 from pathlib import Path
 
 from flagscale.errors import ConfigError, LaunchError
+from flagscale.settings import closest
 
 # engine -> (package, file, class, method): the keyword arguments of that method are the engine's arguments
 CONSTRUCTORS = {
@@ -41,6 +41,6 @@ def check_engine_args(engine: str, args: dict) -> None:
     known = accepted(engine)
     for key in args:
         if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+            near = closest(key, sorted(known), cutoff=0.75)
             raise ConfigError(f"infer.engine_args.{key}: {engine} takes no such argument"
-                              + (f" (did you mean {near[0]}?)" if near else ""))
+                              + (f" (did you mean {near}?)" if near else ""))

@@ -6,13 +6,13 @@ both faces accept the same overrides and fail with the same one-line errors.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from flagscale.errors import ConfigError
+from flagscale.settings import closest, nearest
 
 ACTIONS = ("run", "dryrun", "stop", "status")
 TASKS = ("train", "infer", "serve")
@@ -33,7 +33,7 @@ def compose(config_dir: Path | str, config_name: str, overrides: Sequence[str] =
                           "(for example examples/tiny_gpt/conf)")
     if not (folder / f"{name}.yaml").is_file():
         found = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"{folder / (name + '.yaml')} does not exist{_nearest(name, found)}; "
+        raise ConfigError(f"{folder / (name + '.yaml')} does not exist{nearest(name, found)}; "
                           f"configs there: {', '.join(found) or 'none'}")
     GlobalHydra.instance().clear()  # compose may run more than once in a process (tests, run.py)
     try:
@@ -51,7 +51,7 @@ def action_of(cfg) -> str:
     """`action=run|dryrun|stop|status` (default run)."""
     action = str(cfg.get("action", "run") or "run")
     if action not in ACTIONS:
-        raise ConfigError(f"action={action}: use one of {', '.join(ACTIONS)}{_nearest(action, ACTIONS)}")
+        raise ConfigError(f"action={action}: use one of {', '.join(ACTIONS)}{nearest(action, ACTIONS)}")
     return action
 
 
@@ -62,7 +62,7 @@ def task_type(cfg) -> str:
     except Exception:  # omegaconf raises several kinds for a missing node
         raise ConfigError("the config has no experiment.task.type: set it to train, infer or serve") from None
     if task not in TASKS:
-        raise ConfigError(f"experiment.task.type={task}: use one of {', '.join(TASKS)}{_nearest(task, TASKS)}")
+        raise ConfigError(f"experiment.task.type={task}: use one of {', '.join(TASKS)}{nearest(task, TASKS)}")
     return task
 
 
@@ -93,10 +93,5 @@ def _override_hint(exc: Exception, hydra_compose, name: str, overrides: Sequence
         keys = [str(k) for k in node.keys()]
     except Exception:  # another override is bad too, or the parent is not a mapping: no hint
         return ""
-    near = difflib.get_close_matches(leaf, keys, n=1)
-    return f" (did you mean {'.'.join(filter(None, [parent, near[0]]))}?)" if near else ""
-
-
-def _nearest(word: str, choices: Sequence[str]) -> str:
-    near = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {near[0]!r}?)" if near else ""
+    near = closest(leaf, keys)
+    return f" (did you mean {'.'.join(filter(None, [parent, near]))}?)" if near else ""

@@ -11,7 +11,6 @@ torch and a GPU runtime).
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import importlib.util
 import os
@@ -25,6 +24,7 @@ from typing import Any
 from flagscale.errors import ConfigError, LaunchError
 from flagscale.runner.environment import visible_devices_environment
 from flagscale.serve.settings import ModelSpec, ServeSettings
+from flagscale.settings import closest
 
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
 STRICT_MODEL_FLAG = "--strict-model-name"
@@ -103,8 +103,8 @@ def to_flags(args: dict[str, Any], known: frozenset[str] | None, where: str) -> 
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
         if known is not None and flag not in known and not (value is False and f"--no-{flag[2:]}" in known):
-            near = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.75)
-            hint = f" (did you mean {near[0][2:].replace('-', '_')}?)" if near else ""
+            near = closest(flag, sorted(known), cutoff=0.75)
+            hint = f" (did you mean {near[2:].replace('-', '_')}?)" if near else ""
             raise ConfigError(f"{where}.{key}: the engine has no {flag} argument{hint}")
         if value is None:
             continue

@@ -26,22 +26,84 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flagscale.errors import ConfigError
+from flagscale.settings import at_least, convert, plain, setting
 
 ENGINES = ("llama.cpp", "vllm", "sglang")
 ENGINE_ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}
-DEPLOYS = ("auto", "direct", "ray")
 # The runner owns these: an engine arg of the same meaning would contradict runner.host/port or serve_id.
-RUNNER_OWNED = {"host": "experiment.runner.host", "port": "experiment.runner.port",
-                "alias": "serve_id", "served_model_name": "serve_id"}
+RUNNER_OWNED = {
+    "host": "experiment.runner.host",
+    "port": "experiment.runner.port",
+    "alias": "serve_id",
+    "served_model_name": "serve_id",
+}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-MODEL_KEYS = {"serve_id", "engine", "engine_args", "replicas", "autoscaling", "port", "ray_actor_options"}
-RUNNER_KEYS = {"host", "port", "deploy", "hostfile", "ready_timeout", "device", "visible_devices", "ray_port",
-               "ssh_port", "ssh_options", "health_check_period_s"}
 
 
+# Per-field checks: `convert` reports their ValueError as `<dotted key>=<value>: <message>`.
+def _port(value: int) -> int:
+    if value > 65535:
+        raise ValueError("a TCP port is at most 65535")
+    return at_least(1, "an integer")(value)
+
+
+def _model_name(value: str) -> str:
+    if not NAME.fullmatch(value):
+        raise ValueError('give each model a name (letters, digits, . _ -); clients send it as "model"')
+    return value
+
+
+def _ssh_options(value: Any) -> tuple[str, ...]:
+    from flagscale.runner.ssh import check_options
+
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected a list of Key=Value ssh options")
+    return check_options(value)
+
+
+# --------------------------------------------------------------------------------- the YAML, as read
+@dataclass(frozen=True)
+class Autoscaling:
+    """`autoscaling:` of a model: Ray Serve's replica bounds."""
+
+    min_replicas: int | None = setting(None, check=at_least(0, "an integer"))  # None: 1
+    max_replicas: int | None = setting(None, check=at_least(1, "an integer"))  # None: max(min, replicas)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model of the task YAML (the `serve:` list)."""
+
+    serve_id: str = setting(check=_model_name)  # the model name clients send
+    engine: str | None = None  # None: experiment.task.backend
+    engine_args: dict | None = None
+    replicas: int = setting(1, check=at_least(1, "an integer"))
+    autoscaling: Autoscaling | None = None
+    port: int | None = setting(None, check=_port)
+    ray_actor_options: dict | None = None
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """`experiment.runner` of the experiment YAML."""
+
+    host: str | None = None  # None: 127.0.0.1
+    port: int = setting(8000, check=_port)
+    deploy: Literal["auto", "direct", "ray"] = "auto"
+    hostfile: str | None = None
+    ready_timeout: float = 120.0
+    device: str | None = None  # None: cpu
+    visible_devices: str | None = None
+    ray_port: int = setting(6379, check=_port)
+    ssh_port: int = setting(22, check=_port)
+    ssh_options: Any = setting(None, check=_ssh_options)  # Any: the check words a non-list for ssh options
+    health_check_period_s: float = 2.0
+
+
+# ------------------------------------------------------------------------------- the typed settings
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -91,90 +153,42 @@ class ServeSettings:
         return spec.port if spec.port is not None else self.port + self.models.index(spec)
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def _int(value: Any, where: str, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{where}={value!r}: expected an integer >= {low}")
-    return value
-
-
-def _port(value: Any, where: str) -> int:
-    port = _int(value, where, 1)
-    if port > 65535:
-        raise ConfigError(f"{where}={value}: a TCP port is at most 65535")
-    return port
-
-
-def _unknown(keys, allowed: set[str], where: str) -> None:
-    import difflib
-
-    for key in keys:
-        if key not in allowed:
-            near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" (did you mean {near[0]}?)" if near else f"; known: {', '.join(sorted(allowed))}"
-            raise ConfigError(f"{where}.{key} is not a setting{hint}")
-
-
-def _ssh_options(value: Any) -> tuple[str, ...]:
-    from flagscale.runner.ssh import check_options
-
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"experiment.runner.ssh_options={value!r}: expected a list of Key=Value ssh options")
-    return check_options(value)
-
-
 def engine_name(value: Any, where: str) -> str:
+    """The engine `value` names (an alias such as llama_cpp too), or a ConfigError naming `where`."""
     name = ENGINE_ALIASES.get(str(value), str(value))
     if name not in ENGINES:
         raise ConfigError(f"{where}={value}: use one of {', '.join(ENGINES)}")
     return name
 
 
+def _replica_bounds(m: ModelConfig, where: str) -> tuple[int | None, int | None]:
+    """(min, max) replicas of Ray Serve autoscaling, or (None, None) without it."""
+    scaling = m.autoscaling
+    if scaling is None or scaling == Autoscaling():  # absent or empty: no autoscaling
+        return None, None
+    low = 1 if scaling.min_replicas is None else scaling.min_replicas
+    high = max(low, m.replicas) if scaling.max_replicas is None else scaling.max_replicas
+    if low > high:
+        raise ConfigError(f"{where}.autoscaling: min_replicas={low} exceeds max_replicas={high}")
+    return low, high
+
+
 def parse_model(raw: Any, index: int, default_engine: str | None) -> ModelSpec:
     where = f"serve[{index}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with serve_id, engine_args, ...; got {raw!r}")
-    _unknown(raw, MODEL_KEYS, where)
-    name = str(raw.get("serve_id") or "")
-    if not NAME.fullmatch(name):
-        raise ConfigError(f"{where}.serve_id={name!r}: give each model a name (letters, digits, . _ -); "
-                          "clients send it as \"model\"")
-    engine = engine_name(raw.get("engine") or default_engine or "", f"{where}.engine")
-    args = raw.get("engine_args") or {}
-    if not isinstance(args, dict):
-        raise ConfigError(f"{where}.engine_args: expected a mapping of engine arguments, got {args!r}")
-    args = {str(k).replace("-", "_"): v for k, v in args.items()}
+    m = convert(ModelConfig, raw, where, from_yaml=True)
+    engine = engine_name(m.engine or default_engine or "", f"{where}.engine")
+    args = {str(k).replace("-", "_"): v for k, v in (m.engine_args or {}).items()}
     for key, owner in RUNNER_OWNED.items():
         if key in args:
-            raise ConfigError(f"{where}.engine_args.{key}: set {owner} instead (the runner binds and names the "
-                              "engine)")
+            raise ConfigError(f"{where}.engine_args.{key}: set {owner} instead (the runner binds and names the engine)")
     if not args.get("model"):
-        raise ConfigError(f"{where}.engine_args.model: the model to serve (a GGUF file for llama.cpp, a checkpoint "
-                          "folder or hub id for vLLM/SGLang) is required")
-    replicas = _int(raw.get("replicas", 1), f"{where}.replicas", 1)
-    low = high = None
-    scaling = raw.get("autoscaling")
-    if scaling:
-        if not isinstance(scaling, dict):
-            raise ConfigError(f"{where}.autoscaling: expected {{min_replicas: N, max_replicas: M}}")
-        _unknown(scaling, {"min_replicas", "max_replicas"}, f"{where}.autoscaling")
-        low = _int(scaling.get("min_replicas", 1), f"{where}.autoscaling.min_replicas", 0)
-        high = _int(scaling.get("max_replicas", max(low, replicas)), f"{where}.autoscaling.max_replicas", 1)
-        if low > high:
-            raise ConfigError(f"{where}.autoscaling: min_replicas={low} exceeds max_replicas={high}")
-    port = _port(raw["port"], f"{where}.port") if raw.get("port") is not None else None
-    options = raw.get("ray_actor_options") or {}
-    num_cpus = float(options.get("num_cpus", 1.0)) if isinstance(options, dict) else 1.0
-    return ModelSpec(name, engine, tuple(sorted(args.items())), replicas, low, high, port, num_cpus)
+        raise ConfigError(
+            f"{where}.engine_args.model: the model to serve (a GGUF file for llama.cpp, a checkpoint "
+            "folder or hub id for vLLM/SGLang) is required"
+        )
+    low, high = _replica_bounds(m, where)
+    num_cpus = float((m.ray_actor_options or {}).get("num_cpus", 1.0))
+    return ModelSpec(m.serve_id, engine, tuple(sorted(args.items())), m.replicas, low, high, m.port, num_cpus)
 
 
 def from_config(cfg: Any) -> ServeSettings:
@@ -182,10 +196,9 @@ def from_config(cfg: Any) -> ServeSettings:
     exp = cfg.get("experiment") if hasattr(cfg, "get") else None
     if exp is None:
         raise ConfigError("the config has no experiment section (exp_name, exp_dir, task, runner)")
-    exp = _plain(exp)
-    runner = exp.get("runner") or {}
-    _unknown(runner, RUNNER_KEYS, "experiment.runner")
-    models_raw = _plain(cfg.get("serve"))
+    exp = plain(exp)
+    runner = convert(RunnerConfig, exp.get("runner"), "experiment.runner", from_yaml=True)
+    models_raw = plain(cfg.get("serve"))
     if models_raw is None:
         raise ConfigError("the config has no serve section: add `- serve: <task yaml>` to the defaults list")
     if isinstance(models_raw, dict):
@@ -197,13 +210,9 @@ def from_config(cfg: Any) -> ServeSettings:
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"serve: serve_id values must be unique, got {', '.join(names)}")
-    deploy = str(runner.get("deploy", "auto"))
-    if deploy not in DEPLOYS:
-        raise ConfigError(f"experiment.runner.deploy={deploy}: use one of {', '.join(DEPLOYS)}")
     scaled = len(models) > 1 or any(m.replicas > 1 or m.max_replicas for m in models)
-    if deploy == "auto":
-        deploy = "ray" if scaled else "direct"
-    hostfile = runner.get("hostfile")
+    deploy = ("ray" if scaled else "direct") if runner.deploy == "auto" else runner.deploy
+    hostfile = runner.hostfile
     if hostfile and not Path(hostfile).is_file():
         raise ConfigError(f"experiment.runner.hostfile={hostfile} does not exist")
     if hostfile and deploy != "ray":
@@ -214,13 +223,20 @@ def from_config(cfg: Any) -> ServeSettings:
     run_dir = Path(str(exp.get("exp_dir") or Path("outputs") / exp_name)).expanduser().resolve()
     envs = tuple(sorted((str(k), str(v)) for k, v in (exp.get("envs") or {}).items()))
     return ServeSettings(
-        exp_name=exp_name, run_dir=run_dir, host=str(runner.get("host") or "127.0.0.1"),
-        port=_port(runner.get("port", 8000), "experiment.runner.port"), deploy=deploy, models=models, envs=envs,
+        exp_name=exp_name,
+        run_dir=run_dir,
+        host=runner.host or "127.0.0.1",
+        port=runner.port,
+        deploy=deploy,
+        models=models,
+        envs=envs,
         hostfile=Path(hostfile) if hostfile else None,
-        ready_timeout=float(runner.get("ready_timeout", 120)), device=str(runner.get("device") or "cpu"),
-        visible_devices=str(runner["visible_devices"]) if runner.get("visible_devices") is not None else None,
-        ray_port=_port(runner.get("ray_port", 6379), "experiment.runner.ray_port"),
-        ssh_port=_port(runner.get("ssh_port", 22), "experiment.runner.ssh_port"),
-        ssh_options=_ssh_options(runner.get("ssh_options")),
-        health_check_period_s=float(runner.get("health_check_period_s", 2.0)),
-        extra={"config": {"experiment": exp, "serve": models_raw}})  # what Ray replicas re-validate
+        ready_timeout=runner.ready_timeout,
+        device=runner.device or "cpu",
+        visible_devices=runner.visible_devices,
+        ray_port=runner.ray_port,
+        ssh_port=runner.ssh_port,
+        ssh_options=runner.ssh_options or (),
+        health_check_period_s=runner.health_check_period_s,
+        extra={"config": {"experiment": exp, "serve": models_raw}},
+    )  # what Ray replicas re-validate

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from flagscale.errors import ConfigError
+from flagscale.settings import convert, nearest, nonempty, setting
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_PIN_KEYS = {"name", "aliases", "git", "tag", "tag_format", "commit", "commit_hint", "submodule", "sdist"}
-_SDIST_KEYS = {"name", "version", "sha256", "paths"}
+UNKNOWN_FIELD = "{where}: unknown field {key!r}; valid fields: {valid}{hint}"
+
+
+# ---------------------------------------------------------------------------- checks of one field
+# `convert` reports a check's ValueError with the file and the field: `<file>: [<backend>].<field>=<value>: ...`.
+def _sha256(value: str) -> str:
+    if not _SHA256.match(value.lower()):
+        raise ValueError("is not a sha256 hex digest")
+    return value.lower()
+
+
+def _commit(value: str) -> str:
+    if not _COMMIT.match(value):
+        raise ValueError("is not a full 40-hex commit; use commit_hint for a short one")
+    return value
+
+
+def _paths(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """(repo prefix, sdist prefix) pairs: relative folders (or ''), longest repo prefix first."""
+    if not pairs:
+        raise ValueError("must map repository prefixes to sdist prefixes")
+    for prefix in (p for pair in pairs for p in pair):
+        if prefix and (not prefix.endswith("/") or prefix.startswith("/") or ".." in prefix.split("/")):
+            raise ValueError(f"{prefix!r} must be '' or a relative folder ending in '/'")
+    return tuple(sorted(pairs, key=lambda p: -len(p[0])))
 
 
 @dataclass(frozen=True)
 class Sdist:
     """A release sdist on the package index: the verified second source of an upstream."""
 
-    name: str
-    version: str
-    sha256: str
-    # (repo prefix, sdist prefix) pairs, longest repo prefix first.
-    paths: tuple[tuple[str, str], ...]
+    name: str = setting(check=nonempty)
+    version: str = setting(check=nonempty)
+    sha256: str = setting(check=_sha256)
+    # (repo prefix, sdist prefix) pairs, longest repo prefix first; by default the sdist is the repository.
+    paths: tuple[tuple[str, str], ...] = setting((("", ""),), check=_paths)
 
     def repo_to_sdist(self, repo_path: str) -> str | None:
         """Where a repository path lives inside this sdist, or None if the sdist does not ship it."""
@@ -45,14 +68,14 @@ class Sdist:
 class Pin:
     """One backend's pinned upstream."""
 
-    backend: str
-    name: str
-    git: str
-    sdist: Sdist
+    backend: str  # the table's name in upstreams.toml
+    name: str = setting(check=nonempty)
+    git: str = setting(check=nonempty)
+    sdist: Sdist = setting()  # required, a table of its own
     aliases: tuple[str, ...] = ()
     tag: str | None = None
     tag_format: str | None = None
-    commit: str | None = None
+    commit: str | None = setting(None, check=_commit)
     commit_hint: str | None = None
     submodule: str | None = None
 
@@ -82,17 +105,13 @@ class Pins:
         for pin in self.by_backend.values():
             if wanted == _norm(pin.backend) or wanted == _norm(pin.name) or wanted in map(_norm, pin.aliases):
                 return pin
-        raise ConfigError(f"unknown backend {name!r}; valid backends: {', '.join(self.names)}{nearest(name, self.names)}")
+        raise ConfigError(
+            f"unknown backend {name!r}; valid backends: {', '.join(self.names)}{nearest(name, self.names)}"
+        )
 
 
 def _norm(name: str) -> str:
     return name.strip().lower().replace("_", "-")
-
-
-def nearest(word: str, choices: list[str]) -> str:
-    """' (did you mean X?)' for the closest valid choice, or ''."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_pins(path: Path) -> Pins:
@@ -110,53 +129,7 @@ def _parse_pin(path: Path, backend: str, table: object) -> Pin:
     where = f"{path}: [{backend}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
-    _reject_unknown(where, table, _PIN_KEYS)
-    for key in ("name", "git", "sdist"):
-        if key not in table:
-            raise ConfigError(f"{where}: missing required field {key!r}")
-    commit = table.get("commit")
-    if commit is not None and not _COMMIT.match(commit):
-        raise ConfigError(f"{where}.commit: {commit!r} is not a full 40-hex commit; use commit_hint for a short one")
-    return Pin(
-        backend=backend,
-        name=_str(where, table, "name"),
-        git=_str(where, table, "git"),
-        sdist=_parse_sdist(f"{path}: [{backend}.sdist]", table["sdist"]),
-        aliases=tuple(table.get("aliases", ())),
-        tag=table.get("tag"),
-        tag_format=table.get("tag_format"),
-        commit=commit,
-        commit_hint=table.get("commit_hint"),
-        submodule=table.get("submodule"),
-    )
-
-
-def _parse_sdist(where: str, table: object) -> Sdist:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table")
-    _reject_unknown(where, table, _SDIST_KEYS)
-    sha = _str(where, table, "sha256").lower()
-    if not _SHA256.match(sha):
-        raise ConfigError(f"{where}.sha256: {sha!r} is not a sha256 hex digest")
-    raw_paths = table.get("paths", {"": ""})
-    if not isinstance(raw_paths, dict) or not raw_paths:
-        raise ConfigError(f"{where}.paths: must map repository prefixes to sdist prefixes")
-    for repo_prefix, sdist_prefix in raw_paths.items():
-        for prefix in (repo_prefix, sdist_prefix):
-            if prefix and (not prefix.endswith("/") or prefix.startswith("/") or ".." in prefix.split("/")):
-                raise ConfigError(f"{where}.paths: {prefix!r} must be '' or a relative folder ending in '/'")
-    paths = tuple(sorted(raw_paths.items(), key=lambda p: -len(p[0])))
-    return Sdist(name=_str(where, table, "name"), version=_str(where, table, "version"), sha256=sha, paths=paths)
-
-
-def _str(where: str, table: dict, key: str) -> str:
-    value = table.get(key)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}.{key}: must be a non-empty string")
-    return value
-
-
-def _reject_unknown(where: str, table: dict, known: set[str]) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown field {key!r}; valid fields: {', '.join(sorted(known))}{nearest(key, sorted(known))}")
+    if isinstance(table.get("sdist"), dict):  # a table of its own: its errors name it [backend.sdist]
+        sdist = convert(Sdist, table["sdist"], f"{path}: [{backend}.sdist]", unknown=UNKNOWN_FIELD)
+        table = {**table, "sdist": sdist}
+    return convert(Pin, table, where, unknown=UNKNOWN_FIELD, given={"backend": backend})
