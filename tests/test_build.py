@@ -724,17 +724,27 @@ def test_a_long_compile_reports_its_progress(tmp_path):
 
 @pytest.mark.parametrize(
     "setting, expected",
-    [("devic=cpu", "unknown config setting 'devic' (did you mean 'device'?); valid settings: device, backend"),
-     ("device=nochip", "unknown device 'nochip'; valid devices: ")],
+    [
+        ("devic=cpu", "unknown config setting 'devic' (did you mean 'device'?); valid settings: device, backend"),
+        ("device=nochip", "unknown device 'nochip'; valid devices: "),
+    ],
 )
 def test_pip_wheel_reports_a_bad_setting_in_one_line(tmp_path, setting, expected):
     """Tried as a new user would: plain `pip wheel . -C ...` prints our error as one line, no traceback."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "-C", setting,
-                             "-w", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "-C", setting, "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
-    ours = [line.strip() for line in result.stdout.splitlines() + result.stderr.splitlines()
-            if line.strip().startswith("error: ") and "subprocess-exited-with-error" not in line]
+    ours = [
+        line.strip()
+        for line in result.stdout.splitlines() + result.stderr.splitlines()
+        if line.strip().startswith("error: ") and "subprocess-exited-with-error" not in line
+    ]
     assert len(ours) == 1 and expected in ours[0], result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not list(tmp_path.glob("*.whl"))

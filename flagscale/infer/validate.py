@@ -42,5 +42,7 @@ def check_engine_args(engine: str, args: dict) -> None:
     for key in args:
         if key not in known:
             near = closest(key, sorted(known), cutoff=0.75)
-            raise ConfigError(f"infer.engine_args.{key}: {engine} takes no such argument"
-                              + (f" (did you mean {near}?)" if near else ""))
+            raise ConfigError(
+                f"infer.engine_args.{key}: {engine} takes no such argument"
+                + (f" (did you mean {near}?)" if near else "")
+            )

@@ -29,20 +29,26 @@ def compose(config_dir: Path | str, config_name: str, overrides: Sequence[str] =
     folder = Path(config_dir).expanduser().resolve()
     name = config_name[:-5] if config_name.endswith(".yaml") else config_name
     if not folder.is_dir():
-        raise ConfigError(f"config folder {folder} does not exist: pass the folder that holds {name}.yaml "
-                          "(for example examples/tiny_gpt/conf)")
+        raise ConfigError(
+            f"config folder {folder} does not exist: pass the folder that holds {name}.yaml "
+            "(for example examples/tiny_gpt/conf)"
+        )
     if not (folder / f"{name}.yaml").is_file():
         found = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"{folder / (name + '.yaml')} does not exist{nearest(name, found)}; "
-                          f"configs there: {', '.join(found) or 'none'}")
+        raise ConfigError(
+            f"{folder / (name + '.yaml')} does not exist{nearest(name, found)}; "
+            f"configs there: {', '.join(found) or 'none'}"
+        )
     GlobalHydra.instance().clear()  # compose may run more than once in a process (tests, run.py)
     try:
         with initialize_config_dir(config_dir=str(folder), version_base=None, job_name="flagscale"):
             try:
                 return hydra_compose(config_name=name, overrides=list(overrides))
             except (HydraException, OmegaConfBaseException) as exc:
-                raise ConfigError(f"{folder / (name + '.yaml')}: {_one_line(exc)}"
-                                  f"{_override_hint(exc, hydra_compose, name, overrides)}") from None
+                raise ConfigError(
+                    f"{folder / (name + '.yaml')}: {_one_line(exc)}"
+                    f"{_override_hint(exc, hydra_compose, name, overrides)}"
+                ) from None
     finally:
         GlobalHydra.instance().clear()
 

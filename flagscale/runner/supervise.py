@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
     exit_file, cmd = argv[0], argv[2:]
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)  # CMD got the same signal (one group); outlive it to record
+    code: int
     try:
         child = subprocess.Popen(cmd)  # exec resets caught signals: CMD gets the defaults
     except OSError as exc:

@@ -37,10 +37,15 @@ def start(settings: ServeSettings) -> dict[str, str]:
             record = process.start(command.cmd, name=command.name, run_dir=settings.run_dir, env=full_env(command))
             started.append(command.name)
             log.info("started %s (pid %d), log %s", command.name, record.pid, record.log)
+            name = command.name
+
+            def alive(name: str = name) -> bool:
+                return process.state(settings.run_dir, name) == "running"
+
             seconds = wait_ready(
                 command.health_url,
                 settings.ready_timeout,
-                lambda name=command.name: process.state(settings.run_dir, name) == "running",
+                alive,
                 f"{command.name} ({command.cmd[0]})",
                 record.log,
             )

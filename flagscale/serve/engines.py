@@ -40,12 +40,14 @@ class EngineCommand:
 
 
 # ------------------------------------------------------------------------------------------- flags
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def llama_server_flags(binary: str) -> frozenset[str]:
     result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
-        raise LaunchError(f"{binary} --help failed (exit {result.returncode}): "
-                          f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+        raise LaunchError(
+            f"{binary} --help failed (exit {result.returncode}): "
+            f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}"
+        )
     return frozenset(FLAG.findall(result.stdout + result.stderr))
 
 
@@ -78,21 +80,24 @@ def _dataclass_fields(path: Path, classes: set[str], negatable: bool = False) ->
 # (package, file inside it, argument classes) whose fields are the server's flags. vLLM turns bool fields
 # into BooleanOptionalAction (--x / --no-x); SGLang into store_true (--x only).
 SOURCE_FLAGS = {
-    "vllm": [("vllm", "engine/arg_utils.py", {"EngineArgs", "AsyncEngineArgs"}),
-             ("vllm", "entrypoints/common/cli_args.py", {"BaseFrontendArgs", "FrontendArgs"})],
+    "vllm": [
+        ("vllm", "engine/arg_utils.py", {"EngineArgs", "AsyncEngineArgs"}),
+        ("vllm", "entrypoints/common/cli_args.py", {"BaseFrontendArgs", "FrontendArgs"}),
+    ],
     "sglang": [("sglang", "srt/server_args.py", {"ServerArgs"})],
 }
 NEGATABLE = {"vllm"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def python_engine_flags(engine: str) -> frozenset[str]:
     flags: set[str] = set()
     for package, relative, classes in SOURCE_FLAGS[engine]:
         path = _package_file(package, relative)
         if path is None:
-            raise LaunchError(f"{engine} is not installed here ({package}/{relative} not found): "
-                              f"flagscale install --backend={engine}")
+            raise LaunchError(
+                f"{engine} is not installed here ({package}/{relative} not found): flagscale install --backend={engine}"
+            )
         flags |= _dataclass_fields(path, classes, engine in NEGATABLE)
     return frozenset("--" + f.replace("_", "-") for f in flags)
 
@@ -125,8 +130,9 @@ def to_flags(args: dict[str, Any], known: frozenset[str] | None, where: str) -> 
 
 
 # ------------------------------------------------------------------------------------------ commands
-def command_for(spec: ModelSpec, settings: ServeSettings, host: str, port: int, check: bool = True,
-                name: str | None = None) -> EngineCommand:
+def command_for(
+    spec: ModelSpec, settings: ServeSettings, host: str, port: int, check: bool = True, name: str | None = None
+) -> EngineCommand:
     """The server command of one model (one replica) bound to host:port."""
     where = f"serve[{settings.models.index(spec)}].engine_args" if spec in settings.models else "engine_args"
     args = spec.args
@@ -137,24 +143,58 @@ def command_for(spec: ModelSpec, settings: ServeSettings, host: str, port: int, 
         from flagscale.serve.binaries import llama_tool
 
         if not Path(model).is_file():
-            raise ConfigError(f"{where}.model={model}: no such GGUF file (convert a checkpoint with "
-                              "tools/convert_to_gguf.py)")
+            raise ConfigError(
+                f"{where}.model={model}: no such GGUF file (convert a checkpoint with tools/convert_to_gguf.py)"
+            )
         binary = str(llama_tool("llama-server"))
         flags = llama_server_flags(binary)
         known = flags if check else None
         # our patch 0003: a request naming another model gets 404, not this model's answer (a plain
         # llama.cpp build given with FLAGSCALE_LLAMA_CPP_BIN lacks the flag and answers any name)
         strict = [STRICT_MODEL_FLAG] if STRICT_MODEL_FLAG in flags else []
-        cmd = [binary, "--model", model, "--alias", spec.name, *strict, "--host", host, "--port", str(port),
-               *to_flags(args, known, where)]
+        cmd = [
+            binary,
+            "--model",
+            model,
+            "--alias",
+            spec.name,
+            *strict,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *to_flags(args, known, where),
+        ]
     elif spec.engine == "vllm":
         known = python_engine_flags("vllm") if check else None
-        cmd = [_console_script("vllm"), "serve", model, "--served-model-name", spec.name, "--host", host,
-               "--port", str(port), *to_flags(args, known, where)]
+        cmd = [
+            _console_script("vllm"),
+            "serve",
+            model,
+            "--served-model-name",
+            spec.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *to_flags(args, known, where),
+        ]
     else:
         known = python_engine_flags("sglang") if check else None
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--served-model-name",
-               spec.name, "--host", host, "--port", str(port), *to_flags(args, known, where)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            model,
+            "--served-model-name",
+            spec.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *to_flags(args, known, where),
+        ]
     env = {**dict(settings.envs), **visible_devices_environment(settings.device, settings.visible_devices)}
     connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{connect}:{port}"

@@ -185,7 +185,7 @@ def _resolve_paths(train: TrainSettings, exp_dir: Path) -> TrainSettings:
 
     data = replace(
         train.data,
-        data_path=absolute(train.data.data_path),
+        data_path=str(Path(train.data.data_path).expanduser().resolve()),
         tokenizer=replace(train.data.tokenizer, path=absolute(train.data.tokenizer.path)),
     )
     ckpt = train.system.checkpoint
@@ -204,7 +204,7 @@ def _check_inputs(train: TrainSettings) -> None:
                 "with tools/preprocess_data.py (or fix the path)"
             )
     tok = train.data.tokenizer
-    if tok.type == "hf" and not Path(tok.path).is_dir():
+    if tok.type == "hf" and not (tok.path and Path(tok.path).is_dir()):
         raise ConfigError(f"train.data.tokenizer.path: {tok.path} is not a folder with a tokenizer")
     load = train.system.checkpoint.load
     if load and not Path(load).is_dir():
