@@ -95,7 +95,7 @@ class RunnerConfig:
     deploy: Literal["auto", "direct", "ray"] = "auto"
     hostfile: str | None = None
     ready_timeout: float = 120.0
-    device: str | None = None  # None: cpu
+    device: str | None = None  # None: the device the installed flagscale was built for, else cpu
     visible_devices: str | None = None
     ray_port: int = setting(6379, check=_port)
     ssh_port: int = setting(22, check=_port)
@@ -135,7 +135,7 @@ class ServeSettings:
     envs: tuple[tuple[str, str], ...] = ()
     hostfile: Path | None = None
     ready_timeout: float = 120.0
-    device: str = "cpu"
+    device: str | None = None  # None: the installed build's device (flagscale.runner.environment)
     visible_devices: str | None = None
     ray_port: int = 6379
     ssh_port: int = 22  # Ray mode with a hostfile: how worker nodes are reached (as `flagscale train` does)
@@ -232,7 +232,7 @@ def from_config(cfg: Any) -> ServeSettings:
         envs=envs,
         hostfile=Path(hostfile) if hostfile else None,
         ready_timeout=runner.ready_timeout,
-        device=runner.device or "cpu",
+        device=runner.device,
         visible_devices=runner.visible_devices,
         ray_port=runner.ray_port,
         ssh_port=runner.ssh_port,
