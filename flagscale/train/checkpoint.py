@@ -10,6 +10,12 @@ shard per rank at (pp_rank, tp_rank, dp_rank), and the common state records the 
 on, a resumed run then draws the same masks as an uninterrupted one. A checkpoint from another layout
 has other ranks, so its RNG shards fit none of ours: then, and for checkpoints saved without RNG
 state, only weights, optimizer and schedule load.
+
+The common state also records the model (`flagscale_model`: family, architecture, vocabulary, and for a
+model that came from Hugging Face the source's config.json), so that a run or an export that loads the
+checkpoint can say at once when its settings do not fit, and `flagscale checkpoint export` can write an
+HF folder from any checkpoint. `flagscale checkpoint import` writes checkpoints with model weights only
+(no optimizer or schedule): a run starts from those with `checkpoint.finetune=true` (`load_weights`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+from flagscale.errors import ConfigError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 LAYOUT = "parallel_layout"
 RNG = "rng_state"
+MODEL_INFO = "flagscale_model"
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -115,7 +124,17 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool, rng: b
     return state
 
 
-def save(root: str | Path, iteration: int, model, optimizer, scheduler) -> Path:
+def save(
+    root: str | Path, iteration: int, model, optimizer, scheduler, model_info: dict[str, Any] | None = None
+) -> Path:
+    state = _state(model, optimizer, scheduler, iteration, False)
+    if model_info is not None:
+        state[MODEL_INFO] = model_info
+    return save_state(root, iteration, state)
+
+
+def save_state(root: str | Path, iteration: int, state: dict[str, Any]) -> Path:
+    """Save a sharded state as `iter_NNNNNNN/` under `root`, the tracker last (every rank calls this)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -123,7 +142,7 @@ def save(root: str | Path, iteration: int, model, optimizer, scheduler) -> Path:
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False), str(target))
+    dist_checkpointing.save(state, str(target))
     dist.barrier()
     if dist.get_rank() == 0:  # the tracker last: a half-written checkpoint is never "latest"
         tmp = Path(root) / f".{TRACKER}.tmp"
@@ -131,6 +150,44 @@ def save(root: str | Path, iteration: int, model, optimizer, scheduler) -> Path:
         tmp.replace(Path(root) / TRACKER)
     dist.barrier()
     return target
+
+
+def latest_dir(root: str | Path) -> Path:
+    """The latest complete checkpoint under `root`; a ConfigError when there is none."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise ConfigError(f"{root}: no checkpoint there (no readable {TRACKER})")
+    return iteration_dir(root, iteration)
+
+
+def common_state(root: str | Path) -> dict[str, Any]:
+    """The latest checkpoint's common (rank-independent) state: iteration, layout, model info, ..."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(latest_dir(root)))
+
+
+def model_info(common: dict[str, Any]) -> dict[str, Any] | None:
+    """What the checkpoint records about its model (None for checkpoints saved before it did)."""
+    return common.get(MODEL_INFO)
+
+
+def load_weights(root: str | Path, model) -> Path:
+    """Load only the model weights of the latest checkpoint under `root` (any layout) into `model`, a
+    Megatron module (DDP and Float16Module wrappers are looked through)."""
+    from megatron.core import dist_checkpointing
+
+    path = latest_dir(root)
+    module = _unwrapped(model)
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    module.load_state_dict(state["model"])
+    return path
+
+
+def _unwrapped(model):
+    from megatron.core.distributed import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None]:
@@ -143,7 +200,13 @@ def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None
     assert iteration is not None
     path = str(iteration_dir(root, iteration))
     # The layout decides which shards to ask for, so it is read (common state, rank-independent) first.
-    saved = dist_checkpointing.load_common_state_dict(path).get(LAYOUT)
+    common = dist_checkpointing.load_common_state_dict(path)
+    if "optimizer" not in common:
+        raise ConfigError(
+            f"checkpoint {path} holds model weights only (as `flagscale checkpoint import` writes them): "
+            "set train.system.checkpoint.finetune=true to start training from them"
+        )
+    saved = common.get(LAYOUT)
     current = _layout()
     with_rng = saved == current
     state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True, rng=with_rng), path)

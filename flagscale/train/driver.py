@@ -51,26 +51,17 @@ def _dtype_flags(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_model(t: TrainSettings, vocab_size: int):
-    """GPTModel (+ Float16Module for bf16/fp16) wrapped in Megatron DDP, and its TransformerConfig."""
-    import torch
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.module import Float16Module
+def transformer_config(t: TrainSettings, **overrides):
+    """megatron.core's TransformerConfig of the run: the family's model arguments (flagscale.train.families),
+    the parallel layout and precision, and the portable settings every device runs."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    s, m = t.system, t.model
+    from flagscale.train import families
+
+    s = t.system
     dtype = _dtype_flags(s.precision)
-    config = TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size,
-        init_method_std=m.init_method_std,
-        hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout,
+    kwargs = dict(
+        **families.transformer_config_kwargs(t.model),
         tensor_model_parallel_size=s.tensor_model_parallel_size,
         pipeline_model_parallel_size=s.pipeline_model_parallel_size,
         bf16=s.precision == "bf16",
@@ -86,15 +77,35 @@ def build_model(t: TrainSettings, vocab_size: int):
         persist_layer_norm=False,
         apply_rope_fusion=False,
     )
-    model = GPTModel(
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def gpt_model(t: TrainSettings, vocab_size: int, config):
+    """This pipeline stage's GPTModel of the run's family (no DDP or precision wrapper)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from flagscale.train import families
+
+    return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=vocab_size,
-        max_sequence_length=m.max_position_embeddings or m.seq_length,
-        position_embedding_type=m.position_embedding_type,
+        transformer_layer_spec=families.layer_spec(t.model),
+        **families.gpt_model_kwargs(t.model, vocab_size),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+
+
+def build_model(t: TrainSettings, vocab_size: int):
+    """GPTModel (+ Float16Module for bf16/fp16) wrapped in Megatron DDP, and its TransformerConfig."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    s = t.system
+    config = transformer_config(t)
+    model = gpt_model(t, vocab_size, config)
     if s.precision != "fp32":
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=s.precision != "fp32")
@@ -141,6 +152,71 @@ def build_optimizer(t: TrainSettings, model):
     return optimizer, scheduler
 
 
+def checkpoint_source(t: TrainSettings) -> tuple[str | None, bool]:
+    """Where the run starts from, and whether it takes model weights only (finetune) or resumes everything.
+
+    finetune: `load`'s weights, unless `save` already holds a checkpoint of this run (then resume that);
+    otherwise `load`, else `save`, when it holds a checkpoint (as Megatron-LM)."""
+    from flagscale.train import checkpoint
+
+    ckpt = t.system.checkpoint
+    if ckpt.finetune:
+        if ckpt.save and checkpoint.latest_iteration(ckpt.save) is not None:
+            return ckpt.save, False
+        checkpoint.latest_dir(ckpt.load or "")  # a clear error when `load` holds no checkpoint
+        return ckpt.load, True
+    load_from = ckpt.load or ckpt.save
+    if load_from and checkpoint.latest_iteration(load_from) is not None:
+        return load_from, False
+    return None, False
+
+
+def vocabulary(t: TrainSettings, tokenizer_vocab: int, recorded: dict | None, source: str | None) -> tuple[int, int]:
+    """The model's vocabulary and its padded size (rows of the embedding and output layer).
+
+    `train.model.vocab_size` (an HF model's, which may exceed its tokenizer's), else the tokenizer's. Padded as
+    Megatron-LM pads (a multiple of make_vocab_size_divisible_by x TP), except that a loaded checkpoint's padded
+    size wins when this layout can split it: any TP can then start from a checkpoint made in another."""
+    from flagscale.errors import ConfigError
+    from flagscale.train import families
+    from flagscale.train.tokenizer import padded_vocab_size
+
+    m, tp = t.model, t.system.tensor_model_parallel_size
+    vocab = m.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"train.model.vocab_size={vocab} is below the tokenizer's vocabulary ({tokenizer_vocab})")
+    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, tp)
+    if recorded is None:
+        return vocab, padded
+    differ = families.differences(recorded.get("architecture", {}), m)
+    if differ:
+        raise ConfigError(f"checkpoint {source} holds another model: " + ", ".join(differ) + "; set train.model so")
+    saved = recorded.get("padded_vocab_size")
+    if saved and saved != padded:
+        if saved % tp or saved < vocab:
+            raise ConfigError(
+                f"checkpoint {source} has a padded vocabulary of {saved} rows, which tensor_model_parallel_size="
+                f"{tp} cannot split evenly over a vocabulary of {vocab}"
+            )
+        padded = saved
+    return vocab, padded
+
+
+def model_info(t: TrainSettings, vocab: int, padded: int, recorded: dict | None) -> dict:
+    """What checkpoints record about the model; the Hugging Face source of a loaded one is carried along."""
+    from flagscale.train import families
+
+    info = {
+        "family": t.model.family,
+        "architecture": families.architecture(t.model),
+        "vocab_size": vocab,
+        "padded_vocab_size": padded,
+    }
+    if recorded and "hf" in recorded:
+        info["hf"] = recorded["hf"]
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flagscale.train.driver")
     parser.add_argument("--config", required=True, type=Path, help="train.json written by the launcher")
@@ -159,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flagscale.train import checkpoint
     from flagscale.train.data import Batches, build_train_dataset
-    from flagscale.train.tokenizer import build_tokenizer, padded_vocab_size
+    from flagscale.train.tokenizer import build_tokenizer
 
     try:  # the FlagScale device accessor of the patched megatron-core
         from megatron.core import device_utils
@@ -198,16 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(s.seed)  # the same on every rank: CPU-initialized weights equal across layouts
     tensor_parallel.model_parallel_cuda_manual_seed(s.seed)
     tokenizer = build_tokenizer(t.data.tokenizer.type, t.data.tokenizer.path)
-    vocab = padded_vocab_size(tokenizer.vocab_size, m.make_vocab_size_divisible_by, s.tensor_model_parallel_size)
-    model, config = build_model(t, vocab)
+    ckpt = s.checkpoint
+    load_from, weights_only = checkpoint_source(t)
+    recorded = checkpoint.model_info(checkpoint.common_state(load_from)) if load_from else None
+    vocab, padded = vocabulary(t, tokenizer.vocab_size, recorded, load_from)
+    model, config = build_model(t, padded)
     config.no_sync_func = model.no_sync  # as Megatron-LM: the schedule reduces DP grads via these hooks
     config.finalize_model_grads_func = finalize_model_grads
     optimizer, scheduler = build_optimizer(t, model)
 
-    ckpt = s.checkpoint
-    load_from = ckpt.load or ckpt.save
     start_iter = 0
-    if load_from and checkpoint.latest_iteration(load_from) is not None:
+    if load_from and weights_only:
+        path = checkpoint.load_weights(load_from, model)
+        if rank == 0:
+            log.info(f"finetuning from the model weights of {path} (iteration 0, a fresh optimizer)")
+    elif load_from:
         start_iter, rng_note = checkpoint.load(load_from, model, optimizer, scheduler)
         if rank == 0:
             log.info(
@@ -216,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if rng_note:
                 log.info(rng_note)
+    info = model_info(t, vocab, padded, recorded)
 
     dataset = build_train_dataset(t, tokenizer, exp_dir / "cache" / "data")
     batches = Batches(dataset, m.global_batch_size, m.micro_batch_size, dp, dp_rank)
@@ -291,12 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             metrics.flush()
         if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
-            path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler)
+            path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler, info)
             last_saved = iteration
             if rank == 0:
                 log.info(f"saved checkpoint {path}")
     if ckpt.save and ckpt.save_at_end and last_saved != m.train_iters and start_iter < m.train_iters:
-        path = checkpoint.save(ckpt.save, m.train_iters, model, optimizer, scheduler)
+        path = checkpoint.save(ckpt.save, m.train_iters, model, optimizer, scheduler, info)
         if rank == 0:
             log.info(f"saved checkpoint {path}")
     if metrics:

@@ -78,15 +78,42 @@ class OptimizerSettings:
     decay_iters: int | None = None  # None: train_iters
 
 
+def _positive_number(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _scaling_factor(value: float) -> float:
+    if value < 1:
+        raise ValueError("must be >= 1 (1: no scaling)")
+    return value
+
+
+# What `train.model.family` builds (flagscale/train/families.py): gpt is megatron.core's GPT (LayerNorm, GeLU,
+# biases); the others are the dense decoder families of Hugging Face checkpoints (flagscale checkpoint import).
+Family = Literal["gpt", "llama", "qwen2", "qwen3"]
+
+
 @dataclass(frozen=True)
 class ModelSettings:
+    family: Family = "gpt"
     num_layers: int = setting(2, check=_positive)
     hidden_size: int = setting(64, check=_positive)
     num_attention_heads: int = setting(4, check=_positive)
+    num_query_groups: int | None = setting(None, check=_positive)  # key/value heads (GQA); None: one per head
+    kv_channels: int | None = setting(None, check=_positive)  # head dim; None: hidden_size / num_attention_heads
     ffn_hidden_size: int | None = None  # None: 4 x hidden
     seq_length: int = setting(32, check=_positive)
     max_position_embeddings: int | None = None  # None: seq_length
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: float = setting(10000.0, check=_positive_number)
+    # Llama-3 RoPE scaling by this factor (megatron.core's: low/high frequency factors 1 and 4, original
+    # context 8192); None: no scaling.
+    rotary_scaling_factor: float | None = setting(None, check=_scaling_factor)
+    norm_epsilon: float = setting(1e-5, check=_positive_number)
+    share_embeddings_and_output_weights: bool = False  # tied input embedding and output layer
+    vocab_size: int | None = setting(None, check=_positive)  # None: the tokenizer's; an HF model's config.json
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -117,6 +144,9 @@ class CheckpointSettings:
     load: str | None = None  # None: resume from `save` when it holds one
     save_interval: int = setting(0, check=_not_negative)  # 0: only at the end (when `save` is set)
     save_at_end: bool = True
+    # true: start from `load`'s model weights only (iteration 0, a fresh optimizer and schedule), e.g. a
+    # checkpoint made by `flagscale checkpoint import`; once `save` holds a checkpoint, resume from that.
+    finetune: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,10 +194,21 @@ class TrainSettings:
                 f"{where}.model.num_attention_heads={m.num_attention_heads} is not a multiple of "
                 f"tensor_model_parallel_size={tp}"
             )
-        if m.hidden_size % m.num_attention_heads:
+        if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
             raise ConfigError(
                 f"{where}.model.hidden_size={m.hidden_size} is not a multiple of "
-                f"num_attention_heads={m.num_attention_heads}"
+                f"num_attention_heads={m.num_attention_heads} (or set kv_channels, the head dim)"
+            )
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % groups:
+            raise ConfigError(
+                f"{where}.model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+                f"num_query_groups={groups}"
+            )
+        if groups % tp:
+            raise ConfigError(
+                f"{where}.model.num_query_groups={groups} is not a multiple of tensor_model_parallel_size={tp}: "
+                "every tensor-parallel rank needs whole key/value heads"
             )
         if m.num_layers % pp:
             raise ConfigError(
@@ -195,6 +236,18 @@ def _validate_train(t: TrainSettings, where: str) -> None:
         )
     if t.data.tokenizer.type == "hf" and not t.data.tokenizer.path:
         raise ConfigError(f"{where}.data.tokenizer.path: the hf tokenizer needs a local tokenizer folder")
+    m = t.model
+    if m.family != "gpt" and m.position_embedding_type != "rope":
+        raise ConfigError(
+            f"{where}.model.position_embedding_type={m.position_embedding_type}: family {m.family} uses rope"
+        )
+    if m.rotary_scaling_factor is not None and m.position_embedding_type != "rope":
+        raise ConfigError(f"{where}.model.rotary_scaling_factor needs position_embedding_type=rope")
+    c = t.system.checkpoint
+    if c.finetune and not c.load:
+        raise ConfigError(
+            f"{where}.system.checkpoint.finetune=true needs checkpoint.load: the checkpoint whose weights to start from"
+        )
 
 
 # ------------------------------------------------------------------------------- experiment (launch)
