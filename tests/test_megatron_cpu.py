@@ -9,6 +9,9 @@ over gloo. The loss must fall in every layout; TP=2 and DP=2 start from the same
 global batch as world size 1, so their losses must match it. The same driver on the unpatched
 megatron-core 0.16.1 must fail. Nothing is monkeypatched while training.
 
+MoE (allgather and alltoall dispatchers, EP=2, TP=2 with sequence parallelism, shared experts and a
+sigmoid router with expert bias as DeepSeek-V3) and multi-latent attention train the same way, 2 processes.
+
 The backend wheel and sdist are cached in $FLAGSCALE_TEST_CACHE/build-cache between runs.
 """
 
@@ -219,6 +222,51 @@ def test_two_process_layouts_train_and_match(venv, world1, layout):
         assert all(math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL) for a, b in zip(losses, reference, strict=False)), (
             f"{layout} {losses} != world1 {reference}"
         )
+
+
+# MoE and multi-latent attention, made to run on the CPU by patches 0006-0009 (2 processes each). Pairs
+# whose layouts differ only in how the same math is spread (dispatcher, EP vs TP) must give the same losses.
+MOE_LAYOUTS = {
+    "moe-ep2-allgather": ["--experts", "4", "--ep", "2", "--dispatcher", "allgather"],
+    "moe-ep2-alltoall": ["--experts", "4", "--ep", "2", "--dispatcher", "alltoall"],
+    "moe-tp2-alltoall": ["--experts", "4", "--tp", "2", "--dispatcher", "alltoall"],
+    "mla-dp2": ["--mla"],
+    "mla-tp2": ["--mla", "--tp", "2"],
+    "deepseek-ep2": [
+        "--mla",
+        "--experts",
+        "4",
+        "--ep",
+        "2",
+        "--shared-expert",
+        "64",
+        "--router",
+        "sigmoid",
+        "--dispatcher",
+        "alltoall",
+    ],
+}
+SAME_MATH = [("moe-ep2-alltoall", "moe-ep2-allgather"), ("mla-tp2", "mla-dp2")]
+
+
+@pytest.fixture(scope="module")
+def moe_runs(venv) -> dict[str, list[float]]:
+    return {name: losses_of(venv.train(args, nproc=2, label=name)) for name, args in MOE_LAYOUTS.items()}
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_moe_and_mla_train_on_the_cpu(venv, moe_runs, layout):
+    losses = moe_runs[layout]
+    print(f"\n{layout} losses: {[round(x, 4) for x in losses]}  ({venv.timings[layout]} s)")
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.parametrize("layout, reference", SAME_MATH)
+def test_moe_and_mla_layouts_of_the_same_math_match(moe_runs, layout, reference):
+    assert all(
+        math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL)
+        for a, b in zip(moe_runs[layout], moe_runs[reference], strict=True)
+    ), f"{layout} {moe_runs[layout]} != {reference} {moe_runs[reference]}"
 
 
 def test_the_same_driver_fails_on_unpatched_megatron_core(venv, real_project, real_cache):

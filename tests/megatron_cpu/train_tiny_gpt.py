@@ -40,6 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--experts", type=int, default=0, help="MoE experts per MoE layer (0: dense MLP)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    p.add_argument("--topk", type=int, default=2, help="experts each token is routed to")
+    p.add_argument("--dispatcher", choices=("allgather", "alltoall"), default="allgather")
+    p.add_argument("--shared-expert", type=int, default=0, help="shared expert FFN size (0: none)")
+    p.add_argument("--mla", action="store_true", help="multi-latent attention (DeepSeek-V2/V3)")
+    p.add_argument(
+        "--router",
+        choices=("softmax", "sigmoid"),
+        default="softmax",
+        help="router score function (sigmoid with expert bias: DeepSeek-V3)",
+    )
     return p.parse_args(argv)
 
 
@@ -57,6 +69,47 @@ def synthetic_batch(step: int, args: argparse.Namespace):
     return (start + stride * torch.arange(args.seq + 1).unsqueeze(0)) % args.vocab
 
 
+def moe_settings(args: argparse.Namespace) -> dict:
+    """TransformerConfig fields of the MoE layers (none for a dense model)."""
+    if not args.experts:
+        return {}
+    settings = dict(
+        num_moe_experts=args.experts,
+        expert_model_parallel_size=args.ep,
+        moe_router_topk=args.topk,
+        moe_token_dispatcher_type=args.dispatcher,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-2,
+        moe_ffn_hidden_size=args.hidden * 2,
+        moe_shared_expert_intermediate_size=args.shared_expert or None,
+        moe_router_dtype="fp32",
+        add_bias_linear=False,  # as the MoE families (Mixtral, Qwen3-MoE, DeepSeek): expert TP needs no bias
+        sequence_parallel=args.tp > 1,  # Megatron refuses MoE training with TP but without SP
+    )
+    if args.router == "sigmoid":
+        settings.update(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=1e-3,
+            moe_router_load_balancing_type="seq_aux_loss",
+        )
+    return settings
+
+
+def mla_settings(args: argparse.Namespace) -> dict:
+    """MLATransformerConfig fields: low-rank compressed queries and keys/values, decoupled RoPE heads."""
+    head = args.hidden // args.heads
+    return dict(
+        q_lora_rank=args.hidden // 2,
+        kv_lora_rank=args.hidden // 2,
+        qk_head_dim=head,
+        qk_pos_emb_head_dim=head // 2,
+        v_head_dim=head,
+        rope_type="rope",
+        normalization="RMSNorm",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -70,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     try:  # FlagScale's device accessor (patched megatron-core); upstream has none
         from megatron.core import device_utils
@@ -99,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             torch=torch.__version__,
         )
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, expert_model_parallel_size=args.ep
+    )
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     assert args.global_batch % (dp * args.micro_batch) == 0, "global batch must split over DP x micro batch"
@@ -108,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
 
-    config = TransformerConfig(
+    config_class, attention = (MLATransformerConfig, mla_settings(args)) if args.mla else (TransformerConfig, {})
+    config = config_class(
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
@@ -125,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
+        **moe_settings(args),
+        **attention,
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            num_experts=args.experts or None, moe_grouped_gemm=False, multi_latent_attention=args.mla
+        ),
         vocab_size=args.vocab,
         max_sequence_length=args.seq,
         position_embedding_type="rope",
