@@ -69,6 +69,10 @@ class LaunchError(FlagScaleError):
     """A train/infer/serve job could not be launched, stopped or queried."""
 
 
+class ConversionError(FlagScaleError):
+    """A checkpoint import or export (`flagscale checkpoint`) failed while converting; nothing was written."""
+
+
 def error_line(exc: BaseException) -> str:
     """How every face prints an error: `error: ` and the message (a message may add lines, e.g. a log tail)."""
     return f"error: {exc}"

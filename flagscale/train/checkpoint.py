@@ -45,7 +45,7 @@ def latest_iteration(root: str | Path | None) -> int | None:
         return None
 
 
-def _layout() -> dict[str, int]:
+def parallel_layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
     return {
@@ -111,7 +111,7 @@ def _set_rng(state: dict[str, Any]) -> None:
 
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool, rng: bool = True) -> dict:
     model_sd = model.module.sharded_state_dict()
-    layout = _layout()
+    layout = parallel_layout()
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
@@ -207,7 +207,7 @@ def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None
             "set train.system.checkpoint.finetune=true to start training from them"
         )
     saved = common.get(LAYOUT)
-    current = _layout()
+    current = parallel_layout()
     with_rng = saved == current
     state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True, rng=with_rng), path)
     model.module.load_state_dict(state["model"])

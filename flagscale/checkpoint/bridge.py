@@ -1,0 +1,183 @@
+"""Hugging Face folders -> Megatron distributed checkpoints (import).
+
+Import checks everything it can before a process starts (the architecture, config.json against every tensor's
+shape in the safetensors headers, the shards the index names, whether TP and PP divide heads, query groups and
+layers), then runs one process per rank of the TP x PP layout under torchrun (gloo, on the CPU). Every rank
+builds its stage of the model with megatron.core, reads only its own slices of the HF tensors
+(`safetensors.safe_open`, one tensor at a time) and the ranks save one distributed checkpoint together, in the
+layout `flagscale train` writes and resumes from: `OUT/iter_0000000/` and the tracker file. It holds model
+weights only; `train.system.checkpoint.finetune=true` starts a run from it.
+
+It writes into a temporary folder beside the destination and renames it at the end: on any error nothing is
+left behind. Only the standard library loads here; torch and megatron load in `flagscale.checkpoint.worker`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flagscale.checkpoint import hf, mapping
+from flagscale.errors import ConfigError, ConversionError
+from flagscale.settings import convert
+from flagscale.train import families
+from flagscale.train.settings import ModelSettings
+from flagscale.train.tokenizer import padded_vocab_size
+
+WORKER = "flagscale.checkpoint.worker"
+MODEL_YAML = "flagscale_model.yaml"
+# Conversion runs on the CPU over gloo, whatever device this build targets: it needs no accelerator.
+WORKER_ENV = {"MEGATRON_DEVICE_TYPE": "cpu", "MEGATRON_COLLECTIVE_BACKEND": "gloo"}
+# megatron.core 0.16.1 copies a tied embedding to the last pipeline stage with `.cuda()`: not on the CPU (yet).
+TIED_PP = (
+    "tie_word_embeddings=true with --pp above 1 is not supported yet: megatron.core copies the tied output layer "
+    "to the last pipeline stage with .cuda(), which the CPU conversion cannot run; import with --pp 1"
+)
+_INHERITED_DROP = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Imported:
+    out: Path
+    family: str
+    model: dict[str, Any]  # the train.model settings of the imported model (also in OUT/flagscale_model.yaml)
+    tensors: int
+    layout: str
+
+
+# ------------------------------------------------------------------------------------------- import
+def import_checkpoint(
+    hf_dir: Path,
+    out_dir: Path,
+    tp: int = 1,
+    pp: int = 1,
+    family: str | None = None,
+    make_vocab_size_divisible_by: int = 64,
+) -> Imported:
+    hf_dir, out_dir = hf_dir.resolve(), out_dir.resolve()
+    config = hf.read_config(hf_dir)
+    where = str(hf_dir / hf.CONFIG)
+    fam = hf.family_of(config, where, family)
+    plain = {**hf.model_settings(config, fam, where), "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
+    model = convert(ModelSettings, plain, where)
+    _check_layout(model, tp, pp)
+    arch, vocab = families.architecture(model), plain["vocab_size"]
+    tensors = hf.check_tensors(hf_dir, hf.read_tensors(hf_dir), mapping.hf_shapes(arch, vocab), fam)
+    _check_destination(out_dir)
+    _needs_backend()
+    info = {
+        "family": fam,
+        "architecture": arch,
+        "vocab_size": vocab,
+        "padded_vocab_size": padded_vocab_size(vocab, make_vocab_size_divisible_by, tp),
+        "max_position_embeddings": plain["max_position_embeddings"],
+        "hf": {"source": str(hf_dir), "config": config, "dtype": hf.torch_dtype_name(tensors)},
+    }
+    plan = {
+        "model": plain,
+        "tp": tp,
+        "pp": pp,
+        "info": info,
+        "files": {name: str(t.file) for name, t in tensors.items()},
+    }
+    with _staged(out_dir) as staging, tempfile.TemporaryDirectory(prefix="flagscale-import-") as scratch:
+        plan["out"] = str(staging)
+        plan_file = Path(scratch) / "plan.json"
+        plan_file.write_text(json.dumps(plan))
+        _run_worker(["--nproc-per-node", str(tp * pp)], ["import", str(plan_file)], f"import of {hf_dir}")
+        (staging / MODEL_YAML).write_text(model_yaml(plain, hf_dir))
+    return Imported(out_dir, fam, plain, len(tensors), f"TP={tp} PP={pp}")
+
+
+def _check_layout(m: ModelSettings, tp: int, pp: int) -> None:
+    groups = families.query_groups(m)
+    for value, name, size, flag in (
+        (m.num_attention_heads, "num_attention_heads", tp, "--tp"),
+        (groups, "num_key_value_heads", tp, "--tp"),
+        (families.ffn_size(m), "intermediate_size", tp, "--tp"),
+        (m.num_layers, "num_hidden_layers", pp, "--pp"),
+    ):
+        if value % size:
+            raise ConfigError(f"{flag} {size} does not divide {name}={value} of the model")
+    if m.share_embeddings_and_output_weights and pp > 1:
+        raise ConfigError(TIED_PP)
+
+
+def model_yaml(model: dict[str, Any], source: Path) -> str:
+    """The `train.model` settings of an imported model, for a task YAML."""
+    lines = [f"# train.model settings of {source} (flagscale checkpoint import): put them in your task YAML's model:"]
+    for key, value in model.items():
+        lines.append(f"{key}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        text = text.replace("e", ".0e")  # YAML 1.1 reads 1e-06 as a string, 1.0e-06 as a number
+    return text
+
+
+# ------------------------------------------------------------------------------------------- shared
+def _check_destination(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty: name a new folder")
+
+
+def _needs_backend() -> None:
+    for module, what in (("megatron.core", "megatron-core"), ("safetensors", "safetensors"), ("torch", "torch")):
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise ConfigError(
+                f"flagscale checkpoint needs {what}: `flagscale install --backend megatron` and "
+                "`pip install 'flagscale[models]'` (with -c constraints.txt)"
+            )
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds and removed when it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp's is private)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty (checked before): the rename replaces it
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _INHERITED_DROP and not k.startswith("TORCHELASTIC_")}
+    env.update(WORKER_ENV)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def _run_worker(torchrun_args: list[str], worker_args: list[str], what: str) -> None:
+    """torchrun (standalone: one node, a free port) with the worker module; its `error:` line becomes ours."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", *torchrun_args]
+    cmd += ["--max-restarts=0", "-m", WORKER, *worker_args]
+    result = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True)
+    if result.returncode == 0:
+        return
+    output = result.stdout + result.stderr
+    errors = [line[len("error: ") :] for line in output.splitlines() if line.startswith("error: ")]
+    if errors:
+        raise ConversionError(errors[0])
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    raise ConversionError(f"{what} failed (exit status {result.returncode}):\n{tail}")

@@ -1,0 +1,419 @@
+"""The Hugging Face -> Megatron checkpoint import (flagscale/checkpoint/): tiny random-weight HF models of every
+family, built offline from transformers' config classes (hidden 64, 4 layers, GQA, vocabulary 300, fp32).
+
+Without megatron (the test process): the tensor maps (every TP rank's rows, and fill/scatter undoing each other),
+config.json <-> settings, and bad input refused with one line before anything is written.
+
+With the patched megatron-core (integration, the venv of tests/megatron_env.py), for real under torchrun and gloo:
+* numerical equivalence: an imported model's logits in megatron.core equal transformers' on the same batch
+  (fp32, max abs diff <= 1e-4) at TP=1 and TP=2;
+* a failing conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from flagscale.checkpoint import bridge, hf, mapping  # noqa: E402
+from flagscale.errors import ConfigError  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+VOCAB = 300
+TOLERANCE = 1e-4  # max abs logit difference, fp32
+SEQ = 200  # positions far enough for Llama 3 RoPE scaling (low frequencies) to change the logits
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+# ----------------------------------------------------------------------------------- tiny HF models
+def hf_config(family: str, **changes):
+    """The tiny model of a family: llama with Llama 3 RoPE scaling, qwen2 with tied embeddings and qkv biases,
+    qwen3 with QK-norm and a head dim (32) that is not hidden / heads (16)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,  # larger than real models: logits of a few units, so a wrong row shows
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "llama":
+        config = LlamaConfig(**common, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    elif family == "qwen2":
+        config = Qwen2Config(**{**common, "tie_word_embeddings": True}, rope_theta=1000000.0)
+    else:
+        config = Qwen3Config(**common, head_dim=32, rope_theta=1000000.0)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def config_json(family: str, **changes) -> dict:
+    """The tiny model's config.json as save_pretrained writes it."""
+    return {**hf_config(family).to_dict(), "architectures": [hf.HF_NAMES[family][0]], **changes}
+
+
+def save_tiny(family: str, folder: Path, seed: int = 0, shard: str = "5GB", **changes) -> Path:
+    """A random-weight model saved with save_pretrained (norms and biases random too, so a swapped one shows)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **changes), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, max_shard_size=shard)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')  # a file export copies back
+    return folder
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny model per family; qwen3's in 10 shards with an index (save_pretrained's max_shard_size)."""
+    base = tmp_path_factory.mktemp("hf")
+    return {f: save_tiny(f, base / f, shard="100KB" if f == "qwen3" else "5GB") for f in FAMILIES}
+
+
+def arch_of(family: str) -> tuple[dict, int]:
+    settings = hf.model_settings(config_json(family), family, "config.json")
+    from flagscale.settings import convert
+    from flagscale.train import families
+    from flagscale.train.settings import ModelSettings
+
+    return families.architecture(convert(ModelSettings, settings, "t")), settings["vocab_size"]
+
+
+# ------------------------------------------------------------------------------------- tensor maps
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_every_rank_holds_what_megatron_shards_it(family, tp):
+    """Filling each TP rank from its pieces gives the TP=1 tensor split the way megatron.core splits it:
+    column-parallel rows (qkv by whole query groups; fc1 as [gate part; up part]), row-parallel columns,
+    vocab-parallel rows of the padded vocabulary, replicated norms."""
+    arch, vocab = arch_of(family)
+    padded = 384
+    shapes = mapping.hf_shapes(arch, vocab)
+    torch.manual_seed(0)
+    source = {name: torch.randn(shape) for name, shape in shapes.items()}
+
+    def read(piece, dim):
+        return source[piece.source].narrow(dim, piece.start, piece.size)
+
+    for tmap in mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True):
+        whole_pieces = tmap.shard(0, 1)
+        rows = sum(p.size for p in whole_pieces)
+        other = next(source[p.source] for p in whole_pieces if p.source).shape
+        shape = list(other)
+        shape[tmap.dim] = rows
+        whole = torch.empty(shape)
+        mapping.fill(whole, whole_pieces, tmap.dim, read)
+        if not tmap.parallel:
+            assert tmap.shard(1, tp) == whole_pieces
+            continue
+        parts = []
+        for rank in range(tp):
+            pieces = tmap.shard(rank, tp)
+            shape[tmap.dim] = rows // tp
+            part = torch.empty(shape)
+            mapping.fill(part, pieces, tmap.dim, read)
+            parts.append(part)
+        if tmap.megatron.endswith("linear_fc1.weight"):  # [gate; up], each split: rank r = [gate_r; up_r]
+            gate, up = whole.chunk(2)
+            expected = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
+        else:
+            expected = list(whole.chunk(tp, dim=tmap.dim))
+        assert all(torch.equal(a, b) for a, b in zip(parts, expected, strict=True)), tmap.megatron
+
+
+def test_qkv_is_laid_out_by_query_group():
+    """Megatron's fused QKV: per query group, its query heads, then its key head, then its value head."""
+    arch, _ = arch_of("llama")  # 4 heads, 2 groups, head dim 16
+    (qkv,) = [m for m in mapping.layer_maps(mapping.Sizes.of(arch), 3, 1) if m.megatron.endswith("linear_qkv.weight")]
+    assert qkv.megatron == "decoder.layers.1.self_attention.linear_qkv.weight"
+    names = [(p.source.rsplit(".", 2)[-2], p.start, p.stop) for p in qkv.shard(0, 1)]
+    assert names == [("q_proj", 0, 32), ("k_proj", 0, 16), ("v_proj", 0, 16)] + [
+        ("q_proj", 32, 64),
+        ("k_proj", 16, 32),
+        ("v_proj", 16, 32),
+    ]
+    assert {p.source.split(".")[2] for p in qkv.shard(0, 1)} == {"3"}  # HF layer 3 is this stage's layer 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scatter_undoes_fill(family):
+    arch, vocab = arch_of(family)
+    shapes = mapping.hf_shapes(arch, vocab)
+    torch.manual_seed(1)
+    source = {name: torch.randn(shape) for name, shape in shapes.items()}
+    back = {name: torch.full(shape, math.nan) for name, shape in shapes.items()}
+    covered: dict[str, int] = {}
+    for tmap in mapping.model_maps(arch, vocab, 320, 0, arch["num_layers"], True, True):
+        pieces = tmap.shard(0, 1)
+        shape = list(next(source[p.source] for p in pieces if p.source).shape)
+        shape[tmap.dim] = sum(p.size for p in pieces)
+        megatron = torch.empty(shape)
+        mapping.fill(megatron, pieces, tmap.dim, lambda p, d: source[p.source].narrow(d, p.start, p.size))
+        if tmap.megatron.endswith("word_embeddings.weight") or tmap.megatron == "output_layer.weight":
+            assert megatron[vocab:].abs().sum() == 0 and megatron.shape[0] == 320  # zero padding rows
+        mapping.scatter(megatron, pieces, tmap.dim, back, covered)
+    assert all(torch.equal(source[n], back[n]) for n in shapes)
+    assert ("lm_head.weight" in shapes) is (family != "qwen2")  # qwen2's tiny model ties it
+
+
+# ------------------------------------------------------------------------------------- config.json
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_json_survives_settings_and_back(family):
+    config = config_json(family)
+    settings = hf.model_settings(config, family, "config.json")
+    arch, vocab = arch_of(family)
+    info = {"architecture": arch, "vocab_size": vocab, "hf": {"config": config}}
+    assert hf.hf_config(info) == config
+    assert settings["num_query_groups"] == 2 and settings["kv_channels"] == (32 if family == "qwen3" else 16)
+    assert settings["rotary_scaling_factor"] == (8.0 if family == "llama" else None)
+    assert settings["share_embeddings_and_output_weights"] is (family == "qwen2")
+    # without a recorded source: a config.json transformers reads back to the same architecture
+    from transformers import AutoConfig
+
+    fresh = hf.hf_config({"architecture": arch, "vocab_size": vocab, "max_position_embeddings": 256})
+    back = AutoConfig.for_model(**fresh).to_dict()
+    assert hf.model_settings(back, family, "config.json") == settings
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"architectures": ["MistralForCausalLM"]}, "architecture MistralForCausalLM is not supported; supported: "),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling .* is not supported"),
+        ({"rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": 2.0}}, "high_freq_factor 4"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers=0, expected a positive integer"),
+    ],
+)
+def test_unsupported_configs_are_refused(changes, message):
+    config = config_json("llama", **changes)
+    with pytest.raises(ConfigError, match=message):
+        hf.model_settings(config, hf.family_of(config, "config.json"), "config.json")
+
+
+def test_family_option_imports_a_renamed_architecture():
+    config = config_json("llama", architectures=["MyLlama"])
+    assert hf.family_of(config, "c", "llama") == "llama"
+    with pytest.raises(ConfigError, match="--family gemma: use one of llama, qwen2, qwen3"):
+        hf.family_of(config, "c", "gemma")
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing written
+def _refused(tmp_path: Path, hf_dir: Path, message: str, **kwargs) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message):
+        bridge.import_checkpoint(hf_dir, out, **kwargs)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_import_refuses_an_unsupported_architecture(tmp_path):
+    src = save_tiny("llama", tmp_path / "hf")
+    (src / "config.json").write_text(json.dumps(config_json("llama", architectures=["GPTNeoXForCausalLM"])))
+    _refused(tmp_path, src, r"GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM \(llama\), Qwen2")
+
+
+def test_import_refuses_shapes_that_disagree_with_config_json(tmp_path):
+    src = save_tiny("llama", tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    shape = r"model.layers.0.mlp.gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"
+    _refused(tmp_path, src, shape)
+
+
+def test_import_refuses_a_missing_shard(tmp_path):
+    src = save_tiny("qwen3", tmp_path / "hf", shard="100KB")
+    (src / "model-00003-of-00010.safetensors").unlink()
+    _refused(tmp_path, src, "names the shard model-00003-of-00010.safetensors, which is missing")
+
+
+def test_import_refuses_a_missing_tensor_and_a_stray_one(tmp_path):
+    from safetensors.torch import save_file
+
+    src = save_tiny("llama", tmp_path / "hf")
+    weights = tensors_of(src)
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, str(src / "model.safetensors"))
+    _refused(tmp_path, src, "no tensor model.norm.weight, which a llama model as config.json describes it has")
+    save_file({**weights, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, str(src / "model.safetensors"))
+    _refused(tmp_path, src, "o_proj.bias is not part of a llama model as config.json describes it")
+
+
+@pytest.mark.parametrize(
+    "family, layout, message",
+    [
+        ("llama", {"tp": 3}, "--tp 3 does not divide num_attention_heads=4 of the model"),
+        ("llama", {"tp": 4}, "--tp 4 does not divide num_key_value_heads=2 of the model"),
+        ("llama", {"pp": 3}, "--pp 3 does not divide num_hidden_layers=4 of the model"),
+        ("qwen2", {"pp": 2}, "tie_word_embeddings=true with --pp above 1 is not supported yet"),
+    ],
+)
+def test_import_refuses_a_layout_that_does_not_divide_the_model(tmp_path, family, layout, message):
+    _refused(tmp_path, save_tiny(family, tmp_path / "hf"), message, **layout)
+
+
+def test_import_refuses_a_folder_that_is_not_a_model_and_a_used_destination(tmp_path):
+    _refused(tmp_path, tmp_path / "nowhere", "no such folder")
+    (tmp_path / "empty").mkdir()
+    _refused(tmp_path, tmp_path / "empty", "no config.json")
+    src = save_tiny("llama", tmp_path / "hf")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _refused(tmp_path, src, "model.safetensors: truncated: its header describes 647424 bytes of tensors")
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    _refused(tmp_path, src, "model.safetensors: not a safetensors file")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        bridge.import_checkpoint(save_tiny("llama", tmp_path / "hf2"), used)
+    assert [p.name for p in used.iterdir()] == ["keep"]
+
+
+# ------------------------------------------------------------------ with megatron.core (integration)
+HELPER = Path(__file__).parent / "megatron_cpu" / "logits_of_checkpoint.py"
+CONVERT = """
+import sys
+from pathlib import Path
+from flagscale.checkpoint import bridge
+from flagscale.errors import reported
+action, source, out, *rest = sys.argv[1:]
+with reported():
+    bridge.import_checkpoint(Path(source), Path(out), tp=int(rest[0]), pp=int(rest[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    from megatron_env import megatron_env
+
+    return megatron_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def imports(venv, models):
+    """Imported checkpoints by (family, TP, PP), made once per module."""
+    made: dict[tuple[str, int, int], Path] = {}
+
+    def get(family: str, tp: int, pp: int) -> Path:
+        key = (family, tp, pp)
+        if key not in made:
+            out = venv.work / "imports" / f"{family}-tp{tp}-pp{pp}"
+            result = venv.run(
+                [venv.python, "-c", CONVERT, "import", models[family], out, tp, pp], label=f"import {key}"
+            )
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+def layouts(family: str) -> list[tuple[int, int]]:
+    """The layouts a family's round trip goes through (a tied model imports with PP=1 for now)."""
+    return [(2, 1)] if family == "qwen2" else [(2, 2)]
+
+
+@pytest.fixture(scope="module")
+def batch(venv) -> Path:
+    torch.manual_seed(7)
+    path = venv.work / "tokens.json"
+    path.write_text(json.dumps(torch.randint(0, VOCAB, (2, SEQ)).tolist()))
+    return path
+
+
+def hf_logits(folder: Path, tokens: Path, **changes) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **changes).eval()
+    with torch.no_grad():
+        return model(torch.tensor(json.loads(tokens.read_text()))).logits
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_imported_model_computes_transformers_logits(venv, models, imports, batch, family, tp):
+    """TP=1: a TP=1 import; TP=2 (2 processes): the family's round-trip import (TP=2, PP=2 for llama and qwen3:
+    loaded at TP=2, PP=1, which distributed checkpointing reshards)."""
+    ckpt = imports(family, 1, 1) if tp == 1 else imports(family, *layouts(family)[0])
+    out = venv.work / f"logits-{family}-tp{tp}.pt"
+    args = [ckpt, batch, out, "--tp", tp]
+    result = venv.run([venv.python, HELPER, *args]) if tp == 1 else venv.torchrun(tp, HELPER, *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours, theirs = torch.load(out), hf_logits(models[family], batch)
+    diff = (ours - theirs).abs().max().item()
+    print(f"\n{family} TP={tp}: max abs logit diff {diff:.2e} (logits up to {theirs.abs().max().item():.2f})")
+    assert ours.shape == theirs.shape == (2, SEQ, VOCAB)
+    assert theirs.std() > 0.5  # logits that tell rows apart: a misplaced row would show
+    assert diff <= TOLERANCE
+    if family == "llama":  # the comparison would see RoPE scaling missing
+        unscaled = (ours - hf_logits(models[family], batch, rope_scaling=None)).abs().max().item()
+        assert unscaled > 100 * TOLERANCE, unscaled
+
+
+# A shard vanishes after the checks passed (as if deleted meanwhile): the ranks fail while reading.
+VANISHING = """
+import sys
+from pathlib import Path
+from flagscale.checkpoint import bridge
+from flagscale.errors import reported
+source, out, shard = sys.argv[1:]
+checked = bridge._needs_backend
+bridge._needs_backend = lambda: (checked(), Path(source, shard).unlink())
+with reported():
+    bridge.import_checkpoint(Path(source), Path(out), tp=2, pp=1)
+"""
+
+
+@pytest.mark.integration
+def test_a_failing_conversion_leaves_nothing_behind(venv, tmp_path):
+    """The ranks fail after they started: the import reports one line naming the file, and neither the
+    destination nor a staging folder is left."""
+    src = save_tiny("qwen3", tmp_path / "hf", shard="100KB")
+    out = venv.work / "broken"
+    result = venv.run([venv.python, "-c", VANISHING, src, out, "model-00004-of-00010.safetensors"])
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model-00004-of-00010.safetensors: cannot read model.layers." in errors[0], errors
+    assert not out.exists() and not list(out.parent.glob(".broken.partial-*"))
