@@ -1,4 +1,4 @@
-"""The Hugging Face -> Megatron checkpoint import (flagscale/checkpoint/): tiny random-weight HF models of every
+"""The Hugging Face <-> Megatron checkpoint bridge (flagscale/checkpoint/): tiny random-weight HF models of every
 family, built offline from transformers' config classes (hidden 64, 4 layers, GQA, vocabulary 300, fp32).
 
 Without megatron (the test process): the tensor maps (every TP rank's rows, and fill/scatter undoing each other),
@@ -7,6 +7,9 @@ config.json <-> settings, and bad input refused with one line before anything is
 With the patched megatron-core (integration, the venv of tests/megatron_env.py), for real under torchrun and gloo:
 * numerical equivalence: an imported model's logits in megatron.core equal transformers' on the same batch
   (fp32, max abs diff <= 1e-4) at TP=1 and TP=2;
+* round trip: HF -> Megatron (TP=2, PP=2) -> HF gives every tensor bit-identical and the same config.json, and
+  export from a TP=1 import equals export from a TP=2 one, byte for byte;
+* `flagscale train` starts from an import (finetune), and its checkpoint exports to a folder transformers loads;
 * a failing conversion leaves nothing behind.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -310,6 +314,15 @@ def test_import_refuses_a_folder_that_is_not_a_model_and_a_used_destination(tmp_
     assert [p.name for p in used.iterdir()] == ["keep"]
 
 
+def test_export_refuses_a_folder_without_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="no such folder"):
+        bridge.export_checkpoint(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        bridge.export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ with megatron.core (integration)
 HELPER = Path(__file__).parent / "megatron_cpu" / "logits_of_checkpoint.py"
 CONVERT = """
@@ -319,7 +332,10 @@ from flagscale.checkpoint import bridge
 from flagscale.errors import reported
 action, source, out, *rest = sys.argv[1:]
 with reported():
-    bridge.import_checkpoint(Path(source), Path(out), tp=int(rest[0]), pp=int(rest[1]))
+    if action == "import":
+        bridge.import_checkpoint(Path(source), Path(out), tp=int(rest[0]), pp=int(rest[1]))
+    else:
+        bridge.export_checkpoint(Path(source), Path(out), max_shard_size=int(rest[0]))
 """
 
 
@@ -347,6 +363,12 @@ def imports(venv, models):
         return made[key]
 
     return get
+
+
+def export(venv, ckpt: Path, out: Path, max_shard_size: int = 5 * 10**9) -> Path:
+    result = venv.run([venv.python, "-c", CONVERT, "export", ckpt, out, max_shard_size], label=f"export {ckpt.name}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
 
 
 def layouts(family: str) -> list[tuple[int, int]]:
@@ -392,6 +414,35 @@ def test_imported_model_computes_transformers_logits(venv, models, imports, batc
         assert unscaled > 100 * TOLERANCE, unscaled
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bit_identical(venv, models, imports, family):
+    tp, pp = layouts(family)[0]
+    ckpt = imports(family, tp, pp)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    assert (ckpt / "iter_0000000" / "metadata.json").is_file() and (ckpt / "flagscale_model.yaml").is_file()
+    back = export(venv, ckpt, venv.work / "exports" / f"{family}-tp{tp}-pp{pp}", max_shard_size=300_000)
+    source, result = tensors_of(models[family]), tensors_of(back)
+    assert sorted(source) == sorted(result)
+    different = [n for n in source if not (source[n].dtype == result[n].dtype and torch.equal(source[n], result[n]))]
+    assert not different, different
+    assert json.loads((back / "config.json").read_text()) == json.loads((models[family] / "config.json").read_text())
+    assert (back / "model.safetensors.index.json").is_file() and len(list(back.glob("model-*.safetensors"))) > 1
+    assert (back / "tokenizer_config.json").read_text() == (models[family] / "tokenizer_config.json").read_text()
+    assert (back / "generation_config.json").is_file()
+    print(f"\n{family}: {len(source)} tensors bit-identical after HF -> TP={tp} PP={pp} -> HF")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_does_not_depend_on_the_layout(venv, imports, family):
+    one = export(venv, imports(family, 1, 1), venv.work / "exports" / f"{family}-tp1")
+    two = export(venv, imports(family, *layouts(family)[0]), venv.work / "exports" / f"{family}-tp2-whole")
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names), names
+
+
 # A shard vanishes after the checks passed (as if deleted meanwhile): the ranks fail while reading.
 VANISHING = """
 import sys
@@ -417,3 +468,59 @@ def test_a_failing_conversion_leaves_nothing_behind(venv, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model-00004-of-00010.safetensors: cannot read model.layers." in errors[0], errors
     assert not out.exists() and not list(out.parent.glob(".broken.partial-*"))
+
+
+@pytest.mark.integration
+def test_train_starts_from_an_import_and_its_checkpoint_exports(venv, models, imports):
+    """The lifecycle: import (TP=1), `flagscale train` at TP=2 from its weights (finetune; the padded vocabulary
+    of the import is kept), then export of the trained checkpoint, which transformers loads."""
+    from conftest import REPO_ROOT
+
+    ckpt = imports("llama", 1, 1)
+    data = venv.work / "data"
+    if not (data / "corpus_text_document.idx").exists():
+        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
+        assert made.returncode == 0, made.stderr[-3000:]
+    model = [line.split(": ", 1) for line in (ckpt / "flagscale_model.yaml").read_text().splitlines() if ": " in line]
+    exp = venv.work / "finetune"
+
+    def train(*extra: str):
+        return venv.run(
+            [
+                venv.flagscale,
+                "train",
+                REPO_ROOT / "examples/tiny_gpt/conf",
+                "--config-name",
+                "tp2",
+                "--foreground",
+                f"experiment.exp_dir={exp}",
+                f"train.data.data_path={data / 'corpus_text_document'}",
+                f"++train.system.checkpoint.load={ckpt}",
+                "train.model.train_iters=10",
+                *(f"++train.model.{k}={v.strip(chr(34))}" for k, v in model if not k.startswith("#")),
+                *extra,
+            ],
+            label="finetune",
+        )
+
+    refused = train()  # weights only: a resume needs finetune
+    assert refused.returncode != 0
+    assert "holds model weights only" in refused.stdout + refused.stderr
+    other = train("++train.system.checkpoint.finetune=true", "train.model.hidden_size=128")
+    assert "holds another model: hidden_size=64 (this run: 128)" in other.stdout + other.stderr
+    shutil.rmtree(exp)
+    result = train("++train.system.checkpoint.finetune=true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"finetuning from the model weights of {ckpt / 'iter_0000000'}" in result.stdout
+    curve = [json.loads(line)["loss"] for line in (exp / "logs" / "metrics.jsonl").read_text().splitlines()]
+    print(f"\nllama finetuned at TP=2 from an import: loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+    assert len(curve) == 10 and curve[-1] < curve[0]
+
+    back = export(venv, exp / "checkpoints", venv.work / "exports" / "finetuned")
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    assert type(trained).__name__ == "LlamaForCausalLM"
+    before, after = tensors_of(models["llama"]), tensors_of(back)
+    assert sorted(before) == sorted(after)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])

@@ -1,4 +1,4 @@
-"""Hugging Face folders -> Megatron distributed checkpoints (import).
+"""`flagscale checkpoint import | export`: Hugging Face folders <-> Megatron distributed checkpoints.
 
 Import checks everything it can before a process starts (the architecture, config.json against every tensor's
 shape in the safetensors headers, the shards the index names, whether TP and PP divide heads, query groups and
@@ -8,7 +8,11 @@ builds its stage of the model with megatron.core, reads only its own slices of t
 layout `flagscale train` writes and resumes from: `OUT/iter_0000000/` and the tracker file. It holds model
 weights only; `train.system.checkpoint.finetune=true` starts a run from it.
 
-It writes into a temporary folder beside the destination and renames it at the end: on any error nothing is
+Export loads a checkpoint of any layout into one process (distributed checkpointing reshards it to TP=1, PP=1)
+and writes config.json, model.safetensors (sharded above --max-shard-size, with an index) and the source's
+tokenizer files.
+
+Both write into a temporary folder beside the destination and rename it at the end: on any error nothing is
 left behind. Only the standard library loads here; torch and megatron load in `flagscale.checkpoint.worker`.
 """
 
@@ -30,6 +34,7 @@ from typing import Any
 from flagscale.checkpoint import hf, mapping
 from flagscale.errors import ConfigError, ConversionError
 from flagscale.settings import convert
+from flagscale.train import checkpoint as train_checkpoint
 from flagscale.train import families
 from flagscale.train.settings import ModelSettings
 from flagscale.train.tokenizer import padded_vocab_size
@@ -53,6 +58,14 @@ class Imported:
     model: dict[str, Any]  # the train.model settings of the imported model (also in OUT/flagscale_model.yaml)
     tensors: int
     layout: str
+
+
+@dataclass(frozen=True)
+class Exported:
+    out: Path
+    family: str
+    files: tuple[str, ...]
+    tokenizer_from: str | None  # the folder tokenizer files were copied from, if any
 
 
 # ------------------------------------------------------------------------------------------- import
@@ -126,6 +139,33 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, float) and "e" in text and "." not in text:
         text = text.replace("e", ".0e")  # YAML 1.1 reads 1e-06 as a string, 1.0e-06 as a number
     return text
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, max_shard_size: int = 5 * 10**9) -> Exported:
+    ckpt_dir, out_dir = ckpt_dir.resolve(), out_dir.resolve()
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{ckpt_dir}: no such folder (expected a checkpoint folder with iter_NNNNNNN/)")
+    train_checkpoint.latest_dir(ckpt_dir)  # a clear error when it holds no complete checkpoint
+    if max_shard_size < 1:
+        raise ConfigError(f"--max-shard-size {max_shard_size}: must be at least 1 byte")
+    _check_destination(out_dir)
+    _needs_backend()
+    with _staged(out_dir) as staging, tempfile.TemporaryDirectory(prefix="flagscale-export-") as scratch:
+        plan_file, result_file = Path(scratch) / "plan.json", Path(scratch) / "result.json"
+        plan_file.write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(ckpt_dir),
+                    "out": str(staging),
+                    "max_shard_size": max_shard_size,
+                    "result": str(result_file),
+                }
+            )
+        )
+        _run_worker(["--nproc-per-node", "1"], ["export", str(plan_file)], f"export of {ckpt_dir}")
+        result = json.loads(result_file.read_text())
+    return Exported(out_dir, result["family"], tuple(result["files"]), result["tokenizer_from"])
 
 
 # ------------------------------------------------------------------------------------------- shared

@@ -1,9 +1,12 @@
-"""What the conversion processes run (`python -m flagscale.checkpoint.worker import PLAN.json`),
+"""What the conversion processes run (`python -m flagscale.checkpoint.worker import|export PLAN.json`),
 started by flagscale.checkpoint.bridge under torchrun with the plan it validated.
 
 import: every rank of the TP x PP layout builds its pipeline stage of the model with megatron.core (the same
 TransformerConfig and GPTModel as `flagscale train`, without initializing the weights), fills each parameter
 with its own slices of the HF tensors, and all ranks save one distributed checkpoint.
+
+export: one process builds the whole model (TP=1, PP=1), loads the checkpoint's model weights (distributed
+checkpointing reshards any layout), and writes each parameter's rows back into the HF tensors they map to.
 
 Errors are reported as one `error:` line (the bridge passes it on) and a non-zero exit.
 """
@@ -13,14 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import traceback
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from flagscale.checkpoint import mapping
-from flagscale.errors import ConversionError, FlagScaleError, reported
+from flagscale.checkpoint import hf, mapping
+from flagscale.errors import ConfigError, ConversionError, FlagScaleError, reported
 from flagscale.settings import convert
 from flagscale.train.settings import TrainSettings
 
@@ -137,15 +141,122 @@ def run_import(plan: dict[str, Any]) -> None:
     stop()
 
 
+# ------------------------------------------------------------------------------------------- export
+def _export_info(root: str) -> dict[str, Any]:
+    from flagscale.train import checkpoint
+
+    info = checkpoint.model_info(checkpoint.common_state(root))
+    if info is None:
+        raise ConfigError(
+            f"{root}: the checkpoint records no model (saved before flagscale train recorded it): nothing to "
+            "build a config.json from"
+        )
+    family = info["architecture"]["family"]
+    if family not in hf.HF_NAMES:
+        raise ConfigError(
+            f"{root}: family {family} has no Hugging Face architecture; export writes {', '.join(hf.HF_NAMES)}"
+        )
+    return info
+
+
+def _dtype(info: dict[str, Any]):
+    import torch
+
+    source = info.get("hf") or {}
+    config = source.get("config") or {}
+    name = config.get("torch_dtype") or config.get("dtype") or source.get("dtype") or "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def hf_tensors(model, info: dict[str, Any]) -> dict[str, Any]:
+    """The HF tensors of a whole (TP=1, PP=1) model, in the order transformers saves them."""
+    import torch
+
+    arch, vocab, padded = info["architecture"], info["vocab_size"], info["padded_vocab_size"]
+    shapes = mapping.hf_shapes(arch, vocab)
+    dtype = _dtype(info)
+    out = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+    maps = mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True)
+    params = dict(model.named_parameters())
+    _check_maps(maps, params)
+    covered: dict[str, int] = {}
+    dims: dict[str, int] = {}
+    with torch.no_grad():
+        for tmap in maps:
+            pieces = tmap.shard(0, 1)
+            mapping.scatter(params[tmap.megatron], pieces, tmap.dim, out, covered)
+            dims.update({p.source: tmap.dim for p in pieces if p.source})
+    short = [name for name, shape in shapes.items() if covered.get(name) != shape[dims.get(name, 0)]]
+    if short:
+        raise ConversionError(f"the mapping leaves HF tensors incomplete: {short}")
+    return out
+
+
+def write_shards(tensors: dict[str, Any], folder: Path, max_shard_size: int) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the size."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / hf.SINGLE), metadata={"format": "pt"})
+        return [hf.SINGLE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / hf.INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [*names, hf.INDEX]
+
+
+def _copy_tokenizer(info: dict[str, Any], folder: Path) -> tuple[list[str], str | None]:
+    source = (info.get("hf") or {}).get("source")
+    if not source or not Path(source).is_dir():
+        return [], None
+    copied = []
+    for name in hf.TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, folder / name)
+            copied.append(name)
+    return copied, source if copied else None
+
+
+def run_export(plan: dict[str, Any]) -> None:
+    from flagscale.train import checkpoint
+
+    root, out = plan["checkpoint"], Path(plan["out"])
+    start(1, 1)
+    info = _export_info(root)
+    arch = info["architecture"]
+    model = model_of(info)
+    checkpoint.load_weights(root, model)
+    files = write_shards(hf_tensors(model, info), out, plan["max_shard_size"])
+    (out / hf.CONFIG).write_text(json.dumps(hf.hf_config(info), indent=2, sort_keys=True) + "\n")
+    copied, source = _copy_tokenizer(info, out)
+    result = {"family": arch["family"], "files": [hf.CONFIG, *files, *copied], "tokenizer_from": source}
+    Path(plan["result"]).write_text(json.dumps(result))
+    stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
-    parser.add_argument("action", choices=["import"])
+    parser.add_argument("action", choices=["import", "export"])
     parser.add_argument("plan", type=Path)
     args = parser.parse_args(argv)
     plan = json.loads(args.plan.read_text())
     with reported(sys.stdout):
         try:
-            run_import(plan)
+            (run_import if args.action == "import" else run_export)(plan)
         except (FlagScaleError, SystemExit, KeyboardInterrupt):
             raise
         except Exception as exc:  # unforeseen: the traceback for a bug report, and one line for the user
