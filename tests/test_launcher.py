@@ -113,6 +113,19 @@ def test_dryrun_prints_the_exact_commands_and_writes_nothing(exp):
     assert not exp.dir.exists(), "a dry run wrote files"
 
 
+def test_dryrun_prints_the_parameters_of_every_pipeline_stage(exp):
+    """The counts come from the shapes (tests/test_shapes.py checks them against megatron.core's build)."""
+    from flagscale.train.settings import train_settings
+    from flagscale.train.shapes import stage_parameters
+
+    layout = ["train.system.tensor_model_parallel_size=1", "train.system.pipeline_model_parallel_size=2"]
+    result = train(exp, "action=dryrun", "+train.model.family=llama", *layout, config="tp2")  # world size 2
+    assert result.returncode == 0, result.stderr
+    model = train_settings({"model": {"family": "llama"}, "data": {"data_path": "-"}}).model
+    for stage in stage_parameters(model, 257, 1, 2):  # the byte tokenizer's 257 ids
+        assert f"#   stage {stage.stage}: {stage.total:,} on each of its 1 TP rank(s)" in result.stdout, result.stdout
+
+
 def test_run_py_and_flagscale_train_print_the_same_plan(exp):
     args = ["action=dryrun", "experiment.runner.master_port=29556", *exp.overrides]
     via_cli = train(exp, "action=dryrun", "experiment.runner.master_port=29556", config="dp2")

@@ -30,6 +30,8 @@ from flagscale.runner.ssh import check_options as check_ssh_options
 from flagscale.runner.ssh import ssh_command as ssh_argv
 from flagscale.runner.wait import wait_until
 from flagscale.train.settings import ExperimentSettings, TrainSettings, as_dict, experiment_settings, train_settings
+from flagscale.train.shapes import stage_parameters, total_parameters
+from flagscale.train.tokenizer import ByteTokenizer
 
 DRIVER_MODULE = "flagscale.train.driver"
 NODE_AGENT = "flagscale.train.node"
@@ -345,6 +347,26 @@ def _write_files(p: LaunchPlan) -> None:
         node.script.chmod(0o755)
 
 
+def parameter_lines(train: TrainSettings) -> list[str]:
+    """Parameters per rank of every pipeline stage, from the shapes (exactly what megatron.core will build)."""
+    m, s = train.model, train.system
+    vocab = m.vocab_size or (ByteTokenizer.vocab_size if train.data.tokenizer.type == "byte" else None)
+    if vocab is None:  # an HF tokenizer: its size is known once it is loaded (on the nodes)
+        return [
+            "parameters per rank: set train.model.vocab_size to count them here (the hf tokenizer loads on the nodes)"
+        ]
+    tp, pp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size
+    stages = stage_parameters(m, vocab, tp, pp)
+    lines = [f"parameters per rank ({m.family}, vocabulary {vocab}, TP={tp} PP={pp}; data-parallel ranks hold copies):"]
+    for st in stages:
+        lines.append(
+            f"  stage {st.stage}: {st.total:,} on each of its {tp} TP rank(s) = embedding {st.embedding:,}"
+            f" + {st.layers} layer(s) x {st.per_layer:,} + final norm and output layer {st.head:,}"
+        )
+    lines.append(f"  the whole model: {total_parameters(m, vocab):,}")
+    return lines
+
+
 def dryrun(p: LaunchPlan, out=None) -> int:
     out = out or sys.stdout
     print(
@@ -353,6 +375,8 @@ def dryrun(p: LaunchPlan, out=None) -> int:
         file=out,
     )
     print(f"# driver config -> {p.config_file}", file=out)
+    for line in parameter_lines(p.train):
+        print(f"# {line}", file=out)
     for node in p.nodes:
         print(f"\n# node {node.rank} on {node.host}: {node.script}", file=out)
         print(node.script_text, end="", file=out)
