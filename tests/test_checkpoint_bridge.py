@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -524,3 +526,58 @@ def test_train_starts_from_an_import_and_its_checkpoint_exports(venv, models, im
     before, after = tensors_of(models["llama"]), tensors_of(back)
     assert sorted(before) == sorted(after)
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+# ------------------------------------------------------------------------------- flagscale checkpoint
+FLAGSCALE = [sys.executable, "-m", "flagscale.cli"]
+
+
+def test_checkpoint_commands_load_nothing_heavy():
+    code = (
+        "import sys; from flagscale.cli import app; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(app, ['checkpoint', 'import', '--help']); assert r.exit_code == 0, r.output; "
+        "assert '--tp' in r.output and '--family' in r.output, r.output; "
+        "r = CliRunner().invoke(app, ['checkpoint', 'export', '--help']); assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('torch', 'megatron', 'safetensors', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tp", "3"], "error: --tp 3 does not divide num_attention_heads=4 of the model"),
+        (["--family", "gemma"], "error: --family gemma: use one of llama, qwen2, qwen3"),
+        (["--pp", "0"], "Invalid value for '--pp'"),
+    ],
+)
+def test_cli_refuses_bad_input_with_one_line(tmp_path, models, args, message):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*FLAGSCALE, "checkpoint", "import", str(models["llama"]), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    if message.startswith("error:"):
+        assert result.stderr.strip().splitlines() == [message], result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.integration
+def test_cli_import_then_export(venv, models):
+    ckpt, back = venv.work / "cli" / "ckpt", venv.work / "cli" / "hf"
+    imported = venv.run([venv.flagscale, "checkpoint", "import", models["qwen3"], ckpt, "--tp", "2", "--pp", "2"])
+    assert imported.returncode == 0, imported.stdout[-3000:] + imported.stderr[-3000:]
+    assert f"imported {models['qwen3']} (qwen3, 47 tensors) into {ckpt} (TP=2 PP=2)" in imported.stdout
+    assert f"train.system.checkpoint.load={ckpt} train.system.checkpoint.finetune=true" in imported.stdout
+    exported = venv.run([venv.flagscale, "checkpoint", "export", ckpt, back])
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    assert f"exported {ckpt} (qwen3) to {back}: config.json, model.safetensors, " in exported.stdout
+    source, result = tensors_of(models["qwen3"]), tensors_of(back)
+    assert sorted(source) == sorted(result) and all(torch.equal(source[n], result[n]) for n in source)
+    again = venv.run([venv.flagscale, "checkpoint", "export", ckpt, back])
+    assert again.returncode == 2 and f"error: {back} already exists and is not empty" in again.stderr

@@ -11,7 +11,7 @@ render.py    the tables they print
 
 from __future__ import annotations
 
-from flagscale.cli import hardware, patch, tasks, upstream, wheels  # noqa: F401  (each registers its commands)
+from flagscale.cli import checkpoint, hardware, patch, tasks, upstream, wheels  # noqa: F401  (each registers its commands)
 from flagscale.cli.app import app, patch_app, setup_logging
 
 __all__ = ["app", "patch_app", "run", "setup_logging"]
