@@ -291,7 +291,6 @@ def test_import_refuses_a_missing_tensor_and_a_stray_one(tmp_path):
         ("llama", {"tp": 3}, "--tp 3 does not divide num_attention_heads=4 of the model"),
         ("llama", {"tp": 4}, "--tp 4 does not divide num_key_value_heads=2 of the model"),
         ("llama", {"pp": 3}, "--pp 3 does not divide num_hidden_layers=4 of the model"),
-        ("qwen2", {"pp": 2}, "tie_word_embeddings=true with --pp above 1 is not supported yet"),
     ],
 )
 def test_import_refuses_a_layout_that_does_not_divide_the_model(tmp_path, family, layout, message):
@@ -373,9 +372,8 @@ def export(venv, ckpt: Path, out: Path, max_shard_size: int = 5 * 10**9) -> Path
     return out
 
 
-def layouts(family: str) -> list[tuple[int, int]]:
-    """The layouts a family's round trip goes through (a tied model imports with PP=1 for now)."""
-    return [(2, 1)] if family == "qwen2" else [(2, 2)]
+# The layout the round trip goes through: TP=2, PP=2 (qwen2's tied output layer is a copy on the last stage).
+ROUND_TRIP = (2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -398,9 +396,9 @@ def hf_logits(folder: Path, tokens: Path, **changes) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_imported_model_computes_transformers_logits(venv, models, imports, batch, family, tp):
-    """TP=1: a TP=1 import; TP=2 (2 processes): the family's round-trip import (TP=2, PP=2 for llama and qwen3:
-    loaded at TP=2, PP=1, which distributed checkpointing reshards)."""
-    ckpt = imports(family, 1, 1) if tp == 1 else imports(family, *layouts(family)[0])
+    """TP=1: a TP=1 import; TP=2 (2 processes): the round-trip import (TP=2, PP=2), loaded at TP=2, PP=1, which
+    distributed checkpointing reshards."""
+    ckpt = imports(family, 1, 1) if tp == 1 else imports(family, *ROUND_TRIP)
     out = venv.work / f"logits-{family}-tp{tp}.pt"
     args = [ckpt, batch, out, "--tp", tp]
     result = venv.run([venv.python, HELPER, *args]) if tp == 1 else venv.torchrun(tp, HELPER, *args)
@@ -419,7 +417,7 @@ def test_imported_model_computes_transformers_logits(venv, models, imports, batc
 @pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_is_bit_identical(venv, models, imports, family):
-    tp, pp = layouts(family)[0]
+    tp, pp = ROUND_TRIP
     ckpt = imports(family, tp, pp)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     assert (ckpt / "iter_0000000" / "metadata.json").is_file() and (ckpt / "flagscale_model.yaml").is_file()
@@ -439,7 +437,7 @@ def test_round_trip_is_bit_identical(venv, models, imports, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_does_not_depend_on_the_layout(venv, imports, family):
     one = export(venv, imports(family, 1, 1), venv.work / "exports" / f"{family}-tp1")
-    two = export(venv, imports(family, *layouts(family)[0]), venv.work / "exports" / f"{family}-tp2-whole")
+    two = export(venv, imports(family, *ROUND_TRIP), venv.work / "exports" / f"{family}-tp2-whole")
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir())
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names), names

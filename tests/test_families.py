@@ -238,3 +238,36 @@ def test_each_family_trains_with_flagscale_train_at_tp2(venv, family):
     curve = [json.loads(line)["loss"] for line in (exp / "logs" / "metrics.jsonl").read_text().splitlines()]
     print(f"\n{family} TP=2: loss {curve[0]:.3f} -> {curve[-1]:.3f} ({venv.timings[f'train-{family}']} s)")
     assert len(curve) == 12 and curve[-1] < 0.7 * curve[0], curve
+
+
+@pytest.mark.integration
+def test_tied_embeddings_train_across_pipeline_stages(venv):
+    """qwen2 with a tied output layer at PP=2: the last stage's copy of the embedding (patch 0010 puts it on the
+    current device) learns with the first stage's."""
+    from conftest import REPO_ROOT
+
+    data = venv.work / "data"
+    if not (data / "corpus_text_document.idx").exists():
+        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
+        assert made.returncode == 0, made.stderr[-3000:]
+    exp = venv.work / "train-qwen2-tied-pp2"
+    overrides = {**LLAMA, "family": "qwen2", "share_embeddings_and_output_weights": "true", "train_iters": 12}
+    result = venv.run(
+        [
+            venv.flagscale,
+            "train",
+            REPO_ROOT / "examples/tiny_gpt/conf",
+            "--config-name",
+            "pp2",
+            "--foreground",
+            f"experiment.exp_dir={exp}",
+            f"train.data.data_path={data / 'corpus_text_document'}",
+            "train.system.checkpoint.save=null",
+            *(f"++train.model.{k}={v}" for k, v in overrides.items()),
+        ],
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    curve = [json.loads(line)["loss"] for line in (exp / "logs" / "metrics.jsonl").read_text().splitlines()]
+    print(f"\nqwen2 tied, PP=2: loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+    assert len(curve) == 12 and curve[-1] < 0.7 * curve[0], curve

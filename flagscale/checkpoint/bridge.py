@@ -43,11 +43,6 @@ WORKER = "flagscale.checkpoint.worker"
 MODEL_YAML = "flagscale_model.yaml"
 # Conversion runs on the CPU over gloo, whatever device this build targets: it needs no accelerator.
 WORKER_ENV = {"MEGATRON_DEVICE_TYPE": "cpu", "MEGATRON_COLLECTIVE_BACKEND": "gloo"}
-# megatron.core 0.16.1 copies a tied embedding to the last pipeline stage with `.cuda()`: not on the CPU (yet).
-TIED_PP = (
-    "tie_word_embeddings=true with --pp above 1 is not supported yet: megatron.core copies the tied output layer "
-    "to the last pipeline stage with .cuda(), which the CPU conversion cannot run; import with --pp 1"
-)
 _INHERITED_DROP = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -122,8 +117,6 @@ def _check_layout(m: ModelSettings, tp: int, pp: int) -> None:
     ):
         if value % size:
             raise ConfigError(f"{flag} {size} does not divide {name}={value} of the model")
-    if m.share_embeddings_and_output_weights and pp > 1:
-        raise ConfigError(TIED_PP)
 
 
 def model_yaml(model: dict[str, Any], source: Path) -> str:

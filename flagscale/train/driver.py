@@ -246,14 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         device_type, backend = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
 
     s, m = t.system, t.model
-    if device_type == "cpu" and m.share_embeddings_and_output_weights and s.pipeline_model_parallel_size > 1:
-        # megatron.core 0.16.1 copies the tied output layer to the last stage with `.cuda()`
-        from flagscale.errors import ConfigError
-
-        raise ConfigError(
-            "train.model.share_embeddings_and_output_weights=true with pipeline_model_parallel_size > 1 does not "
-            "run on the CPU yet (megatron.core syncs the tied output layer with .cuda())"
-        )
     if s.deterministic:  # CUDA's cuBLAS needs a fixed workspace for it; harmless elsewhere
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
