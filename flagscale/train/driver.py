@@ -54,7 +54,7 @@ def _dtype_flags(precision: str):
 def transformer_config(t: TrainSettings, **overrides):
     """megatron.core's TransformerConfig of the run: the family's model arguments (flagscale.train.families),
     the parallel layout and precision, and the portable settings every device runs."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     from flagscale.train import families
 
@@ -64,6 +64,9 @@ def transformer_config(t: TrainSettings, **overrides):
         **families.transformer_config_kwargs(t.model),
         tensor_model_parallel_size=s.tensor_model_parallel_size,
         pipeline_model_parallel_size=s.pipeline_model_parallel_size,
+        expert_model_parallel_size=s.expert_model_parallel_size,
+        # Megatron trains MoE with tensor parallelism only with sequence parallelism
+        sequence_parallel=t.model.moe is not None and s.tensor_model_parallel_size > 1,
         bf16=s.precision == "bf16",
         fp16=s.precision == "fp16",
         params_dtype=dtype,
@@ -78,7 +81,7 @@ def transformer_config(t: TrainSettings, **overrides):
         apply_rope_fusion=False,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if t.model.mla is not None else TransformerConfig)(**kwargs)
 
 
 def gpt_model(t: TrainSettings, vocab_size: int, config):
@@ -90,7 +93,7 @@ def gpt_model(t: TrainSettings, vocab_size: int, config):
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=families.layer_spec(t.model),
+        transformer_layer_spec=families.layer_spec(t.model, config),
         **families.gpt_model_kwargs(t.model, vocab_size),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=s.tensor_model_parallel_size,
         pipeline_model_parallel_size=s.pipeline_model_parallel_size,
+        expert_model_parallel_size=s.expert_model_parallel_size,
     )
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     last_stage = parallel_state.is_pipeline_last_stage()

@@ -10,6 +10,10 @@ QK-norm); `ModelSettings` gives its sizes. This module turns both into megatron.
 * qwen2: llama + biases on the query/key/value projections.
 * qwen3: llama + RMSNorm on every query and key head (QK-norm); its head dim is `kv_channels`, which need
   not be hidden_size / num_attention_heads.
+* qwen3_moe: qwen3 with a mixture-of-experts MLP (`model.moe`: softmax router, top-k).
+* mixtral: llama with a mixture-of-experts MLP (top-2 of 8 in Mixtral 8x7B).
+* deepseek_v3: llama's norms and SwiGLU with multi-latent attention (`model.mla`) and MoE with shared experts,
+  a sigmoid router with expert bias, group-limited top-k and dense first layers (`model.moe`).
 
 Imports no torch or megatron at module level: the settings and the checkpoint bridge read `FAMILIES`.
 """
@@ -32,6 +36,8 @@ class Structure:
     linear_bias: bool  # TransformerConfig.add_bias_linear: every linear layer has a bias
     qkv_bias: bool  # TransformerConfig.add_qkv_bias: the fused query/key/value projection has one
     qk_norm: bool  # TransformerConfig.qk_layernorm: normalize every query and key head
+    moe: bool = False  # a mixture-of-experts MLP (train.model.moe)
+    mla: bool = False  # multi-latent attention (train.model.mla)
 
 
 FAMILIES: dict[str, Structure] = {
@@ -39,6 +45,11 @@ FAMILIES: dict[str, Structure] = {
     "llama": Structure(normalization="RMSNorm", swiglu=True, linear_bias=False, qkv_bias=False, qk_norm=False),
     "qwen2": Structure(normalization="RMSNorm", swiglu=True, linear_bias=False, qkv_bias=True, qk_norm=False),
     "qwen3": Structure(normalization="RMSNorm", swiglu=True, linear_bias=False, qkv_bias=False, qk_norm=True),
+    "qwen3_moe": Structure("RMSNorm", swiglu=True, linear_bias=False, qkv_bias=False, qk_norm=True, moe=True),
+    "mixtral": Structure("RMSNorm", swiglu=True, linear_bias=False, qkv_bias=False, qk_norm=False, moe=True),
+    "deepseek_v3": Structure(
+        "RMSNorm", swiglu=True, linear_bias=False, qkv_bias=False, qk_norm=True, moe=True, mla=True
+    ),  # with MLA, qk_norm is the RMSNorm of the compressed query and key/value latents
 }
 
 
@@ -86,16 +97,55 @@ def transformer_config_kwargs(m: ModelSettings) -> dict[str, Any]:
     )
     if s.swiglu:
         kwargs.update(gated_linear_unit=True, activation_func=F.silu)
+    if m.moe is not None:
+        kwargs.update(moe_config_kwargs(m))
+    if m.mla is not None:
+        kwargs.update(
+            q_lora_rank=m.mla.q_lora_rank,
+            kv_lora_rank=m.mla.kv_lora_rank,
+            qk_head_dim=m.mla.qk_head_dim,
+            qk_pos_emb_head_dim=m.mla.qk_pos_emb_head_dim,
+            v_head_dim=m.mla.v_head_dim,
+            rope_type="rope",  # the model's RoPE settings apply (no YaRN yet)
+        )
     return kwargs
 
 
-def layer_spec(m: ModelSettings):
-    """megatron.core's local layer spec for the family (TransformerEngine-free: it runs on every device)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def moe_config_kwargs(m: ModelSettings) -> dict[str, Any]:
+    """megatron.core's moe_* TransformerConfig fields of `model.moe`."""
+    e = m.moe
+    assert e is not None
+    return {
+        "num_moe_experts": e.num_experts,
+        "moe_router_topk": e.router_topk,
+        "moe_ffn_hidden_size": e.ffn_hidden_size or ffn_size(m),
+        "moe_shared_expert_intermediate_size": e.shared_expert_ffn_hidden_size,
+        "moe_layer_freq": [0] * e.dense_layers + [1] * (m.num_layers - e.dense_layers),
+        "moe_router_score_function": e.router_score_function,
+        "moe_router_pre_softmax": e.router_pre_softmax,
+        "moe_router_enable_expert_bias": e.router_expert_bias,
+        "moe_router_num_groups": e.router_num_groups,
+        "moe_router_group_topk": e.router_group_topk,
+        "moe_router_topk_scaling_factor": e.router_topk_scaling_factor,
+        "moe_router_load_balancing_type": "seq_aux_loss" if e.router_expert_bias else "aux_loss",
+        "moe_aux_loss_coeff": e.aux_loss_coeff,
+        "moe_token_dispatcher_type": e.token_dispatcher,
+        "moe_router_dtype": "fp32",
+        "moe_grouped_gemm": False,  # the local spec's SequentialMLP experts run on every device
+    }
+
+
+def layer_spec(m: ModelSettings, config=None):
+    """megatron.core's local layer spec for the family (TransformerEngine-free: it runs on every device). MoE
+    families get a block spec built from `config`: their dense first layers and MoE layers differ."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     if m.family == "gpt":
         return get_gpt_layer_local_spec()
     s = structure(m.family)
+    if s.moe:
+        assert config is not None, "a MoE family's layer spec is built from its TransformerConfig"
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=s.normalization)
     return get_gpt_layer_local_spec(normalization=s.normalization, qk_layernorm=s.qk_norm)
 
 

@@ -356,7 +356,7 @@ def parameter_lines(train: TrainSettings) -> list[str]:
             "parameters per rank: set train.model.vocab_size to count them here (the hf tokenizer loads on the nodes)"
         ]
     tp, pp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size
-    stages = stage_parameters(m, vocab, tp, pp)
+    stages = stage_parameters(m, vocab, tp, pp, s.expert_model_parallel_size)
     lines = [f"parameters per rank ({m.family}, vocabulary {vocab}, TP={tp} PP={pp}; data-parallel ranks hold copies):"]
     for st in stages:
         lines.append(

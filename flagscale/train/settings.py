@@ -92,7 +92,38 @@ def _scaling_factor(value: float) -> float:
 
 # What `train.model.family` builds (flagscale/train/families.py): gpt is megatron.core's GPT (LayerNorm, GeLU,
 # biases); the others are the dense decoder families of Hugging Face checkpoints (flagscale checkpoint import).
-Family = Literal["gpt", "llama", "qwen2", "qwen3"]
+Family = Literal["gpt", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3"]
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """`train.model.moe`: the mixture-of-experts MLP of the MoE families (megatron.core's moe_* settings)."""
+
+    num_experts: int = setting(check=_positive)
+    router_topk: int = setting(2, check=_positive)  # experts each token goes to
+    ffn_hidden_size: int | None = setting(None, check=_positive)  # one expert's; None: model.ffn_hidden_size
+    shared_expert_ffn_hidden_size: int | None = setting(None, check=_positive)  # DeepSeek's shared experts
+    dense_layers: int = setting(0, check=_not_negative)  # the first layers keep a dense MLP (DeepSeek-V3: 3)
+    # softmax (Mixtral, Qwen3-MoE) or sigmoid (DeepSeek-V3) router scores
+    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    router_pre_softmax: bool = False  # softmax over all experts before the top-k (true) or over the k (false)
+    router_expert_bias: bool = False  # DeepSeek-V3's aux-loss-free load balancing bias
+    router_num_groups: int | None = setting(None, check=_positive)  # group-limited routing: expert groups
+    router_group_topk: int | None = setting(None, check=_positive)  # and how many of them a token may use
+    router_topk_scaling_factor: float | None = None  # routed output scale (DeepSeek-V3: 2.5)
+    aux_loss_coeff: float = 1e-2
+    token_dispatcher: Literal["allgather", "alltoall"] = "alltoall"
+
+
+@dataclass(frozen=True)
+class MLASettings:
+    """`train.model.mla`: multi-latent attention (DeepSeek-V2/V3): low-rank queries and keys/values."""
+
+    kv_lora_rank: int = setting(check=_positive)
+    qk_head_dim: int = setting(check=_positive)  # the part of a query/key head without RoPE
+    qk_pos_emb_head_dim: int = setting(check=_positive)  # the decoupled RoPE part
+    v_head_dim: int = setting(check=_positive)
+    q_lora_rank: int | None = setting(None, check=_positive)  # None: queries are not compressed
 
 
 @dataclass(frozen=True)
@@ -122,6 +153,8 @@ class ModelSettings:
     global_batch_size: int = setting(8, check=_positive)
     train_iters: int = setting(10, check=_positive)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    moe: MoESettings | None = None  # the MoE families' experts
+    mla: MLASettings | None = None  # deepseek_v3's attention
 
 
 @dataclass(frozen=True)
@@ -159,6 +192,7 @@ class LoggingSettings:
 class SystemSettings:
     tensor_model_parallel_size: int = setting(1, check=_positive)
     pipeline_model_parallel_size: int = setting(1, check=_positive)
+    expert_model_parallel_size: int = setting(1, check=_positive)  # MoE: experts split over this many ranks
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
     deterministic: bool = False  # torch.use_deterministic_algorithms: reproducible, and slower on GPUs
@@ -210,6 +244,7 @@ class TrainSettings:
                 f"{where}.model.num_query_groups={groups} is not a multiple of tensor_model_parallel_size={tp}: "
                 "every tensor-parallel rank needs whole key/value heads"
             )
+        self._check_moe(dp, where)
         if m.num_layers % pp:
             raise ConfigError(
                 f"{where}.model.num_layers={m.num_layers} is not a multiple of pipeline_model_parallel_size={pp}"
@@ -219,9 +254,48 @@ class TrainSettings:
                 f"{where}.model.max_position_embeddings={m.max_position_embeddings} is below seq_length={m.seq_length}"
             )
 
+    def _check_moe(self, dp: int, where: str) -> None:
+        m, ep = self.model, self.system.expert_model_parallel_size
+        if m.moe is None:
+            if ep > 1:
+                raise ConfigError(
+                    f"{where}.system.expert_model_parallel_size={ep} needs a MoE family (train.model.moe)"
+                )
+            return
+        if m.moe.num_experts % ep:
+            raise ConfigError(
+                f"{where}.model.moe.num_experts={m.moe.num_experts} is not a multiple of "
+                f"expert_model_parallel_size={ep}"
+            )
+        if dp % ep:
+            raise ConfigError(
+                f"{where}.system.expert_model_parallel_size={ep} does not divide the data-parallel size {dp}: experts "
+                "are split over data-parallel ranks"
+            )
+
     @property
     def data_prefix(self) -> Path:
         return Path(self.data.data_path)
+
+
+def _validate_family_parts(m: ModelSettings, where: str) -> None:
+    """MoE and MLA settings belong to the families that have them, and those families need them."""
+    from flagscale.train.families import structure
+
+    s = structure(m.family)
+    for part, wanted in (("moe", s.moe), ("mla", s.mla)):
+        given = getattr(m, part) is not None
+        if wanted and not given:
+            raise ConfigError(f"{where}.model.{part}: family {m.family} needs it (see docs/train.md, model families)")
+        if given and not wanted:
+            raise ConfigError(f"{where}.model.{part}: family {m.family} has none; remove it or pick a family with it")
+    if m.moe is not None:
+        if m.moe.router_topk > m.moe.num_experts:
+            raise ConfigError(f"{where}.model.moe.router_topk={m.moe.router_topk} exceeds num_experts")
+        if m.moe.dense_layers >= m.num_layers:
+            raise ConfigError(f"{where}.model.moe.dense_layers={m.moe.dense_layers}: leave at least one MoE layer")
+        if (m.moe.router_num_groups is None) != (m.moe.router_group_topk is None):
+            raise ConfigError(f"{where}.model.moe: set router_num_groups and router_group_topk together")
 
 
 def _validate_train(t: TrainSettings, where: str) -> None:
@@ -241,6 +315,7 @@ def _validate_train(t: TrainSettings, where: str) -> None:
         raise ConfigError(
             f"{where}.model.position_embedding_type={m.position_embedding_type}: family {m.family} uses rope"
         )
+    _validate_family_parts(m, where)
     if m.rotary_scaling_factor is not None and m.position_embedding_type != "rope":
         raise ConfigError(f"{where}.model.rotary_scaling_factor needs position_embedding_type=rope")
     c = t.system.checkpoint
