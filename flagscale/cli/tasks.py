@@ -25,7 +25,7 @@ def train_cmd(
         from flagscale.runner.config import compose
         from flagscale.train import main as train_main
 
-        extra = ["experiment.runner.foreground=true"] if foreground else []
+        extra = ["++experiment.runner.foreground=true"] if foreground else []  # also where the YAML omits it
         code = train_main(compose(config_dir, config_name, [*(overrides or []), *extra]))
     raise typer.Exit(code)
 
