@@ -78,6 +78,15 @@ class MegatronEnv:
             self.timings[label] = round(time.perf_counter() - start, 1)
         return result
 
+    def corpus(self) -> Path:
+        """The tiny_gpt example's corpus (byte tokenizer), made once per session: its .bin/.idx prefix."""
+        data = self.work / "data"
+        if not (data / "corpus_text_document.idx").exists():
+            script = REPO_ROOT / "examples/tiny_gpt/make_corpus.py"
+            made = self.run([self.python, script, "--out", data, "--docs", "200"])
+            assert made.returncode == 0, made.stderr[-3000:]
+        return data / "corpus_text_document"
+
     def torchrun(self, nproc: int, script: Path, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
         return self.run(
             [

@@ -477,10 +477,7 @@ def test_train_starts_from_an_import_and_its_checkpoint_exports(venv, models, im
     from conftest import REPO_ROOT
 
     ckpt = imports("llama", 1, 1)
-    data = venv.work / "data"
-    if not (data / "corpus_text_document.idx").exists():
-        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
-        assert made.returncode == 0, made.stderr[-3000:]
+    corpus = venv.corpus()
     model = [line.split(": ", 1) for line in (ckpt / "flagscale_model.yaml").read_text().splitlines() if ": " in line]
     exp = venv.work / "finetune"
 
@@ -494,7 +491,7 @@ def test_train_starts_from_an_import_and_its_checkpoint_exports(venv, models, im
                 "tp2",
                 "--foreground",
                 f"experiment.exp_dir={exp}",
-                f"train.data.data_path={data / 'corpus_text_document'}",
+                f"train.data.data_path={corpus}",
                 f"++train.system.checkpoint.load={ckpt}",
                 "train.model.train_iters=10",
                 *(f"++train.model.{k}={v.strip(chr(34))}" for k, v in model if not k.startswith("#")),

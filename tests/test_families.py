@@ -211,10 +211,7 @@ def test_each_family_trains_with_flagscale_train_at_tp2(venv, family):
     """`flagscale train` with the tiny example's config, the family's structure, GQA and TP=2 over gloo."""
     from conftest import REPO_ROOT
 
-    data = venv.work / "data"
-    if not (data / "corpus_text_document.idx").exists():
-        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
-        assert made.returncode == 0, made.stderr[-3000:]
+    corpus = venv.corpus()
     exp = venv.work / f"train-{family}"
     overrides = {**LLAMA, "family": family, "kv_channels": 32 if family == "qwen3" else None, "train_iters": 12}
     result = venv.run(
@@ -226,7 +223,7 @@ def test_each_family_trains_with_flagscale_train_at_tp2(venv, family):
             "tp2",
             "--foreground",
             f"experiment.exp_dir={exp}",
-            f"train.data.data_path={data / 'corpus_text_document'}",
+            f"train.data.data_path={corpus}",
             "train.system.checkpoint.save=null",
             *(f"++train.model.{k}={'null' if v is None else v}" for k, v in overrides.items()),
         ],
@@ -246,10 +243,7 @@ def test_tied_embeddings_train_across_pipeline_stages(venv):
     current device) learns with the first stage's."""
     from conftest import REPO_ROOT
 
-    data = venv.work / "data"
-    if not (data / "corpus_text_document.idx").exists():
-        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
-        assert made.returncode == 0, made.stderr[-3000:]
+    corpus = venv.corpus()
     exp = venv.work / "train-qwen2-tied-pp2"
     overrides = {**LLAMA, "family": "qwen2", "share_embeddings_and_output_weights": "true", "train_iters": 12}
     result = venv.run(
@@ -261,7 +255,7 @@ def test_tied_embeddings_train_across_pipeline_stages(venv):
             "pp2",
             "--foreground",
             f"experiment.exp_dir={exp}",
-            f"train.data.data_path={data / 'corpus_text_document'}",
+            f"train.data.data_path={corpus}",
             "train.system.checkpoint.save=null",
             *(f"++train.model.{k}={v}" for k, v in overrides.items()),
         ],

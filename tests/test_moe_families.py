@@ -121,10 +121,7 @@ def test_moe_family_trains_with_flagscale_train(venv, run):
     from conftest import REPO_ROOT
 
     model, moe, layout = RUNS[run]
-    data = venv.work / "data"
-    if not (data / "corpus_text_document.idx").exists():
-        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
-        assert made.returncode == 0, made.stderr[-3000:]
+    corpus = venv.corpus()
     exp = venv.work / f"train-{run}"
     model = {**model, "moe": {**model["moe"], **moe}, "train_iters": 12}
     result = venv.run(
@@ -134,7 +131,7 @@ def test_moe_family_trains_with_flagscale_train(venv, run):
             REPO_ROOT / "examples/tiny_gpt/conf",
             "--foreground",
             f"experiment.exp_dir={exp}",
-            f"train.data.data_path={data / 'corpus_text_document'}",
+            f"train.data.data_path={corpus}",
             "train.system.checkpoint.save=null",
             *layout,
             *_overrides("train.model", model),

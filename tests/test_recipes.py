@@ -63,11 +63,7 @@ def venv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(venv):
-    data = venv.work / "data"
-    if not (data / "corpus_text_document.idx").exists():
-        made = venv.run([venv.python, REPO_ROOT / "examples/tiny_gpt/make_corpus.py", "--out", data, "--docs", "200"])
-        assert made.returncode == 0, made.stderr[-3000:]
-    return data / "corpus_text_document"
+    return venv.corpus()
 
 
 @pytest.mark.integration
