@@ -105,6 +105,35 @@ class MegatronEnv:
         )
 
 
+def install_cpu_megatron(root: Path, requirement: str = ".", timeout: float = 900) -> float:
+    """A fresh venv at `root` with `pip install -c constraints.txt REQUIREMENT -C device=cpu -C backend=megatron`
+    of this checkout, by plain pip as on CI's fresh machines; returns the seconds it took."""
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FLAGSCALE_ROOT")}
+    env["FLAGSCALE_CACHE_DIR"] = str(real_cache_dir() / "build-cache")
+    start = time.perf_counter()
+    install = subprocess.run(
+        [
+            str(root / "bin" / "pip"),
+            "install",
+            "-c",
+            "constraints.txt",
+            requirement,
+            "-C",
+            "device=cpu",
+            "-C",
+            "backend=megatron",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
+    return round(time.perf_counter() - start, 1)
+
+
 def megatron_env(tmp_path_factory) -> MegatronEnv:
     """The session's environment (built on first use)."""
     if "env" not in _BUILT:
@@ -120,29 +149,7 @@ def _build(tmp_path_factory) -> MegatronEnv:
     if existing:
         return MegatronEnv(Path(existing), work)
     root = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FLAGSCALE_ROOT")}
-    env["FLAGSCALE_CACHE_DIR"] = str(real_cache_dir() / "build-cache")
-    start = time.perf_counter()
-    install = subprocess.run(
-        [
-            str(root / "bin" / "pip"),
-            "install",
-            "-c",
-            "constraints.txt",
-            ".[train,models]",
-            "-C",
-            "device=cpu",
-            "-C",
-            "backend=megatron",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
+    seconds = install_cpu_megatron(root, ".[train,models]", timeout=1200)
     built = MegatronEnv(root, work)
-    built.timings["install"] = round(time.perf_counter() - start, 1)
+    built.timings["install"] = seconds
     return built

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, real_cache_dir
+from conftest import REPO_ROOT
+from megatron_env import install_cpu_megatron
 
 pytestmark = pytest.mark.integration
 
@@ -120,34 +121,11 @@ def venv(tmp_path_factory) -> Venv:
     """A fresh environment with the cpu/megatron build of this checkout installed by plain pip."""
     base = tmp_path_factory.mktemp("megatron-cpu")
     root = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["FLAGSCALE_CACHE_DIR"] = str(real_cache_dir() / "build-cache")
-    env.pop("FLAGSCALE_ROOT", None)
-    start = time.perf_counter()
-    install = subprocess.run(
-        [
-            str(root / "bin" / "pip"),
-            "install",
-            "-c",
-            "constraints.txt",
-            ".",
-            "-C",
-            "device=cpu",
-            "-C",
-            "backend=megatron",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
+    seconds = install_cpu_megatron(root, ".")
     workdir = base / "work"
     workdir.mkdir()
     v = Venv(root, workdir)
-    v.timings["install"] = round(time.perf_counter() - start, 1)
+    v.timings["install"] = seconds
     return v
 
 

@@ -27,12 +27,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, real_cache_dir, wait_until
+from conftest import REPO_ROOT, wait_until
+from megatron_env import install_cpu_megatron
 
 pytestmark = pytest.mark.integration
 
@@ -115,30 +115,7 @@ class Env:
 def venv(tmp_path_factory) -> Env:
     base = tmp_path_factory.mktemp("train")
     root = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FLAGSCALE_ROOT")}
-    env["FLAGSCALE_CACHE_DIR"] = str(real_cache_dir() / "build-cache")
-    start = time.perf_counter()
-    install = subprocess.run(
-        [
-            str(root / "bin" / "pip"),
-            "install",
-            "-c",
-            "constraints.txt",
-            ".[train]",
-            "-C",
-            "device=cpu",
-            "-C",
-            "backend=megatron",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
-    install_s = round(time.perf_counter() - start, 1)
+    install_s = install_cpu_megatron(root, ".[train]")
     work = base / "work"
     work.mkdir()
     # The example's corpus, made by its own script with the installed megatron-core's dataset builder.
