@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -156,6 +157,26 @@ def real_cache() -> Cache:
 @pytest.fixture(scope="session")
 def real_project() -> Project:
     return Project(REPO_ROOT)
+
+
+def install_wheel(wheel: Path, site: Path) -> Path:
+    """`pip install --target site wheel` (no dependencies): a wheel's files laid out as a real install has them."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+    )
+    return site
 
 
 def copy_project(dest: Path) -> Project:

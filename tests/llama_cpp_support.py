@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import REPO_ROOT, pid_alive, real_cache_dir  # noqa: F401 (pid_alive: for the serve tests)
+from conftest import REPO_ROOT, install_wheel, pid_alive, real_cache_dir  # noqa: F401 (pid_alive: for the serve tests)
 
 TOOLS = REPO_ROOT / "tools"
 
@@ -51,21 +51,7 @@ def installed_backend(root: Path) -> Path:
     wheel = backend_wheel()
     site = root / "site" / wheel.stem  # a new build (patches, CMake flags) installs afresh
     if not (site / "bin" / "llama-server").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--no-compile",
-                "--target",
-                str(site),
-                str(wheel),
-            ],
-            check=True,
-        )
+        install_wheel(wheel, site)
     return site
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, real_cache_dir
+from conftest import REPO_ROOT, install_wheel, real_cache_dir
 from llama_cpp_support import flagscale
 
 pytestmark = pytest.mark.integration
@@ -33,21 +33,7 @@ def _installed(backend: str):
     wheel = build_in_isolation(target).path
     site = real_cache_dir() / "engine-tests" / wheel.stem
     if not site.is_dir():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--no-compile",
-                "--target",
-                str(site),
-                str(wheel),
-            ],
-            check=True,
-        )
+        install_wheel(wheel, site)
     return site, wheel
 
 
