@@ -5,8 +5,11 @@ import: every rank of the TP x PP layout builds its pipeline stage of the model 
 TransformerConfig and GPTModel as `flagscale train`, without initializing the weights), fills each parameter
 with its own slices of the HF tensors, and all ranks save one distributed checkpoint.
 
-export: one process builds the whole model (TP=1, PP=1), loads the checkpoint's model weights (distributed
-checkpointing reshards any layout), and writes each parameter's rows back into the HF tensors they map to.
+export streams: one process plans the output files from the HF shapes, then writes them tensor by tensor. The
+Megatron parameters an HF tensor needs are read from the checkpoint when it is first written, a layer at a time,
+at TP=1 (a partial sharded state dict of a model built on the meta device: distributed checkpointing reads only
+those chunks, whatever layout saved them), scattered into the HF tensors they make and dropped. Memory: about one
+layer (or the embedding), not the model.
 
 Errors are reported as one `error:` line (the bridge passes it on) and a non-zero exit.
 """
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import traceback
 from contextlib import ExitStack
@@ -71,6 +76,15 @@ def model_of(info: dict[str, Any], tp: int = 1, pp: int = 1):
 
     fields = {k: v for k, v in info["architecture"].items() if k in families.ARCHITECTURE_FIELDS}
     return _model(_settings({**fields, "vocab_size": info["vocab_size"]}, tp, pp), info["padded_vocab_size"])
+
+
+def meta_model(info: dict[str, Any], tp: int = 1, pp: int = 1):
+    """`model_of` on the meta device: megatron.core's parameter names, shapes and sharded-state-dict keys,
+    without memory for the weights."""
+    import torch
+
+    with torch.device("meta"):
+        return model_of(info, tp, pp)
 
 
 def _check_maps(maps: list[mapping.TensorMap], params: dict[str, Any]) -> None:
@@ -160,6 +174,7 @@ def _export_info(root: str) -> dict[str, Any]:
 
 
 def _dtype(info: dict[str, Any]):
+    """The HF checkpoint's dtype: the source's config.json, or the dtype its tensors had, else float32."""
     import torch
 
     source = info.get("hf") or {}
@@ -168,8 +183,28 @@ def _dtype(info: dict[str, Any]):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
+def _coverage(maps: list[mapping.TensorMap], shapes: dict[str, tuple[int, ...]]) -> dict[str, list[mapping.TensorMap]]:
+    """For every HF tensor, the (TP=1) maps that write rows of it; a ConversionError when a tensor would be left
+    incomplete."""
+    writers: dict[str, list[mapping.TensorMap]] = {}
+    covered: dict[str, int] = {}
+    dims: dict[str, int] = {}
+    for tmap in maps:
+        for piece in tmap.shard(0, 1):
+            if piece.source is not None:
+                if tmap not in writers.setdefault(piece.source, []):
+                    writers[piece.source].append(tmap)
+                covered[piece.source] = covered.get(piece.source, 0) + piece.size
+                dims[piece.source] = tmap.dim
+    short = [name for name, shape in shapes.items() if covered.get(name) != shape[dims.get(name, 0)]]
+    if short:
+        raise ConversionError(f"the mapping leaves HF tensors incomplete: {short}")
+    return writers
+
+
 def hf_tensors(model, info: dict[str, Any]) -> dict[str, Any]:
-    """The HF tensors of a whole (TP=1, PP=1) model, in the order transformers saves them."""
+    """The HF tensors of a whole (TP=1, PP=1) model held in memory, in the order transformers saves them (for a
+    model already built and loaded; export itself streams, see `stream_export`)."""
     import torch
 
     arch, vocab, padded = info["architecture"], info["vocab_size"], info["padded_vocab_size"]
@@ -179,44 +214,212 @@ def hf_tensors(model, info: dict[str, Any]) -> dict[str, Any]:
     maps = mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True)
     params = dict(model.named_parameters())
     _check_maps(maps, params)
+    _coverage(maps, shapes)
     covered: dict[str, int] = {}
-    dims: dict[str, int] = {}
     with torch.no_grad():
         for tmap in maps:
-            pieces = tmap.shard(0, 1)
-            mapping.scatter(params[tmap.megatron], pieces, tmap.dim, out, covered)
-            dims.update({p.source: tmap.dim for p in pieces if p.source})
-    short = [name for name, shape in shapes.items() if covered.get(name) != shape[dims.get(name, 0)]]
-    if short:
-        raise ConversionError(f"the mapping leaves HF tensors incomplete: {short}")
+            mapping.scatter(params[tmap.megatron], tmap.shard(0, 1), tmap.dim, out, covered)
     return out
 
 
-def write_shards(tensors: dict[str, Any], folder: Path, max_shard_size: int) -> list[str]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the size."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, Any]] = [{}]
+def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """The tensors of each output file, in order: a new file starts when the next tensor would take the current
+    one above `max_shard_size` (as transformers' save_pretrained splits them)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.contiguous()
+        shards[-1].append(name)
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / hf.SINGLE), metadata={"format": "pt"})
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
         return [hf.SINGLE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(folder: Path, files: list[str], shards: list[list[str]], total: int) -> list[str]:
+    """model.safetensors.index.json for more than one file; the files written, index included."""
+    if len(files) == 1:
+        return files
+    weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / hf.INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [*names, hf.INDEX]
+    return [*files, hf.INDEX]
+
+
+def write_shards(tensors: dict[str, Any], folder: Path, max_shard_size: int) -> list[str]:
+    """Tensors held in memory as model.safetensors, or model-0000i-of-0000n.safetensors + the index above the
+    size (the same files `stream_export` writes)."""
+    from safetensors.torch import save_file
+
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    shards = plan_shards(sizes, max_shard_size)
+    files = shard_names(len(shards))
+    for file, names in zip(files, shards, strict=True):
+        save_file({n: tensors[n].contiguous() for n in names}, str(folder / file), metadata={"format": "pt"})
+    return write_index(folder, files, shards, sum(sizes.values()))
+
+
+class SafetensorsStream:
+    """One safetensors file written tensor by tensor, byte for byte what `safetensors.torch.save_file(tensors,
+    path, metadata={"format": "pt"})` writes for tensors of one dtype: the header (compact JSON, the metadata
+    first, tensors by name, padded with spaces to 8 bytes), then the data in the same order. Only the tensor
+    being written is in memory."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtype: str, itemsize: int) -> None:
+        self.order = sorted(shapes)  # safetensors orders tensors by dtype, then name: one dtype here
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in self.order:
+            nbytes = math.prod(shapes[name]) * itemsize
+            header[name] = {"dtype": dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header, self.next = header, 0
+        self.file = path.open("wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        expected = self.header[self.order[self.next]]
+        if name != self.order[self.next] or list(tensor.shape) != expected["shape"]:
+            raise ConversionError(f"internal: {name} {list(tensor.shape)} written out of order or shape")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8)
+        self.file.write(memoryview(data.numpy()))
+        self.next += 1
+
+    def check(self) -> None:
+        if self.next != len(self.order):
+            raise ConversionError(f"internal: {self.file.name} got {self.next} of {len(self.order)} tensors")
+
+
+def _group(name: str) -> str:
+    """Parameters loaded together: a transformer layer's, or one parameter alone."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if name.startswith("decoder.layers.") else name
+
+
+class _ParamLoader:
+    """Megatron parameters of a checkpoint at TP=1, loaded a layer at a time through a partial sharded state
+    dict (distributed checkpointing reads only those tensors' chunks, whatever layout saved them); each is
+    handed out once and then dropped."""
+
+    def __init__(self, root: str, model, dtype) -> None:
+        from flagscale.train import checkpoint
+
+        self.path = str(checkpoint.latest_dir(root))
+        self.sharded = model.sharded_state_dict()  # on the meta device: keys, offsets and factories only
+        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        self.dtype = dtype
+        self.loaded: dict[str, Any] = {}
+        self.pending = set(self.shapes)
+        self.groups: dict[str, list[str]] = {}
+        for name in self.shapes:
+            self.groups.setdefault(_group(name), []).append(name)
+
+    def take(self, name: str):
+        if name not in self.loaded:
+            self._load([n for n in self.groups[_group(name)] if n in self.pending])
+        self.pending.discard(name)
+        return self.loaded.pop(name)
+
+    def _load(self, names: list[str]) -> None:
+        import dataclasses
+
+        import torch
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+        request = []
+        for n in names:
+            # loaded straight into the HF dtype (distributed checkpointing converts while it copies), in place:
+            # the sharded tensors (a factory's too: fc1's gate and up halves) are views of this tensor
+            self.loaded[n] = torch.empty(self.shapes[n], dtype=self.dtype)
+            sharded = dataclasses.replace(self.sharded[n], data=self.loaded[n])
+            built = nested_values(sharded.build()) if isinstance(sharded, ShardedTensorFactory) else [sharded]
+            request += [_own_chunk(t) for t in built if t is not None]
+        dist_checkpointing.load(dict(enumerate(request)), self.path, validate_access_integrity=False)
+
+
+def _own_chunk(sharded):
+    """A layer's sharded tensor with its layer axis as a plain dimension of size 1. megatron.core saves a layer's
+    tensor as one chunk of a stack of all layers; read alone in a world of one, its usual form would describe
+    the other layers' chunks as this rank's too (torch's ShardedTensor places them on "another" rank)."""
+    import dataclasses
+
+    if not sharded.prepend_axis_num:
+        return sharded
+    data = sharded.data.view((1,) * sharded.prepend_axis_num + tuple(sharded.data.shape))
+    return dataclasses.replace(sharded, data=data, local_shape=tuple(data.shape), prepend_axis_num=0)
+
+
+def _view(value, pieces: list[mapping.Piece], dim: int, name: str, shape: tuple[int, ...]):
+    """The HF tensor `name` as a view of Megatron tensor `value` when one piece along dim 0 is all of it (the
+    embedding, norms, the output layer at TP=1): no copy. None otherwise."""
+    offset = 0
+    for piece in pieces:
+        if piece.source == name and dim == 0 and piece.start == 0 and piece.size == shape[0]:
+            return value.narrow(0, offset, piece.size)
+        offset += piece.size
+    return None
+
+
+def stream_export(root: str, info: dict[str, Any], folder: Path, max_shard_size: int) -> list[str]:
+    """Write the HF weights of a checkpoint file by file, tensor by tensor: the files are planned from the HF
+    shapes, and the Megatron parameters a tensor needs are loaded (a layer at a time) when it is first written,
+    scattered into the HF tensors they make and dropped. Memory: about a layer's parameters and HF tensors, or
+    the embedding, whatever the model's size."""
+    import torch
+
+    arch, vocab, padded = info["architecture"], info["vocab_size"], info["padded_vocab_size"]
+    shapes = mapping.hf_shapes(arch, vocab)
+    dtype = _dtype(info)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kind = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]  # safetensors' name
+    maps = mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True)
+    model = meta_model(info)
+    _check_maps(maps, dict(model.named_parameters()))
+    writers = _coverage(maps, shapes)
+    sizes = {name: math.prod(shape) * itemsize for name, shape in shapes.items()}
+    shards = plan_shards(sizes, max_shard_size)
+    files = shard_names(len(shards))
+    params = _ParamLoader(root, model, dtype)
+    ready: dict[str, Any] = {}  # HF tensors filled, not yet written
+    for file, names in zip(files, shards, strict=True):
+        stream = SafetensorsStream(folder / file, {n: shapes[n] for n in names}, kind, itemsize)
+        try:
+            for name in stream.order:
+                for tmap in writers[name]:
+                    if tmap.megatron in params.pending:
+                        _scatter(params.take(tmap.megatron), tmap, shapes, dtype, ready)
+                stream.write(name, ready.pop(name))
+        finally:
+            stream.file.close()
+        stream.check()
+    return write_index(folder, files, shards, sum(sizes.values()))
+
+
+def _scatter(value, tmap: mapping.TensorMap, shapes: dict[str, tuple[int, ...]], dtype, ready: dict[str, Any]) -> None:
+    """Write Megatron tensor `value` into the HF tensors it makes (made here when first written to)."""
+    import torch
+
+    pieces = tmap.shard(0, 1)
+    for name in dict.fromkeys(p.source for p in pieces if p.source):
+        if name not in ready:
+            view = _view(value, pieces, tmap.dim, name, shapes[name]) if value.dtype == dtype else None
+            ready[name] = view if view is not None else torch.empty(shapes[name], dtype=dtype)
+            if view is not None:
+                continue
+        only = [p if p.source == name else mapping.Piece(None, 0, p.size) for p in pieces]  # the others: skipped
+        mapping.scatter(value, only, tmap.dim, ready, {})
 
 
 def _copy_tokenizer(info: dict[str, Any], folder: Path) -> tuple[list[str], str | None]:
@@ -232,15 +435,11 @@ def _copy_tokenizer(info: dict[str, Any], folder: Path) -> tuple[list[str], str 
 
 
 def run_export(plan: dict[str, Any]) -> None:
-    from flagscale.train import checkpoint
-
     root, out = plan["checkpoint"], Path(plan["out"])
     start(1, 1)
     info = _export_info(root)
     arch = info["architecture"]
-    model = model_of(info)
-    checkpoint.load_weights(root, model)
-    files = write_shards(hf_tensors(model, info), out, plan["max_shard_size"])
+    files = stream_export(root, info, out, plan["max_shard_size"])
     (out / hf.CONFIG).write_text(json.dumps(hf.hf_config(info), indent=2, sort_keys=True) + "\n")
     copied, source = _copy_tokenizer(info, out)
     result = {"family": arch["family"], "files": [hf.CONFIG, *files, *copied], "tokenizer_from": source}
