@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flagscale.checkpoint import hf, mapping
+from flagscale.checkpoint import hf, lora, mapping
 from flagscale.errors import ConfigError, ConversionError
 from flagscale.settings import convert
 from flagscale.train import checkpoint as train_checkpoint
@@ -40,6 +40,7 @@ from flagscale.train.settings import ModelSettings
 from flagscale.train.tokenizer import padded_vocab_size
 
 WORKER = "flagscale.checkpoint.worker"
+LORA_MODES = lora.MODES  # how a LoRA run exports: merged weights or a PEFT adapter folder
 MODEL_YAML = "flagscale_model.yaml"
 # Conversion runs on the CPU over gloo, whatever device this build targets: it needs no accelerator.
 WORKER_ENV = {"MEGATRON_DEVICE_TYPE": "cpu", "MEGATRON_COLLECTIVE_BACKEND": "gloo"}
@@ -135,8 +136,13 @@ def _yaml_scalar(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------- export
-def export_checkpoint(ckpt_dir: Path, out_dir: Path, max_shard_size: int = 5 * 10**9) -> Exported:
+def export_checkpoint(
+    ckpt_dir: Path, out_dir: Path, max_shard_size: int = 5 * 10**9, lora: str | None = None
+) -> Exported:
+    """`lora` (a LoRA run's checkpoint): merged (the default) or adapter (a PEFT folder; flagscale.checkpoint.lora)."""
     ckpt_dir, out_dir = ckpt_dir.resolve(), out_dir.resolve()
+    if lora is not None and lora not in LORA_MODES:
+        raise ConfigError(f"--lora {lora}: use one of {', '.join(LORA_MODES)}")
     if not ckpt_dir.is_dir():
         raise ConfigError(f"{ckpt_dir}: no such folder (expected a checkpoint folder with iter_NNNNNNN/)")
     train_checkpoint.latest_dir(ckpt_dir)  # a clear error when it holds no complete checkpoint
@@ -153,6 +159,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, max_shard_size: int = 5 * 1
                     "out": str(staging),
                     "max_shard_size": max_shard_size,
                     "result": str(result_file),
+                    "lora": lora,
                 }
             )
         )

@@ -9,7 +9,7 @@ export streams: one process plans the output files from the HF shapes, then writ
 Megatron parameters an HF tensor needs are read from the checkpoint when it is first written, a layer at a time,
 at TP=1 (a partial sharded state dict of a model built on the meta device: distributed checkpointing reads only
 those chunks, whatever layout saved them), scattered into the HF tensors they make and dropped. Memory: about one
-layer (or the embedding), not the model.
+layer (or the embedding), not the model. (A LoRA checkpoint still loads whole: its adapters are merged first.)
 
 Errors are reported as one `error:` line (the bridge passes it on) and a non-zero exit.
 """
@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from flagscale.checkpoint import hf, mapping
+from flagscale.checkpoint import hf, lora, mapping
 from flagscale.errors import ConfigError, ConversionError, FlagScaleError, reported
 from flagscale.settings import convert
 from flagscale.train.settings import TrainSettings
@@ -75,7 +75,12 @@ def model_of(info: dict[str, Any], tp: int = 1, pp: int = 1):
     from flagscale.train import families
 
     fields = {k: v for k, v in info["architecture"].items() if k in families.ARCHITECTURE_FIELDS}
-    return _model(_settings({**fields, "vocab_size": info["vocab_size"]}, tp, pp), info["padded_vocab_size"])
+    model = _model(_settings({**fields, "vocab_size": info["vocab_size"]}, tp, pp), info["padded_vocab_size"])
+    if info.get("lora"):  # a LoRA run's checkpoint: its adapters too
+        from flagscale.train.lora import apply
+
+        apply(model, info["lora"])
+    return model
 
 
 def meta_model(info: dict[str, Any], tp: int = 1, pp: int = 1):
@@ -435,11 +440,23 @@ def _copy_tokenizer(info: dict[str, Any], folder: Path) -> tuple[list[str], str 
 
 
 def run_export(plan: dict[str, Any]) -> None:
+    from flagscale.train import checkpoint
+
     root, out = plan["checkpoint"], Path(plan["out"])
     start(1, 1)
     info = _export_info(root)
     arch = info["architecture"]
-    files = stream_export(root, info, out, plan["max_shard_size"])
+    if info.get("lora") or plan.get("lora"):  # LoRA: the whole model in memory, adapters merged or written apart
+        model = model_of(info)
+        checkpoint.load_weights(root, model)
+        adapter = lora.export(model, info, plan.get("lora"), out, root)  # LoRA: merged, or a PEFT adapter folder
+        if adapter is not None:
+            Path(plan["result"]).write_text(json.dumps(adapter))
+            stop()
+            return
+        files = write_shards(hf_tensors(model, info), out, plan["max_shard_size"])
+    else:
+        files = stream_export(root, info, out, plan["max_shard_size"])
     (out / hf.CONFIG).write_text(json.dumps(hf.hf_config(info), indent=2, sort_keys=True) + "\n")
     copied, source = _copy_tokenizer(info, out)
     result = {"family": arch["family"], "files": [hf.CONFIG, *files, *copied], "tokenizer_from": source}

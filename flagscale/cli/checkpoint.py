@@ -50,12 +50,18 @@ def export_cmd(
     max_shard_size: int = typer.Option(
         5 * 10**9, "--max-shard-size", min=1, help="Bytes per safetensors shard (more: an index and shards)."
     ),
+    lora: str | None = typer.Option(
+        None,
+        "--lora",
+        help="A LoRA run: merged (adapters folded into the HF weights, the default) or adapter "
+        "(a PEFT adapter folder: adapter_config.json + adapter_model.safetensors).",
+    ),
 ) -> None:
     """Export the latest checkpoint in a folder as an HF model (config.json, safetensors, tokenizer files)."""
     with reported():
         from flagscale.checkpoint.bridge import export_checkpoint
 
-        done = export_checkpoint(ckpt_dir, hf_out, max_shard_size=max_shard_size)
+        done = export_checkpoint(ckpt_dir, hf_out, max_shard_size=max_shard_size, lora=lora)
     typer.echo(f"exported {ckpt_dir} ({done.family}) to {done.out}: {', '.join(done.files)}")
     if done.tokenizer_from is None:
         typer.echo("no tokenizer files copied: the checkpoint records no HF source folder that still exists")

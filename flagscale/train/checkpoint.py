@@ -179,9 +179,25 @@ def load_weights(root: str | Path, model) -> Path:
 
     path = latest_dir(root)
     module = _unwrapped(model)
-    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    wanted = module.sharded_state_dict()
+    # LoRA adapters a base checkpoint (an import) has none of keep their fresh initialization
+    fresh = _adapters_absent(wanted, path)
+    state = dist_checkpointing.load({"model": {k: v for k, v in wanted.items() if k not in fresh}}, str(path))
+    state["model"].update({k: v for k, v in module.state_dict(keep_vars=True).items() if k in fresh})
     module.load_state_dict(state["model"])
     return path
+
+
+def _adapters_absent(sharded: dict[str, Any], path: Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    from flagscale.train.lora import is_adapter
+
+    adapters = {k for k in sharded if is_adapter(k)}
+    if not adapters:
+        return set()
+    saved = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    return {k for k in adapters if getattr(sharded[k], "key", k) not in saved}
 
 
 def _unwrapped(model):

@@ -11,7 +11,12 @@ from pathlib import Path
 
 
 def build_train_dataset(settings, tokenizer, cache_dir: Path):
-    """Megatron's GPTDataset over `settings.data.data_path`, sized for the whole run."""
+    """Megatron's GPTDataset over `settings.data.data_path`, sized for the whole run; for data.format=sft the
+    chat records of data.sft (flagscale.train.sft)."""
+    if settings.data.format == "sft":
+        from flagscale.train import sft
+
+        return sft.build_dataset(settings, tokenizer)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

@@ -109,6 +109,10 @@ def build_model(t: TrainSettings, vocab_size: int):
     s = t.system
     config = transformer_config(t)
     model = gpt_model(t, vocab_size, config)
+    if t.model.lora is not None:  # base weights frozen before DDP and the optimizer see them
+        from flagscale.train import lora
+
+        lora.apply(model, lora.record(t.model.lora))
     if s.precision != "fp32":
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=s.precision != "fp32")
@@ -218,6 +222,10 @@ def model_info(t: TrainSettings, vocab: int, padded: int, recorded: dict | None)
     }
     if recorded and "hf" in recorded:
         info["hf"] = recorded["hf"]
+    if t.model.lora is not None:  # export rebuilds the adapters from this
+        from flagscale.train import lora
+
+        info["lora"] = lora.record(t.model.lora)
     return info
 
 

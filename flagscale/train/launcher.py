@@ -188,6 +188,7 @@ def _resolve_paths(train: TrainSettings, exp_dir: Path) -> TrainSettings:
     data = replace(
         train.data,
         data_path=str(Path(train.data.data_path).expanduser().resolve()),
+        sft=replace(train.data.sft, path=absolute(train.data.sft.path or None) or ""),
         tokenizer=replace(train.data.tokenizer, path=absolute(train.data.tokenizer.path)),
     )
     ckpt = train.system.checkpoint
@@ -199,7 +200,11 @@ def _resolve_paths(train: TrainSettings, exp_dir: Path) -> TrainSettings:
 
 def _check_inputs(train: TrainSettings) -> None:
     prefix = train.data.data_path
-    for suffix in (".bin", ".idx"):
+    if train.data.format == "sft":  # every record checked now: a bad one fails before anything is written
+        from flagscale.train.sft import check_file
+
+        check_file(train.data.sft.path)
+    for suffix in (".bin", ".idx") if train.data.format == "pretrain" else ():
         if not Path(prefix + suffix).is_file():
             raise ConfigError(
                 f"train.data.data_path: {prefix}{suffix} does not exist; make the .bin/.idx pair "

@@ -126,6 +126,24 @@ class MLASettings:
     q_lora_rank: int | None = setting(None, check=_positive)  # None: queries are not compressed
 
 
+def _probability(value: float) -> float:
+    if not (0.0 <= value < 1.0):
+        raise ValueError("must be in [0, 1)")
+    return value
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """`train.model.lora`: low-rank adapters on the linear layers (flagscale/train/lora.py); base weights frozen."""
+
+    rank: int = setting(8, check=_positive)
+    alpha: float = setting(16.0, check=_positive_number)  # the adapter's output is scaled by alpha / rank
+    dropout: float = setting(0.0, check=_probability)  # on the adapter's input, as PEFT
+    # megatron names (linear_qkv, linear_proj, linear_fc1, linear_fc2) or HF ones (q_proj+k_proj+v_proj together,
+    # o_proj, gate_proj+up_proj together, down_proj): megatron fuses q/k/v and gate/up into one layer
+    target_modules: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     family: Family = "gpt"
@@ -155,6 +173,7 @@ class ModelSettings:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     moe: MoESettings | None = None  # the MoE families' experts
     mla: MLASettings | None = None  # deepseek_v3's attention
+    lora: LoRASettings | None = None  # None: train every weight
 
 
 @dataclass(frozen=True)
@@ -165,8 +184,19 @@ class TokenizerSettings:
 
 
 @dataclass(frozen=True)
+class SFTSettings:
+    """`train.data.sft`: chat-format JSONL for supervised fine-tuning (flagscale/train/sft.py)."""
+
+    path: str = ""  # JSON lines of {"messages": [{"role": ..., "content": ...}, ...]}
+    # packed: records end to end in seq_length, each attending only to itself; padded: one record per sequence
+    packing: Literal["packed", "padded"] = "packed"
+
+
+@dataclass(frozen=True)
 class DataSettings:
-    data_path: str = ""  # prefix of the .bin/.idx pair written by tools/preprocess_data.py
+    format: Literal["pretrain", "sft"] = "pretrain"  # sft: chat records, loss on assistant tokens only
+    data_path: str = ""  # prefix of the .bin/.idx pair written by tools/preprocess_data.py (pretrain)
+    sft: SFTSettings = field(default_factory=SFTSettings)
     split: str = setting("100,0,0", check=_split)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
 
@@ -303,7 +333,11 @@ def _validate_train(t: TrainSettings, where: str) -> None:
     o = t.model.optimizer
     if not (0.0 <= o.min_lr <= o.lr):
         raise ConfigError(f"{where}.model.optimizer: need 0 <= min_lr ({o.min_lr}) <= lr ({o.lr})")
-    if not t.data.data_path:
+    if t.data.format == "sft":
+        from flagscale.train.sft import validate
+
+        validate(t, where)
+    elif not t.data.data_path:
         raise ConfigError(
             f"{where}.data.data_path is not set: point it at the prefix of a .bin/.idx pair "
             "made by tools/preprocess_data.py"
@@ -316,6 +350,10 @@ def _validate_train(t: TrainSettings, where: str) -> None:
             f"{where}.model.position_embedding_type={m.position_embedding_type}: family {m.family} uses rope"
         )
     _validate_family_parts(m, where)
+    if m.lora is not None:
+        from flagscale.train.lora import validate as validate_lora
+
+        validate_lora(m, where)
     if m.rotary_scaling_factor is not None and m.position_embedding_type != "rope":
         raise ConfigError(f"{where}.model.rotary_scaling_factor needs position_embedding_type=rope")
     c = t.system.checkpoint

@@ -41,6 +41,11 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         self.unique_identifiers = {"class": "HFTokenizer", "path": path, "vocab_size": self.vocab_size}
 
+    @property
+    def hf(self):
+        """The transformers tokenizer (its chat template formats SFT records)."""
+        return self._tok
+
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
