@@ -70,6 +70,9 @@ def dryrun(settings) -> int:
 
 
 def run(settings) -> int:
+    from flagscale.serve import gguf
+
+    gguf.prepare(settings)  # HF folders for llama.cpp: converted (or found cached) before any server starts
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     endpoints = (direct if settings.deploy == "direct" else ray_cluster).start(settings)
     state = {"deploy": settings.deploy, "endpoints": endpoints, "started_at": time.time()}

@@ -142,9 +142,15 @@ def command_for(
     if spec.engine == "llama.cpp":
         from flagscale.serve.binaries import llama_tool
 
-        if not Path(model).is_file():
+        if Path(model).is_dir():  # an HF folder: its cached GGUF (flagscale.serve.gguf), converted at start
+            from flagscale.serve import gguf
+
+            gguf.check_folder(Path(model), f"{where}.model")
+            model = str(gguf.cached_path(Path(model), gguf.options_of(spec, settings)))
+        elif not Path(model).is_file():
             raise ConfigError(
-                f"{where}.model={model}: no such GGUF file (convert a checkpoint with tools/convert_to_gguf.py)"
+                f"{where}.model={model}: no such GGUF file or Hugging Face model folder "
+                "(a folder is converted to GGUF when the server starts)"
             )
         binary = str(llama_tool("llama-server"))
         flags = llama_server_flags(binary)

@@ -14,6 +14,7 @@ Task YAML (`conf/serve/tiny.yaml`): a list of models (or one mapping)::
     - serve_id: tiny                    # the model name clients send ("model": "tiny")
       engine: llama.cpp                 # llama.cpp | vllm | sglang (default: experiment.task.backend)
       engine_args: {model: /path/tiny.gguf, threads: 1, ctx_size: 512}   # snake_case -> --ctx-size
+      gguf: {outtype: auto, quantize: null}   # llama.cpp given an HF folder as model: how it becomes a GGUF
       replicas: 1
       autoscaling: {min_replicas: 1, max_replicas: 2}   # Ray Serve bounds (optional)
 
@@ -41,6 +42,7 @@ RUNNER_OWNED = {
     "served_model_name": "serve_id",
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+GGUF_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py's --outtype (auto: the source's)
 
 
 # Per-field checks: `convert` reports their ValueError as `<dotted key>=<value>: <message>`.
@@ -74,6 +76,14 @@ class Autoscaling:
 
 
 @dataclass(frozen=True)
+class GGUFConfig:
+    """`gguf:` of a llama.cpp model whose `engine_args.model` is a Hugging Face folder (flagscale.serve.gguf)."""
+
+    outtype: str = "auto"  # auto (the weights' own type: f32, bf16 or f16) | f32 | f16 | bf16 | q8_0
+    quantize: str | None = None  # then llama-quantize to this type (Q4_K_M, Q8_0, ...)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One model of the task YAML (the `serve:` list)."""
 
@@ -84,6 +94,7 @@ class ModelConfig:
     autoscaling: Autoscaling | None = None
     port: int | None = setting(None, check=_port)
     ray_actor_options: dict | None = None
+    gguf: GGUFConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,7 @@ class ModelSpec:
     max_replicas: int | None = None
     port: int | None = None  # direct mode: this model's port (default runner.port + its index)
     num_cpus: float = 1.0  # Ray Serve: CPUs one replica reserves
+    gguf: GGUFConfig = field(default_factory=GGUFConfig)  # llama.cpp given an HF folder: its conversion
 
     @property
     def args(self) -> dict[str, Any]:
@@ -188,7 +200,12 @@ def parse_model(raw: Any, index: int, default_engine: str | None) -> ModelSpec:
         )
     low, high = _replica_bounds(m, where)
     num_cpus = float((m.ray_actor_options or {}).get("num_cpus", 1.0))
-    return ModelSpec(m.serve_id, engine, tuple(sorted(args.items())), m.replicas, low, high, m.port, num_cpus)
+    gguf = m.gguf or GGUFConfig()
+    if m.gguf is not None and engine != "llama.cpp":
+        raise ConfigError(f"{where}.gguf: only the llama.cpp engine serves GGUF files; remove it for {engine}")
+    if gguf.outtype not in GGUF_OUTTYPES:
+        raise ConfigError(f"{where}.gguf.outtype={gguf.outtype}: use one of {', '.join(GGUF_OUTTYPES)}")
+    return ModelSpec(m.serve_id, engine, tuple(sorted(args.items())), m.replicas, low, high, m.port, num_cpus, gguf)
 
 
 def from_config(cfg: Any) -> ServeSettings:

@@ -29,6 +29,7 @@ from flagscale.runner.hostfile import Node, read_hostfile
 from flagscale.runner.ssh import check_options as check_ssh_options
 from flagscale.runner.ssh import ssh_command as ssh_argv
 from flagscale.runner.wait import wait_until
+from flagscale.train import hf_start
 from flagscale.train.settings import ExperimentSettings, TrainSettings, as_dict, experiment_settings, train_settings
 from flagscale.train.shapes import stage_parameters, total_parameters
 from flagscale.train.tokenizer import ByteTokenizer
@@ -264,7 +265,8 @@ def plan(plain: dict) -> LaunchPlan:
             "the config has no train section: add a task YAML to the defaults list (e.g. `- train: tiny`)"
         )
     world_size = exp.runner.nproc_per_node * len(base.nodes)
-    train = _resolve_paths(train_settings(plain["train"]), exp_dir)
+    # checkpoint.hf_model: the architecture and tokenizer come from the folder (imported at run, not here)
+    train = _resolve_paths(train_settings(hf_start.merge(plain["train"])), exp_dir)
     train.check(world_size)
     _check_inputs(train)
     device_env = device_environment(exp.runner.device, exp.runner.visible_devices)
@@ -382,6 +384,10 @@ def dryrun(p: LaunchPlan, out=None) -> int:
     print(f"# driver config -> {p.config_file}", file=out)
     for line in parameter_lines(p.train):
         print(f"# {line}", file=out)
+    imported = hf_start.import_path(p.train)
+    if imported is not None:
+        state = "cached" if imported.exists() else "made at action=run"
+        print(f"# starts from {p.train.system.checkpoint.hf_model}: its import {imported} ({state})", file=out)
     for node in p.nodes:
         print(f"\n# node {node.rank} on {node.host}: {node.script}", file=out)
         print(node.script_text, end="", file=out)
@@ -405,6 +411,7 @@ def run(p: LaunchPlan, out=None) -> int:
             f"experiment {p.exp.exp_name} is already running ({', '.join(running)} in {p.exp_dir}): "
             "stop it first with action=stop"
         )
+    p = replace(p, train=hf_start.prepare(p.train))  # here, once: the import every rank then loads
     _write_files(p)
     if not p.multi_node:
         node = p.nodes[0]

@@ -210,6 +210,10 @@ class CheckpointSettings:
     # true: start from `load`'s model weights only (iteration 0, a fresh optimizer and schedule), e.g. a
     # checkpoint made by `flagscale checkpoint import`; once `save` holds a checkpoint, resume from that.
     finetune: bool = False
+    # a Hugging Face folder (config.json, safetensors, tokenizer) to start from: its architecture and tokenizer
+    # become train.model's and train.data.tokenizer's, and it is imported at this run's layout into the flagscale
+    # cache once (flagscale/train/hf_start.py), then loaded with finetune semantics. Excludes `load`.
+    hf_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -357,7 +361,11 @@ def _validate_train(t: TrainSettings, where: str) -> None:
     if m.rotary_scaling_factor is not None and m.position_embedding_type != "rope":
         raise ConfigError(f"{where}.model.rotary_scaling_factor needs position_embedding_type=rope")
     c = t.system.checkpoint
-    if c.finetune and not c.load:
+    if c.hf_model and c.load:
+        raise ConfigError(
+            f"{where}.system.checkpoint: set load or hf_model, not both (hf_model imports the folder and loads that)"
+        )
+    if c.finetune and not (c.load or c.hf_model):
         raise ConfigError(
             f"{where}.system.checkpoint.finetune=true needs checkpoint.load: the checkpoint whose weights to start from"
         )
