@@ -544,7 +544,10 @@ def test_checkpoint_commands_load_nothing_heavy():
     "args, message",
     [
         (["--tp", "3"], "error: --tp 3 does not divide num_attention_heads=4 of the model"),
-        (["--family", "gemma"], "error: --family gemma: use one of llama, qwen2, qwen3"),
+        (
+            ["--family", "gemma"],
+            "error: --family gemma: use one of llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v3",
+        ),
         (["--pp", "0"], "Invalid value for '--pp'"),
     ],
 )

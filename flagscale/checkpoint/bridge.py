@@ -72,7 +72,10 @@ def import_checkpoint(
     pp: int = 1,
     family: str | None = None,
     make_vocab_size_divisible_by: int = 64,
+    ep: int = 1,
 ) -> Imported:
+    """`ep`: expert parallelism of a MoE model (experts split over EP ranks); the import runs TP x PP x EP ranks,
+    the smallest world megatron.core builds that layout in (data-parallel size EP)."""
     hf_dir, out_dir = hf_dir.resolve(), out_dir.resolve()
     config = hf.read_config(hf_dir)
     where = str(hf_dir / hf.CONFIG)
@@ -80,6 +83,7 @@ def import_checkpoint(
     plain = {**hf.model_settings(config, fam, where), "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     model = convert(ModelSettings, plain, where)
     _check_layout(model, tp, pp)
+    _check_experts(model, tp, ep)
     arch, vocab = families.architecture(model), plain["vocab_size"]
     tensors = hf.check_tensors(hf_dir, hf.read_tensors(hf_dir), mapping.hf_shapes(arch, vocab), fam)
     _check_destination(out_dir)
@@ -96,6 +100,7 @@ def import_checkpoint(
         "model": plain,
         "tp": tp,
         "pp": pp,
+        "ep": ep,
         "info": info,
         "files": {name: str(t.file) for name, t in tensors.items()},
     }
@@ -103,21 +108,45 @@ def import_checkpoint(
         plan["out"] = str(staging)
         plan_file = Path(scratch) / "plan.json"
         plan_file.write_text(json.dumps(plan))
-        _run_worker(["--nproc-per-node", str(tp * pp)], ["import", str(plan_file)], f"import of {hf_dir}")
+        _run_worker(["--nproc-per-node", str(tp * pp * ep)], ["import", str(plan_file)], f"import of {hf_dir}")
         (staging / MODEL_YAML).write_text(model_yaml(plain, hf_dir))
-    return Imported(out_dir, fam, plain, len(tensors), f"TP={tp} PP={pp}")
+    return Imported(out_dir, fam, plain, len(tensors), f"TP={tp} PP={pp}" + (f" EP={ep}" if ep > 1 else ""))
 
 
 def _check_layout(m: ModelSettings, tp: int, pp: int) -> None:
     groups = families.query_groups(m)
+    dense = m.moe is None or m.moe.dense_layers > 0  # a dense MLP somewhere
     for value, name, size, flag in (
         (m.num_attention_heads, "num_attention_heads", tp, "--tp"),
         (groups, "num_key_value_heads", tp, "--tp"),
-        (families.ffn_size(m), "intermediate_size", tp, "--tp"),
+        (families.ffn_size(m) if dense else 0, "intermediate_size", tp, "--tp"),
         (m.num_layers, "num_hidden_layers", pp, "--pp"),
     ):
         if value % size:
             raise ConfigError(f"{flag} {size} does not divide {name}={value} of the model")
+
+
+def _check_experts(m: ModelSettings, tp: int, ep: int) -> None:
+    """What expert parallelism, and tensor parallelism of the experts and of multi-latent attention, divide."""
+    if m.moe is None:
+        if ep > 1:
+            raise ConfigError(f"--ep {ep}: family {m.family} has no experts (expert parallelism is for MoE models)")
+        return
+    if m.moe.dense_layers >= m.num_layers:
+        raise ConfigError(f"the model has no MoE layer ({m.moe.dense_layers} dense first layers of {m.num_layers})")
+    checks = [
+        (m.moe.num_experts, "the number of experts", ep, "--ep"),
+        (m.moe.ffn_hidden_size or families.ffn_size(m), "the expert MLP size", tp, "--tp"),
+        (m.moe.shared_expert_ffn_hidden_size or 0, "the shared experts' MLP size", tp, "--tp"),
+    ]
+    if m.mla is not None:
+        checks += [
+            (m.mla.q_lora_rank or 0, "q_lora_rank", tp, "--tp"),
+            (m.mla.kv_lora_rank + m.mla.qk_pos_emb_head_dim, "kv_lora_rank + qk_rope_head_dim", tp, "--tp"),
+        ]
+    for value, name, size, flag in checks:
+        if value % size:
+            raise ConfigError(f"{flag} {size} does not divide {name} ({value}) of the model")
 
 
 def model_yaml(model: dict[str, Any], source: Path) -> str:

@@ -1,10 +1,12 @@
 """A Hugging Face model folder as FlagScale reads and writes it: config.json <-> `train.model` settings, the
 safetensors shards (their headers: names, dtypes, shapes, read without torch), and the files export copies.
 
-Supported: the dense decoder families of flagscale/train/families.py. A config.json that asks for something
-megatron.core's local spec does not compute the same way (another activation, biases on every linear, sliding
-windows, a RoPE scaling other than Llama 3's with megatron.core's fixed factors) is refused with one line, so
-an import never yields a model that silently computes something else.
+Supported: the decoder families of flagscale/train/families.py that Hugging Face has (llama, qwen2, qwen3, and the
+MoE families qwen3_moe, mixtral, deepseek_v3). A config.json that asks for something megatron.core's local spec
+does not compute the same way (another activation, biases on every linear, sliding windows, a RoPE scaling other
+than Llama 3's with megatron.core's fixed factors; for MoE, routing megatron.core's router does not compute, MoE
+layers other than "every layer after the first k", YaRN or non-interleaved RoPE in multi-latent attention) is
+refused with one line, so an import never yields a model that silently computes something else.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # HF architecture (config.json `architectures`) -> family, and back with its model_type
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 HF_NAMES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
 }
+ARCHITECTURES = {architecture: family for family, (architecture, _) in HF_NAMES.items()}
 # What export copies from the source folder besides weights and config.json
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -116,16 +121,31 @@ def _refuse_unsupported(config: dict[str, Any], family: str, where: str) -> None
         raise ConfigError(f"{where}: mlp_bias=true is not supported")
     if config.get("use_sliding_window"):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported (megatron.core attends to all tokens)")
+    window = config.get("sliding_window") if family == "mixtral" else None
+    if window is not None and window < (config.get("max_position_embeddings") or 0):
+        raise ConfigError(
+            f"{where}: sliding_window={window} is not supported (megatron.core attends to all tokens): set it to "
+            "null or to max_position_embeddings"
+        )
 
 
 def model_settings(config: dict[str, Any], family: str, where: str) -> dict[str, Any]:
-    """config.json as `train.model` settings (plain data: family, architecture, vocabulary, context)."""
+    """config.json as `train.model` settings (plain data: family, architecture, vocabulary, context; `moe` and
+    `mla` for the families with them)."""
     _refuse_unsupported(config, family, where)
+    mla = _mla(config, where) if family == "deepseek_v3" else None  # before the generic RoPE scaling check
     hidden = _required_int(config, "hidden_size", where)
     heads = _required_int(config, "num_attention_heads", where)
     groups = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    return {
+    if family == "deepseek_v3":  # MLA: head sizes are model.mla's; key/value heads are the query heads
+        if groups != heads:
+            raise ConfigError(
+                f"{where}: num_key_value_heads={groups} is not supported: multi-latent attention has one key/value "
+                f"head per query head ({heads})"
+            )
+        head_dim = hidden // heads
+    settings = {
         "family": family,
         "num_layers": _required_int(config, "num_hidden_layers", where),
         "hidden_size": hidden,
@@ -140,6 +160,110 @@ def model_settings(config: dict[str, Any], family: str, where: str) -> dict[str,
         "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
         "share_embeddings_and_output_weights": bool(config.get("tie_word_embeddings", False)),
         "vocab_size": _required_int(config, "vocab_size", where),
+    }
+    if family in _MOE:
+        settings["moe"] = _MOE[family](config, where)
+    if mla is not None:
+        settings["mla"] = mla
+    return settings
+
+
+# ------------------------------------------------------------------------------ MoE and MLA (config.json)
+def _moe_common(config: dict[str, Any], where: str, experts_key: str, ffn_key: str) -> dict[str, Any]:
+    experts = _required_int(config, experts_key, where)
+    topk = _required_int(config, "num_experts_per_tok", where)
+    if topk > experts:
+        raise ConfigError(f"{where}: num_experts_per_tok={topk} exceeds {experts_key}={experts}")
+    moe: dict[str, Any] = {"num_experts": experts, "router_topk": topk}
+    moe["ffn_hidden_size"] = _required_int(config, ffn_key, where)
+    if isinstance(config.get("router_aux_loss_coef"), (int, float)):  # a training setting, carried along
+        moe["aux_loss_coeff"] = float(config["router_aux_loss_coef"])
+    return moe
+
+
+def _qwen3_moe(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Softmax over all experts, then the top k; renormalized over the k when norm_topk_prob (megatron.core:
+    top k of the logits, softmax over those k, which is the same), else kept (router_pre_softmax)."""
+    if config.get("decoder_sparse_step", 1) != 1:
+        raise ConfigError(
+            f"{where}: decoder_sparse_step={config['decoder_sparse_step']} is not supported: every layer after the "
+            "dense first ones must be a MoE layer"
+        )
+    dense = list(config.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+        raise ConfigError(
+            f"{where}: mlp_only_layers={dense} is not supported: only the first layers may be dense (e.g. [0, 1])"
+        )
+    moe = _moe_common(config, where, "num_experts", "moe_intermediate_size")
+    return {**moe, "dense_layers": len(dense), "router_pre_softmax": not config.get("norm_topk_prob", False)}
+
+
+def _mixtral(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Softmax over all experts, top k, renormalized over the k: megatron.core's softmax over the top-k logits."""
+    return _moe_common(config, where, "num_local_experts", "intermediate_size")
+
+
+def _deepseek_v3_moe(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Sigmoid scores; the top k of scores + e_score_correction_bias within the top topk_group of n_group groups;
+    the k scores normalized, times routed_scaling_factor; shared experts beside them; dense first layers."""
+    moe = _moe_common(config, where, "n_routed_experts", "moe_intermediate_size")
+    topk, experts = moe["router_topk"], moe["num_experts"]
+    if bool(config.get("norm_topk_prob", True)) != (topk > 1):
+        raise ConfigError(
+            f"{where}: norm_topk_prob={config.get('norm_topk_prob')} with num_experts_per_tok={topk} is not "
+            "supported: megatron.core's sigmoid router normalizes the top-k scores exactly when k > 1"
+        )
+    groups, group_topk = config.get("n_group") or 1, config.get("topk_group") or 1
+    if groups > 1 and (experts % groups or topk % group_topk or topk // group_topk != 2):
+        raise ConfigError(
+            f"{where}: n_group={groups}, topk_group={group_topk} with num_experts_per_tok={topk} is not supported: "
+            "megatron.core scores a group by its top num_experts_per_tok/topk_group experts, transformers by its "
+            "top 2 (they agree when num_experts_per_tok = 2 x topk_group and n_group divides n_routed_experts)"
+        )
+    shared = config.get("n_shared_experts") or 0
+    if shared < 1:
+        raise ConfigError(f"{where}: n_shared_experts={shared} is not supported: deepseek_v3 has shared experts")
+    scale = float(config.get("routed_scaling_factor") or 1.0)
+    return {
+        **moe,
+        "shared_expert_ffn_hidden_size": moe["ffn_hidden_size"] * shared,
+        "dense_layers": int(config.get("first_k_dense_replace") or 0),
+        "router_score_function": "sigmoid",
+        "router_expert_bias": True,
+        "router_num_groups": groups if groups > 1 else None,
+        "router_group_topk": group_topk if groups > 1 else None,
+        "router_topk_scaling_factor": scale if scale != 1.0 else None,
+    }
+
+
+_MOE = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "deepseek_v3": _deepseek_v3_moe}
+
+
+def _mla(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Multi-latent attention as megatron.core's MLASelfAttention computes it: RoPE on interleaved rows (as
+    transformers with rope_interleave), no YaRN, the latents' RMSNorms with rms_norm_eps (transformers: 1e-6)."""
+    if not config.get("rope_interleave", True):
+        raise ConfigError(
+            f"{where}: rope_interleave=false is not supported: megatron.core's multi-latent attention reads the "
+            "RoPE rows interleaved"
+        )
+    if config.get("rope_scaling") is not None:
+        raise ConfigError(
+            f"{where}: rope_scaling {config['rope_scaling']} is not supported for deepseek_v3 (no YaRN in "
+            "flagscale's multi-latent attention yet)"
+        )
+    if float(config.get("rms_norm_eps", 1e-6)) != 1e-6:
+        raise ConfigError(
+            f"{where}: rms_norm_eps={config['rms_norm_eps']} is not supported for deepseek_v3: transformers "
+            "normalizes the query/key-value latents with 1e-6, megatron.core with rms_norm_eps"
+        )
+    q_lora = config.get("q_lora_rank")
+    return {
+        "q_lora_rank": _required_int(config, "q_lora_rank", where) if q_lora is not None else None,
+        "kv_lora_rank": _required_int(config, "kv_lora_rank", where),
+        "qk_head_dim": _required_int(config, "qk_nope_head_dim", where),
+        "qk_pos_emb_head_dim": _required_int(config, "qk_rope_head_dim", where),
+        "v_head_dim": _required_int(config, "v_head_dim", where),
     }
 
 
@@ -165,8 +289,16 @@ def hf_config(info: dict[str, Any]) -> dict[str, Any]:
     _set(config, "num_attention_heads", arch["num_attention_heads"])
     _set(config, "num_key_value_heads", arch["num_query_groups"])
     _set(config, "intermediate_size", arch["ffn_hidden_size"])
-    if "head_dim" in config or arch["kv_channels"] != arch["hidden_size"] // arch["num_attention_heads"]:
+    if family == "deepseek_v3":
+        pass  # its head_dim is the RoPE head dim (_set_mla)
+    elif (
+        config.get("head_dim") is not None or arch["kv_channels"] != arch["hidden_size"] // arch["num_attention_heads"]
+    ):
         _set(config, "head_dim", arch["kv_channels"])
+    if arch.get("moe"):
+        _set_moe(config, family, arch["moe"])
+    if arch.get("mla"):
+        _set_mla(config, arch["mla"])
     _set(config, "rope_theta", arch["rotary_base"])
     _set(config, "rms_norm_eps", arch["norm_epsilon"])
     _set(config, "tie_word_embeddings", arch["share_embeddings_and_output_weights"])
@@ -179,6 +311,40 @@ def hf_config(info: dict[str, Any]) -> dict[str, Any]:
     elif _rope_scaling(config.get("rope_scaling"), "config.json") != factor:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": factor, **_LLAMA3_FIXED}
     return config
+
+
+def _set_moe(config: dict[str, Any], family: str, moe: dict[str, Any]) -> None:
+    _set(config, "num_experts_per_tok", moe["router_topk"])
+    if family == "mixtral":
+        _set(config, "num_local_experts", moe["num_experts"])
+        _set(config, "intermediate_size", moe["ffn_hidden_size"])  # Mixtral's experts are its MLP
+        return
+    _set(config, "moe_intermediate_size", moe["ffn_hidden_size"])
+    if family == "qwen3_moe":
+        _set(config, "num_experts", moe["num_experts"])
+        _set(config, "norm_topk_prob", not moe["router_pre_softmax"])
+        _set(config, "decoder_sparse_step", 1)
+        _set(config, "mlp_only_layers", list(range(moe["dense_layers"])))
+        return
+    groups = moe["router_num_groups"]
+    _set(config, "n_routed_experts", moe["num_experts"])
+    _set(config, "n_shared_experts", moe["shared_expert_ffn_hidden_size"] // moe["ffn_hidden_size"])
+    _set(config, "first_k_dense_replace", moe["dense_layers"])
+    _set(config, "n_group", groups or 1)
+    _set(config, "topk_group", moe["router_group_topk"] if groups else 1)
+    _set(config, "routed_scaling_factor", moe["router_topk_scaling_factor"] or 1.0)
+    _set(config, "norm_topk_prob", moe["router_topk"] > 1)
+
+
+def _set_mla(config: dict[str, Any], mla: dict[str, Any]) -> None:
+    _set(config, "q_lora_rank", mla["q_lora_rank"])
+    _set(config, "kv_lora_rank", mla["kv_lora_rank"])
+    _set(config, "qk_nope_head_dim", mla["qk_head_dim"])
+    _set(config, "qk_rope_head_dim", mla["qk_pos_emb_head_dim"])
+    _set(config, "v_head_dim", mla["v_head_dim"])
+    _set(config, "qk_head_dim", mla["qk_head_dim"] + mla["qk_pos_emb_head_dim"])
+    _set(config, "head_dim", mla["qk_pos_emb_head_dim"])
+    _set(config, "rope_interleave", True)
 
 
 # ------------------------------------------------------------------------------------ safetensors

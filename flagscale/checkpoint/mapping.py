@@ -13,6 +13,18 @@ evenly and rank r holds the r-th part of each, concatenated, which is how megatr
   rows up to the padded size (make_vocab_size_divisible_by x TP).
 * norms (input_layernorm, pre_mlp_layernorm, q/k layernorm, final layernorm): whole on every rank.
 
+The MoE families (qwen3_moe, mixtral, deepseek_v3) add, in their MoE layers (megatron.core's MoELayer with
+SequentialMLP experts):
+* mlp.router.weight (and deepseek_v3's mlp.router.expert_bias, a buffer: HF e_score_correction_bias): whole.
+* mlp.experts.local_experts.{i}: expert parallelism gives EP rank e the experts [e*L, (e+1)*L) (L = experts / EP)
+  as its local experts 0..L-1; each is split over the expert-tensor-parallel ranks like a dense MLP (`expert`).
+* mlp.shared_experts (deepseek_v3): a dense SwiGLU MLP, tensor-parallel like the dense one.
+and deepseek_v3's multi-latent attention (MLASelfAttention, local spec: every projection column-parallel):
+linear_q_down_proj / linear_q_up_proj (or linear_q_proj without q_lora_rank), linear_kv_down_proj,
+linear_kv_up_proj: rows split evenly; q_layernorm / kv_layernorm (the latents' norms): whole. The row layouts
+are transformers' own (per head [nope, rope] of q_b_proj, [nope, v] of kv_b_proj; [latent, rope] of
+kv_a_proj_with_mqa), and megatron.core reads RoPE rows interleaved as transformers does with rope_interleave.
+
 Import reads a rank's pieces (`TensorMap.shard`) with safetensors slices; export walks the TP=1 pieces of a
 fully loaded model and writes each into its HF tensor. Pure Python: torch only inside the functions that
 copy tensors.
@@ -42,6 +54,7 @@ class TensorMap:
     dim: int  # the dimension the sections run along (and tensor parallelism splits)
     sections: tuple[tuple[Piece, ...], ...]
     parallel: bool = True  # False: the whole tensor on every rank
+    expert: bool = False  # an expert's weight: split over the expert-tensor-parallel ranks
 
     def shard(self, rank: int, size: int) -> list[Piece]:
         """The pieces rank `rank` of `size` tensor-parallel ranks holds, in order."""
@@ -78,6 +91,8 @@ class Sizes:
     head_dim: int
     ffn: int
     tied: bool
+    moe: dict[str, Any] | None = None  # architecture()'s model.moe (ffn_hidden_size resolved)
+    mla: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, arch: dict[str, Any]) -> Sizes:
@@ -90,7 +105,26 @@ class Sizes:
             head_dim=arch["kv_channels"],
             ffn=arch["ffn_hidden_size"],
             tied=arch["share_embeddings_and_output_weights"],
+            moe=arch.get("moe"),
+            mla=arch.get("mla"),
         )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.moe["dense_layers"]
+
+    @property
+    def experts(self) -> int:
+        return self.moe["num_experts"] if self.moe else 0
+
+    @property
+    def mlp_prefix(self) -> str:
+        """Where an HF MoE layer keeps its router and experts (Mixtral's own name)."""
+        return "block_sparse_moe." if self.family == "mixtral" else "mlp."
+
+
+# HF names of an expert's [gate, up, down] projections
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def _whole(name: str, source: str, rows: int) -> TensorMap:
@@ -111,28 +145,85 @@ def _qkv(name: str, prefix: str, suffix: str, s: Sizes) -> TensorMap:
     return TensorMap(name, 0, (tuple(pieces),))
 
 
-def layer_maps(s: Sizes, layer: int, local: int) -> list[TensorMap]:
-    """The maps of HF layer `layer`, which is layer `local` of this pipeline stage."""
-    m, hf = f"decoder.layers.{local}.", f"model.layers.{layer}."
-    attn = hf + "self_attn."
+def _swiglu(m: str, hf: str, ffn: int, names: tuple[str, str, str] = _SWIGLU_NAMES, expert: bool = False):
+    """A SwiGLU MLP: fc1 = [gate; up] (each split over TP), fc2 = down (its columns split)."""
+    gate, up, down = (f"{hf}{n}.weight" for n in names)
+    return [
+        TensorMap(m + "linear_fc1.weight", 0, ((Piece(gate, 0, ffn),), (Piece(up, 0, ffn),)), expert=expert),
+        TensorMap(m + "linear_fc2.weight", 1, ((Piece(down, 0, ffn),),), expert=expert),
+    ]
+
+
+def _attention_maps(s: Sizes, m: str, attn: str) -> list[TensorMap]:
+    if s.mla is not None:
+        return _mla_maps(s, m, attn)
     maps = [
-        _whole(m + "input_layernorm.weight", hf + "input_layernorm.weight", s.hidden),
-        _qkv(m + "self_attention.linear_qkv.weight", attn, "weight", s),
-        _split(m + "self_attention.linear_proj.weight", attn + "o_proj.weight", s.heads * s.head_dim, dim=1),
-        _whole(m + "pre_mlp_layernorm.weight", hf + "post_attention_layernorm.weight", s.hidden),
-        TensorMap(
-            m + "mlp.linear_fc1.weight",
-            0,
-            ((Piece(hf + "mlp.gate_proj.weight", 0, s.ffn),), (Piece(hf + "mlp.up_proj.weight", 0, s.ffn),)),
-        ),
-        _split(m + "mlp.linear_fc2.weight", hf + "mlp.down_proj.weight", s.ffn, dim=1),
+        _qkv(m + "linear_qkv.weight", attn, "weight", s),
+        _split(m + "linear_proj.weight", attn + "o_proj.weight", s.heads * s.head_dim, dim=1),
     ]
     if s.family == "qwen2":
-        maps.append(_qkv(m + "self_attention.linear_qkv.bias", attn, "bias", s))
-    if s.family == "qwen3":
-        maps.append(_whole(m + "self_attention.q_layernorm.weight", attn + "q_norm.weight", s.head_dim))
-        maps.append(_whole(m + "self_attention.k_layernorm.weight", attn + "k_norm.weight", s.head_dim))
+        maps.append(_qkv(m + "linear_qkv.bias", attn, "bias", s))
+    if s.family in ("qwen3", "qwen3_moe"):
+        maps.append(_whole(m + "q_layernorm.weight", attn + "q_norm.weight", s.head_dim))
+        maps.append(_whole(m + "k_layernorm.weight", attn + "k_norm.weight", s.head_dim))
     return maps
+
+
+def _mla_maps(s: Sizes, m: str, attn: str) -> list[TensorMap]:
+    a = s.mla
+    assert a is not None
+    q_rows = s.heads * (a["qk_head_dim"] + a["qk_pos_emb_head_dim"])
+    maps = [
+        _split(
+            m + "linear_kv_down_proj.weight",
+            attn + "kv_a_proj_with_mqa.weight",
+            a["kv_lora_rank"] + a["qk_pos_emb_head_dim"],
+        ),
+        _whole(m + "kv_layernorm.weight", attn + "kv_a_layernorm.weight", a["kv_lora_rank"]),
+        _split(
+            m + "linear_kv_up_proj.weight", attn + "kv_b_proj.weight", s.heads * (a["qk_head_dim"] + a["v_head_dim"])
+        ),
+        _split(m + "linear_proj.weight", attn + "o_proj.weight", s.heads * a["v_head_dim"], dim=1),
+    ]
+    if a["q_lora_rank"] is None:
+        return [*maps, _split(m + "linear_q_proj.weight", attn + "q_proj.weight", q_rows)]
+    return [
+        *maps,
+        _split(m + "linear_q_down_proj.weight", attn + "q_a_proj.weight", a["q_lora_rank"]),
+        _whole(m + "q_layernorm.weight", attn + "q_a_layernorm.weight", a["q_lora_rank"]),
+        _split(m + "linear_q_up_proj.weight", attn + "q_b_proj.weight", q_rows),
+    ]
+
+
+def _moe_maps(s: Sizes, m: str, hf: str, ep_rank: int, ep: int) -> list[TensorMap]:
+    """A MoE layer on expert-parallel rank `ep_rank` of `ep`: the router, this rank's experts, shared experts."""
+    moe, block = s.moe, hf + s.mlp_prefix
+    assert moe is not None
+    maps = [_whole(m + "router.weight", block + "gate.weight", s.experts)]
+    if moe["router_expert_bias"]:
+        maps.append(_whole(m + "router.expert_bias", block + "gate.e_score_correction_bias", s.experts))
+    local = s.experts // ep
+    names = _EXPERT_NAMES.get(s.family, _SWIGLU_NAMES)
+    for i in range(local):
+        expert = f"{block}experts.{ep_rank * local + i}."
+        maps += _swiglu(f"{m}experts.local_experts.{i}.", expert, moe["ffn_hidden_size"], names, expert=True)
+    if moe["shared_expert_ffn_hidden_size"]:
+        maps += _swiglu(m + "shared_experts.", block + "shared_experts.", moe["shared_expert_ffn_hidden_size"])
+    return maps
+
+
+def layer_maps(s: Sizes, layer: int, local: int, ep_rank: int = 0, ep: int = 1) -> list[TensorMap]:
+    """The maps of HF layer `layer`, which is layer `local` of this pipeline stage (on expert-parallel rank
+    `ep_rank` of `ep`, for a MoE layer)."""
+    m, hf = f"decoder.layers.{local}.", f"model.layers.{layer}."
+    maps = [
+        _whole(m + "input_layernorm.weight", hf + "input_layernorm.weight", s.hidden),
+        *_attention_maps(s, m + "self_attention.", hf + "self_attn."),
+        _whole(m + "pre_mlp_layernorm.weight", hf + "post_attention_layernorm.weight", s.hidden),
+    ]
+    if s.is_moe_layer(layer):
+        return maps + _moe_maps(s, m + "mlp.", hf, ep_rank, ep)
+    return maps + _swiglu(m + "mlp.", hf + "mlp.", s.ffn)
 
 
 def _vocab(name: str, source: str, vocab: int, padded: int) -> TensorMap:
@@ -141,16 +232,25 @@ def _vocab(name: str, source: str, vocab: int, padded: int) -> TensorMap:
 
 
 def model_maps(
-    arch: dict[str, Any], vocab: int, padded: int, first_layer: int, num_layers: int, pre: bool, post: bool
+    arch: dict[str, Any],
+    vocab: int,
+    padded: int,
+    first_layer: int,
+    num_layers: int,
+    pre: bool,
+    post: bool,
+    ep_rank: int = 0,
+    ep: int = 1,
 ) -> list[TensorMap]:
     """Every parameter of one pipeline stage: layers [first_layer, first_layer + num_layers), the embedding on
-    the first stage (`pre`), the final norm and output layer on the last (`post`)."""
+    the first stage (`pre`), the final norm and output layer on the last (`post`); of a MoE layer, the experts
+    of expert-parallel rank `ep_rank` of `ep`."""
     s = Sizes.of(arch)
     maps: list[TensorMap] = []
     if pre:
         maps.append(_vocab("embedding.word_embeddings.weight", "model.embed_tokens.weight", vocab, padded))
     for local in range(num_layers):
-        maps += layer_maps(s, first_layer + local, local)
+        maps += layer_maps(s, first_layer + local, local, ep_rank, ep)
     if post:
         maps.append(_whole("decoder.final_layernorm.weight", "model.norm.weight", s.hidden))
         # tied: the first stage's embedding is the output layer; a later last stage keeps a copy of it
@@ -167,27 +267,78 @@ def hf_shapes(arch: dict[str, Any], vocab: int) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, s.hidden)}
     for i in range(s.layers):
         p = f"model.layers.{i}."
-        layer = {
-            "self_attn.q_proj.weight": (q, s.hidden),
-            "self_attn.k_proj.weight": (kv, s.hidden),
-            "self_attn.v_proj.weight": (kv, s.hidden),
-            "self_attn.o_proj.weight": (s.hidden, q),
-            "mlp.gate_proj.weight": (s.ffn, s.hidden),
-            "mlp.up_proj.weight": (s.ffn, s.hidden),
-            "mlp.down_proj.weight": (s.hidden, s.ffn),
-            "input_layernorm.weight": (s.hidden,),
-            "post_attention_layernorm.weight": (s.hidden,),
-        }
+        if s.mla is not None:
+            layer = _mla_shapes(s)
+        else:
+            layer = {
+                "self_attn.q_proj.weight": (q, s.hidden),
+                "self_attn.k_proj.weight": (kv, s.hidden),
+                "self_attn.v_proj.weight": (kv, s.hidden),
+                "self_attn.o_proj.weight": (s.hidden, q),
+            }
+        layer.update(_moe_shapes(s) if s.is_moe_layer(i) else _swiglu_shapes("mlp.", s.ffn, s.hidden))
+        layer.update({"input_layernorm.weight": (s.hidden,), "post_attention_layernorm.weight": (s.hidden,)})
         if s.family == "qwen2":
             layer.update(
                 {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
             )
-        if s.family == "qwen3":
+        if s.family in ("qwen3", "qwen3_moe"):
             layer.update({"self_attn.q_norm.weight": (s.head_dim,), "self_attn.k_norm.weight": (s.head_dim,)})
         shapes.update({p + k: v for k, v in layer.items()})
     shapes["model.norm.weight"] = (s.hidden,)
     if not s.tied:
         shapes["lm_head.weight"] = (vocab, s.hidden)
+    return shapes
+
+
+def _swiglu_shapes(
+    prefix: str, ffn: int, hidden: int, names: tuple[str, str, str] = _SWIGLU_NAMES
+) -> dict[str, tuple[int, ...]]:
+    gate, up, down = names
+    return {
+        f"{prefix}{gate}.weight": (ffn, hidden),
+        f"{prefix}{up}.weight": (ffn, hidden),
+        f"{prefix}{down}.weight": (hidden, ffn),
+    }
+
+
+def _moe_shapes(s: Sizes) -> dict[str, tuple[int, ...]]:
+    moe, block = s.moe, s.mlp_prefix
+    assert moe is not None
+    shapes: dict[str, tuple[int, ...]] = {block + "gate.weight": (s.experts, s.hidden)}
+    if moe["router_expert_bias"]:
+        shapes[block + "gate.e_score_correction_bias"] = (s.experts,)
+    names = _EXPERT_NAMES.get(s.family, _SWIGLU_NAMES)
+    for j in range(s.experts):
+        shapes.update(_swiglu_shapes(f"{block}experts.{j}.", moe["ffn_hidden_size"], s.hidden, names))
+    if moe["shared_expert_ffn_hidden_size"]:
+        shapes.update(_swiglu_shapes(block + "shared_experts.", moe["shared_expert_ffn_hidden_size"], s.hidden))
+    return shapes
+
+
+def _mla_shapes(s: Sizes) -> dict[str, tuple[int, ...]]:
+    a = s.mla
+    assert a is not None
+    q_rows = s.heads * (a["qk_head_dim"] + a["qk_pos_emb_head_dim"])
+    shapes: dict[str, tuple[int, ...]] = {}
+    if a["q_lora_rank"] is None:
+        shapes["self_attn.q_proj.weight"] = (q_rows, s.hidden)
+    else:
+        shapes.update(
+            {
+                "self_attn.q_a_proj.weight": (a["q_lora_rank"], s.hidden),
+                "self_attn.q_a_layernorm.weight": (a["q_lora_rank"],),
+                "self_attn.q_b_proj.weight": (q_rows, a["q_lora_rank"]),
+            }
+        )
+    shapes.update(
+        {
+            "self_attn.kv_a_proj_with_mqa.weight": (a["kv_lora_rank"] + a["qk_pos_emb_head_dim"], s.hidden),
+            "self_attn.kv_a_layernorm.weight": (a["kv_lora_rank"],),
+            "self_attn.kv_b_proj.weight": (s.heads * (a["qk_head_dim"] + a["v_head_dim"]), a["kv_lora_rank"]),
+            "self_attn.o_proj.weight": (s.hidden, s.heads * a["v_head_dim"]),
+        }
+    )
     return shapes
 
 

@@ -34,15 +34,13 @@ from flagscale.settings import convert
 from flagscale.train.settings import TrainSettings
 
 
-def _settings(model: dict[str, Any], tp: int, pp: int) -> TrainSettings:
-    data = {
-        "model": model,
-        "system": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-    }
+def _settings(model: dict[str, Any], tp: int, pp: int, ep: int = 1) -> TrainSettings:
+    system = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep}
+    data = {"model": model, "system": system}
     return convert(TrainSettings, data, "model")
 
 
-def start(tp: int, pp: int) -> None:
+def start(tp: int, pp: int, ep: int = 1) -> None:
     """torch.distributed (gloo; torchrun's rendezvous, or a world of one) and megatron's parallel state."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -51,7 +49,9 @@ def start(tp: int, pp: int) -> None:
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron's layers expect the RNG tracker to exist
 
 
@@ -70,12 +70,12 @@ def _model(t: TrainSettings, padded_vocab: int):
     return driver.gpt_model(t, padded_vocab, driver.transformer_config(t, perform_initialization=False))
 
 
-def model_of(info: dict[str, Any], tp: int = 1, pp: int = 1):
+def model_of(info: dict[str, Any], tp: int = 1, pp: int = 1, ep: int = 1):
     """This rank's stage of the model a checkpoint's model info describes (weights uninitialized)."""
     from flagscale.train import families
 
     fields = {k: v for k, v in info["architecture"].items() if k in families.ARCHITECTURE_FIELDS}
-    model = _model(_settings({**fields, "vocab_size": info["vocab_size"]}, tp, pp), info["padded_vocab_size"])
+    model = _model(_settings({**fields, "vocab_size": info["vocab_size"]}, tp, pp, ep), info["padded_vocab_size"])
     if info.get("lora"):  # a LoRA run's checkpoint: its adapters too
         from flagscale.train.lora import apply
 
@@ -90,6 +90,14 @@ def meta_model(info: dict[str, Any], tp: int = 1, pp: int = 1):
 
     with torch.device("meta"):
         return model_of(info, tp, pp)
+
+
+def weights(model) -> dict[str, Any]:
+    """What a conversion moves: the parameters, and the routers' expert bias (a buffer the checkpoint keeps:
+    DeepSeek-V3's e_score_correction_bias)."""
+    named = dict(model.named_parameters())
+    named.update({name: b for name, b in model.named_buffers() if name.endswith("router.expert_bias")})
+    return named
 
 
 def _check_maps(maps: list[mapping.TensorMap], params: dict[str, Any]) -> None:
@@ -129,9 +137,9 @@ def run_import(plan: dict[str, Any]) -> None:
 
     from flagscale.train import checkpoint
 
-    tp, pp, info = plan["tp"], plan["pp"], plan["info"]
-    start(tp, pp)
-    t = _settings(plan["model"], tp, pp)
+    tp, pp, ep, info = plan["tp"], plan["pp"], plan.get("ep", 1), plan["info"]
+    start(tp, pp, ep)
+    t = _settings(plan["model"], tp, pp, ep)
     model = _model(t, info["padded_vocab_size"])
     per_stage = t.model.num_layers // pp
     maps = mapping.model_maps(
@@ -142,14 +150,19 @@ def run_import(plan: dict[str, Any]) -> None:
         per_stage,
         ps.is_pipeline_first_stage(),
         ps.is_pipeline_last_stage(),
+        ps.get_expert_model_parallel_rank(),
+        ep,
     )
-    params = dict(model.named_parameters())
+    params = weights(model)
     _check_maps(maps, params)
     tp_rank = ps.get_tensor_model_parallel_rank()
+    # experts are split over the expert-tensor-parallel group (megatron.core's default: the size of TP)
+    etp_rank, etp = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     with torch.no_grad(), ExitStack() as stack:
         reader = _Reader(plan["files"], stack)
         for tmap in maps:
-            mapping.fill(params[tmap.megatron], tmap.shard(tp_rank, tp), tmap.dim, reader.read)
+            rank, size = (etp_rank, etp) if tmap.expert else (tp_rank, tp)
+            mapping.fill(params[tmap.megatron], tmap.shard(rank, size), tmap.dim, reader.read)
     state = {
         "model": model.sharded_state_dict(),
         "iteration": 0,
@@ -217,7 +230,7 @@ def hf_tensors(model, info: dict[str, Any]) -> dict[str, Any]:
     dtype = _dtype(info)
     out = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     maps = mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True)
-    params = dict(model.named_parameters())
+    params = weights(model)
     _check_maps(maps, params)
     _coverage(maps, shapes)
     covered: dict[str, int] = {}
@@ -321,7 +334,7 @@ class _ParamLoader:
 
         self.path = str(checkpoint.latest_dir(root))
         self.sharded = model.sharded_state_dict()  # on the meta device: keys, offsets and factories only
-        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        self.shapes = {name: tuple(p.shape) for name, p in weights(model).items()}
         self.dtype = dtype
         self.loaded: dict[str, Any] = {}
         self.pending = set(self.shapes)
@@ -391,7 +404,7 @@ def stream_export(root: str, info: dict[str, Any], folder: Path, max_shard_size:
     kind = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]  # safetensors' name
     maps = mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True)
     model = meta_model(info)
-    _check_maps(maps, dict(model.named_parameters()))
+    _check_maps(maps, weights(model))
     writers = _coverage(maps, shapes)
     sizes = {name: math.prod(shape) * itemsize for name, shape in shapes.items()}
     shards = plan_shards(sizes, max_shard_size)

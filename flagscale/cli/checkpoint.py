@@ -22,19 +22,22 @@ def import_cmd(
     out_dir: Path = typer.Argument(..., help="New folder for the Megatron checkpoint (iter_0000000/ + tracker)."),
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel size of the checkpoint."),
     pp: int = typer.Option(1, "--pp", min=1, help="Pipeline-parallel size of the checkpoint."),
+    ep: int = typer.Option(1, "--ep", min=1, help="Expert-parallel size (MoE models): experts split over EP ranks."),
     family: str | None = typer.Option(
-        None, "--family", help="llama | qwen2 | qwen3 (default: from config.json's architectures)."
+        None,
+        "--family",
+        help="llama | qwen2 | qwen3 | qwen3_moe | mixtral | deepseek_v3 (default: from config.json's architectures).",
     ),
     divisible_by: int = typer.Option(
         64, "--make-vocab-size-divisible-by", min=1, help="Pad the vocabulary to a multiple of this x TP."
     ),
 ) -> None:
-    """Import an HF model as a Megatron distributed checkpoint (TP x PP processes, each reading its slices)."""
+    """Import an HF model as a Megatron distributed checkpoint (TP x PP x EP processes, each reading its slices)."""
     with reported():
         from flagscale.checkpoint.bridge import MODEL_YAML, import_checkpoint
 
         done = import_checkpoint(
-            hf_dir, out_dir, tp=tp, pp=pp, family=family, make_vocab_size_divisible_by=divisible_by
+            hf_dir, out_dir, tp=tp, pp=pp, family=family, make_vocab_size_divisible_by=divisible_by, ep=ep
         )
     typer.echo(f"imported {hf_dir} ({done.family}, {done.tensors} tensors) into {done.out} ({done.layout})")
     typer.echo(
@@ -45,7 +48,7 @@ def import_cmd(
 
 @checkpoint_app.command("export")
 def export_cmd(
-    ckpt_dir: Path = typer.Argument(..., help="Checkpoint folder (iter_NNNNNNN/ + tracker), any TP/PP layout."),
+    ckpt_dir: Path = typer.Argument(..., help="Checkpoint folder (iter_NNNNNNN/ + tracker), any TP/PP/EP layout."),
     hf_out: Path = typer.Argument(..., help="New folder for the Hugging Face model."),
     max_shard_size: int = typer.Option(
         5 * 10**9, "--max-shard-size", min=1, help="Bytes per safetensors shard (more: an index and shards)."

@@ -179,13 +179,25 @@ ARCHITECTURE_FIELDS = (
     "rotary_scaling_factor",
     "norm_epsilon",
     "share_embeddings_and_output_weights",
+    "moe",
+    "mla",
 )
+# model.moe fields that change how a run trains, not the weights or what the model computes
+_MOE_TRAINING_ONLY = ("aux_loss_coeff", "token_dispatcher")
 
 
 def architecture(m: ModelSettings) -> dict[str, Any]:
-    """The architecture fields of `m`, with the defaults spelled out (None head counts resolved)."""
+    """The architecture fields of `m`, with the defaults spelled out (None head counts resolved); `moe` and `mla`
+    as plain mappings (None for the families without them)."""
+    from dataclasses import asdict
+
     arch = {name: getattr(m, name) for name in ARCHITECTURE_FIELDS}
     arch.update(num_query_groups=query_groups(m), kv_channels=head_dim(m), ffn_hidden_size=ffn_size(m))
+    if m.moe is not None:
+        moe = {k: v for k, v in asdict(m.moe).items() if k not in _MOE_TRAINING_ONLY}
+        arch["moe"] = {**moe, "ffn_hidden_size": m.moe.ffn_hidden_size or ffn_size(m)}
+    if m.mla is not None:
+        arch["mla"] = asdict(m.mla)
     return arch
 
 

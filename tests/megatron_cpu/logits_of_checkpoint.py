@@ -1,12 +1,13 @@
 """The logits megatron.core computes for a checkpoint's model on a batch of token ids (test helper).
 
-    [torchrun --nproc-per-node TP] logits_of_checkpoint.py CKPT_DIR TOKENS.json OUT.pt [--tp TP]
+    [torchrun --nproc-per-node TPxEP] logits_of_checkpoint.py CKPT_DIR TOKENS.json OUT.pt [--tp TP] [--ep EP]
 
 Builds the model the checkpoint records (flagscale.checkpoint.worker.model_of: the same TransformerConfig and
 GPTModel as `flagscale train`), loads its weights with distributed checkpointing (any saved layout), runs one
 forward pass over the tokens ([batch, seq] in TOKENS.json) with a causal mask, gathers the vocabulary-parallel
 logits of every tensor-parallel rank and saves them (fp32, the padding rows dropped) from rank 0 as a
-[batch, seq, vocab] tensor. World size = TP (PP=1).
+[batch, seq, vocab] tensor. World size = TP x EP (PP=1; with EP, a MoE model's experts are split over EP
+data-parallel ranks, every one of which runs the same batch).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("tokens", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
     args = p.parse_args(argv)
 
     import torch
@@ -32,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from flagscale.checkpoint import worker
     from flagscale.train import checkpoint
 
-    worker.start(args.tp, 1)
+    worker.start(args.tp, 1, args.ep)
     info = checkpoint.model_info(checkpoint.common_state(args.checkpoint))
-    model = worker.model_of(info, tp=args.tp)
+    model = worker.model_of(info, tp=args.tp, ep=args.ep)
     checkpoint.load_weights(args.checkpoint, model)
     model.eval()
     tokens = torch.tensor(json.loads(args.tokens.read_text()))
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         logits = torch.cat(parts, dim=-1)
     if dist.get_rank() == 0:
         torch.save(logits[..., : info["vocab_size"]].float().contiguous(), args.out)
-        print(json.dumps({"tp": parallel_state.get_tensor_model_parallel_world_size(), "shape": list(logits.shape)}))
+        layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(), "ep": args.ep}
+        print(json.dumps({**layout, "shape": list(logits.shape)}))
     worker.stop()
     return 0
 
