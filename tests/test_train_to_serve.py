@@ -13,6 +13,7 @@ well separated (random tiny models have near-tied logits that fp32 rounding coul
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,7 +38,6 @@ from llama_cpp_support import (  # noqa: E402
     work_root,
 )
 
-pytestmark = pytest.mark.integration
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import make_tiny_model  # noqa: E402
 
@@ -75,6 +75,91 @@ data:
 """
 
 
+# ------------------------------------------------------------------ fast: no megatron, no llama.cpp
+def test_hf_model_takes_the_architecture_and_tokenizer_from_config_json(hf_model):
+    from flagscale.train import hf_start
+    from flagscale.train.settings import train_settings
+
+    raw = {
+        "system": {"checkpoint": {"hf_model": str(hf_model)}},
+        "model": {"seq_length": 32, "num_layers": 2, "norm_epsilon": 1e-5},  # agreeing keys may stay
+        "data": {"data_path": "x"},
+    }
+    merged = hf_start.merge(raw)
+    t = train_settings(merged)
+    m = t.model
+    assert (m.family, m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups) == ("llama", 2, 64, 4, 2)
+    assert (m.ffn_hidden_size, m.vocab_size, m.seq_length, m.share_embeddings_and_output_weights) == (
+        128,
+        512,
+        32,
+        False,
+    )
+    assert t.data.tokenizer.type == "hf" and t.data.tokenizer.path == str(hf_model)
+    assert hf_start.merge({"model": {"hidden_size": 8}}) == {"model": {"hidden_size": 8}}  # no hf_model: unchanged
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"model": {"hidden_size": 128, "num_layers": 3}},
+            "train.model: num_layers=3 (config.json: 2), hidden_size=128",
+        ),
+        ({"data": {"tokenizer": {"type": "byte"}}}, "train.data.tokenizer.type=byte: "),
+        ({"system": {"checkpoint": {"load": "ckpt"}}}, "train.system.checkpoint: set load or hf_model, not both"),
+    ],
+)
+def test_hf_model_refuses_what_contradicts_the_folder(hf_model, changes, message):
+    from flagscale.errors import ConfigError
+    from flagscale.train import hf_start
+    from flagscale.train.settings import train_settings
+
+    raw = {"system": {"checkpoint": {"hf_model": str(hf_model)}}, "data": {"data_path": "x"}}
+    for part, values in changes.items():
+        raw[part] = {**raw.get(part, {}), **values}
+        if part == "system":
+            raw["system"]["checkpoint"] = {**values["checkpoint"], "hf_model": str(hf_model)}
+    with pytest.raises(ConfigError) as caught:
+        train_settings(hf_start.merge(raw))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_content_hash_follows_the_bytes_not_the_path(hf_model, tmp_path):
+    from flagscale.checkpoint.fingerprint import content_hash
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in hf_model.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "README.md").write_text("not part of the model")
+    assert content_hash(copy) == content_hash(hf_model)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert content_hash(copy) != content_hash(hf_model)
+    (copy / "tokenizer.model").unlink()
+    assert content_hash(copy) != content_hash(hf_model)
+
+
+def test_gguf_checks_the_folder_and_picks_the_source_dtype(hf_model, tmp_path):
+    from flagscale.errors import ConfigError
+    from flagscale.serve import gguf
+
+    gguf.check_folder(hf_model, "m")
+    assert gguf.outtype_of(hf_model, gguf.Options()) == "f32"  # make_tiny_model saves fp32
+    assert gguf.outtype_of(hf_model, gguf.Options(outtype="q8_0")) == "q8_0"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConfigError, match="no weight files"):
+        gguf.check_folder(bad, "m")
+    (bad / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="config.json is not JSON"):
+        gguf.check_folder(bad, "m")
+
+
+# ----------------------------------------------------------------------------------------- integration
 def story() -> str:
     """One fixed ~150-token text: the whole corpus repeats it."""
     return " ".join(make_tiny_model.corpus(seed=1, lines=12))
@@ -109,8 +194,8 @@ def _run(args: list, env: dict, cwd: Path, timeout: float = 600) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def hf_model(venv) -> Path:
-    return make_tiny_model.make(venv.work / "tiny-llama-hf", seed=0)
+def hf_model(tmp_path_factory) -> Path:
+    return make_tiny_model.make(tmp_path_factory.mktemp("models") / "tiny-llama-hf", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +231,7 @@ def trained(venv, cache, hf_model) -> dict:
     return {"conf": conf, "exp": exp, "curve": curve, "export": export, "seconds": seconds, "env": env}
 
 
+@pytest.mark.integration
 def test_training_from_the_hf_folder_lowers_the_loss_and_reuses_its_import(venv, trained):
     curve = trained["curve"]
     print(f"\ntrained from the HF folder in {trained['seconds']:.0f} s: loss {curve[0]:.3f} -> {curve[-1]:.3f}")
@@ -156,6 +242,7 @@ def test_training_from_the_hf_folder_lowers_the_loss_and_reuses_its_import(venv,
     assert "llama, vocabulary 512, TP=1 PP=1" in dry.stdout  # the architecture and vocabulary of config.json
 
 
+@pytest.mark.integration
 def test_conflicting_model_settings_and_a_foreign_folder_are_refused(venv, trained, hf_model, tmp_path):
     conflict = _run(
         [venv.flagscale, "train", trained["conf"], "action=dryrun", "++train.model.hidden_size=128"],
@@ -182,6 +269,7 @@ def _held_out(hf_model: Path) -> list[list[int]]:
     return [ids[:SEQ], ids[SEQ : 2 * SEQ]]
 
 
+@pytest.mark.integration
 def test_the_export_loads_in_transformers_with_megatrons_loss(venv, trained, hf_model):
     from transformers import AutoModelForCausalLM
 
@@ -236,6 +324,7 @@ def served(trained, serve_env, tmp_path_factory):
         _stop(serve_env, run_dir)
 
 
+@pytest.mark.integration
 def test_serve_converts_the_exported_folder_and_completes_as_transformers(trained, served, hf_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -267,6 +356,7 @@ def test_serve_converts_the_exported_folder_and_completes_as_transformers(traine
     assert served_ids == generated
 
 
+@pytest.mark.integration
 def test_a_second_serve_hits_the_gguf_cache_and_a_changed_weight_converts_again(trained, served, serve_env, tmp_path):
     again, port, seconds = _serve(trained["export"], serve_env, tmp_path / "again")
     try:
@@ -286,12 +376,39 @@ def test_a_second_serve_hits_the_gguf_cache_and_a_changed_weight_converts_again(
     weights = load_file(changed / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
-    third, _, _ = _serve(changed, serve_env, tmp_path / "third")
-    _stop(serve_env, tmp_path / "third")
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert f"converting {changed} to GGUF" in third.stderr
+    # two servers of the changed folder start at once: one converts, the other waits for it (or finds it done)
+    runs = [tmp_path / "third", tmp_path / "fourth"]
+    starts = [_start_serve(changed, serve_env, run) for run in runs]
+    try:
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in starts]
+    finally:
+        for run in runs:
+            _stop(serve_env, run)
+    assert all(code == 0 for code, _ in results), [err[-2000:] for _, err in results]
+    converted = [err for _, err in results if re.search(r"^converted .* in [0-9.]+ s", err, re.M)]
+    assert len(converted) == 1 and f"converting {changed} to GGUF" in converted[0]
+    other = next(err for _, err in results if err is not converted[0])
+    assert "another process converted" in other or "using the cached GGUF" in other, other[-2000:]
 
 
+def _start_serve(model: Path, env: dict, run_dir: Path) -> subprocess.Popen:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    args = [
+        f"experiment.exp_dir={run_dir}",
+        f"experiment.runner.port={free_port()}",
+        f"serve.0.engine_args.model={model}",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "flagscale.cli", "serve", str(SERVE_CONF), *args],
+        env={**os.environ, **env},
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.integration
 def test_a_folder_that_is_not_a_model_is_refused_with_one_line(serve_env, tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     result, _, _ = _serve(tmp_path, serve_env, tmp_path / "run")
