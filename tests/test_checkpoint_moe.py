@@ -412,3 +412,21 @@ def test_round_trip_is_bit_identical(venv, models, imports, family):
     for other in others:
         assert names == sorted(p.name for p in other.iterdir())
         assert all((first / n).read_bytes() == (other / n).read_bytes() for n in names), (first, other)
+
+
+def test_cli_refuses_a_layout_that_does_not_divide_the_experts(tmp_path, models):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "flagscale.cli", "checkpoint", "import", str(models["mixtral"]), str(out), "--ep", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --ep 3 does not divide the number of experts (4) of the model"
+    ]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
