@@ -32,7 +32,7 @@ from flagscale.errors import ConfigError
 ADAPTERS = ("lora_A", "lora_B")
 # megatron.core's linear layers of a transformer layer (local spec) and how tensor parallelism splits them
 COLUMN, ROW = ("linear_qkv", "linear_fc1"), ("linear_proj", "linear_fc2")
-TARGETS = COLUMN + ROW
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 # HF names of the same layers: megatron fuses q/k/v into linear_qkv and gate/up into linear_fc1
 HF_NAMES = {
     "linear_qkv": ("q_proj", "k_proj", "v_proj"),
