@@ -112,7 +112,10 @@ def build_model(t: TrainSettings, vocab_size: int):
     if t.model.lora is not None:  # base weights frozen before DDP and the optimizer see them
         from flagscale.train import lora
 
-        lora.apply(model, lora.record(t.model.lora))
+        adapted = lora.apply(model, lora.record(t.model.lora))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info(f"LoRA: {len(adapted)} layers adapted; {trainable} of {total} parameters of this rank train")
     if s.precision != "fp32":
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=s.precision != "fp32")
