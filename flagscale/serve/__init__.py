@@ -72,7 +72,7 @@ def dryrun(settings) -> int:
 def run(settings) -> int:
     from flagscale.serve import gguf
 
-    gguf.prepare(settings)  # HF folders for llama.cpp: converted (or found cached) before any server starts
+    settings = gguf.prepare(settings)  # HF folders for llama.cpp: their GGUF, converted (or cached) before any start
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     endpoints = (direct if settings.deploy == "direct" else ray_cluster).start(settings)
     state = {"deploy": settings.deploy, "endpoints": endpoints, "started_at": time.time()}

@@ -16,16 +16,18 @@ the converter runs in its own process (torch, numpy, sentencepiece: the `models`
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flagscale.errors import ConfigError, ConversionError
+from flagscale.serve.settings import ModelSpec, ServeSettings
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 AUTO = "auto"  # the source weights' type (f32, bf16 or f16), so the conversion loses nothing
@@ -51,14 +53,14 @@ class Converted:
     seconds: float
 
 
-def options_of(spec, settings) -> Options:
+def options_of(spec: ModelSpec, settings: ServeSettings) -> Options:
     """The conversion of a served model (flagscale.serve.settings.ModelSpec) on the run's device."""
     return Options(spec.gguf.outtype, spec.gguf.quantize, settings.device)
 
 
-def folders(settings) -> list[tuple[object, Path, str]]:
+def folders(settings: ServeSettings) -> list[tuple[ModelSpec, Path, str]]:
     """(spec, folder, where) of every llama.cpp model given as an HF folder."""
-    out = []
+    out: list[tuple[ModelSpec, Path, str]] = []
     for index, spec in enumerate(settings.models):
         model = Path(str(spec.model_path)).expanduser()
         if spec.engine == "llama.cpp" and model.is_dir():
@@ -66,13 +68,21 @@ def folders(settings) -> list[tuple[object, Path, str]]:
     return out
 
 
-def prepare(settings, say=None) -> list[Converted]:
-    """Convert (or find cached) the GGUF of every llama.cpp model given as an HF folder, before any server starts."""
-    done = []
+def prepare(settings: ServeSettings, say=None) -> ServeSettings:
+    """`settings` whose llama.cpp models given as HF folders point at their GGUF files, converted (or found cached)
+    before any server starts. Ray replicas re-read the config: theirs names the GGUF files too, so a worker node
+    needs only the file (on a shared filesystem), not the converter."""
+    models = list(settings.models)
+    config = copy.deepcopy(settings.extra.get("config"))
     for spec, folder, where in folders(settings):
         check_folder(folder, where)
-        done.append(ensure(folder, options_of(spec, settings), say))
-    return done
+        path = str(ensure(folder, options_of(spec, settings), say).path)
+        index = settings.models.index(spec)
+        models[index] = replace(spec, engine_args=tuple(sorted({**spec.args, "model": path}.items())))
+        if config and isinstance(config.get("serve"), list):
+            config["serve"][index]["engine_args"]["model"] = path
+    extra = {**settings.extra, "config": config} if config is not None else settings.extra
+    return replace(settings, models=tuple(models), extra=extra)
 
 
 # ----------------------------------------------------------------------------------------- checks
