@@ -202,6 +202,7 @@ def ensure(folder: Path, options: Options, say=None) -> Converted:
     if final.exists():
         say(f"using the cached GGUF of {folder}: {final / FILE}")
         return Converted(final / FILE, True, 0.0)
+    _needs_packages()
     what = outtype + (f", then {options.quantize}" if options.quantize else "")
     if _locked_elsewhere(final):
         say(f"another process is converting {folder} to GGUF; waiting for it")
@@ -225,6 +226,18 @@ def ensure(folder: Path, options: Options, say=None) -> Converted:
     seconds = time.perf_counter() - start
     say(f"{'another process converted' if hit else 'converted'} {folder} in {seconds:.1f} s: {entry / FILE}")
     return Converted(entry / FILE, hit, seconds)
+
+
+def _needs_packages() -> None:
+    """What convert_hf_to_gguf.py imports, checked here: one line instead of its traceback."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "numpy", "transformers", "sentencepiece") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConversionError(
+            f"converting a Hugging Face folder to GGUF needs {', '.join(missing)} for {sys.executable}: "
+            "pip install -c constraints.txt 'flagscale[models]' (or give engine_args.model a GGUF file)"
+        )
 
 
 def _locked_elsewhere(final: Path) -> bool:
