@@ -1,10 +1,11 @@
 """`flagscale checkpoint export` of a LoRA run (`train.model.lora`): merged HF weights or a PEFT adapter folder.
 
-The export process builds the whole model (TP=1, PP=1) with the adapters the checkpoint records
-(`flagscale_model.lora`) and loads it; distributed checkpointing reshards adapters saved at any TP.
+The export streams as for any checkpoint (flagscale.checkpoint.worker.stream_export): the model is built on the
+meta device with the adapters the checkpoint records (`flagscale_model.lora`), and parameters are read a layer at a
+time at TP=1 (distributed checkpointing reshards adapters saved at any TP, fc1's B as [gate; up]).
 
-* merged (`--lora merged`, the default): every adapter is folded into its weight, W + alpha / rank * B @ A, and
-  the model is then written through the ordinary export mapping: an HF folder of the base architecture.
+* merged (`--lora merged`, the default): each weight with an adapter is read with its A and B and written as
+  W + alpha / rank * B @ A (`merging`) through the ordinary export mapping: an HF folder of the base architecture.
 * adapter (`--lora adapter`): adapter_config.json (peft's LoraConfig) and adapter_model.safetensors with PEFT's
   key names, for `peft.PeftModel.from_pretrained(base, folder)`; the base is the HF model the run started from
   (recorded as base_model_name_or_path). Megatron's fused layers map exactly onto PEFT's per-projection LoRAs:
@@ -28,18 +29,54 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def export(model, info: dict[str, Any], mode: str | None, out: Path, root: str) -> dict[str, Any] | None:
-    """The LoRA step of an export, after the checkpoint loaded into `model`: for `adapter`, write the PEFT folder
-    and return the export's result; for a LoRA checkpoint otherwise, merge the adapters (the plain export then
-    writes the model) and return None."""
-    adapters = info.get("lora")
-    if mode == "adapter":
-        if not adapters:
-            raise ConfigError(f"{root}: the checkpoint has no LoRA adapters (not a train.model.lora run): drop --lora")
-        return write_adapter(model, info, out)
-    if adapters:
-        train_lora.merge(model)
-    return None
+def export_adapter(loader, info: dict[str, Any], out: Path, root: str) -> dict[str, Any]:
+    """`--lora adapter`: the PEFT folder of a LoRA checkpoint (`loader`: its parameters at TP=1); the export's
+    result."""
+    if not info.get("lora"):
+        raise ConfigError(f"{root}: the checkpoint has no LoRA adapters (not a train.model.lora run): drop --lora")
+    return write_adapter(adapters_of(loader), info, out)
+
+
+def base_weights(named: dict[str, Any]) -> dict[str, Any]:
+    """The parameters the export mapping covers: all but the adapters."""
+    return {name: p for name, p in named.items() if not train_lora.is_adapter(name)}
+
+
+def merged_weight(weight, a, b, scaling: float):
+    """W + scaling * B @ A, computed in float64 and returned in W's dtype."""
+    return (weight.double() + (b.double() @ a.double()) * scaling).to(weight.dtype)
+
+
+class _Merging:
+    """A parameter loader (worker._ParamLoader: `pending`, `take`) whose weights come with their adapters merged."""
+
+    def __init__(self, loader, scaling: float) -> None:
+        self.loader, self.scaling = loader, scaling
+
+    @property
+    def pending(self) -> set[str]:
+        return self.loader.pending
+
+    def take(self, name: str):
+        value = self.loader.take(name)
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{layer}.lora_A" in self.loader.pending:
+            a, b = self.loader.take(f"{layer}.lora_A"), self.loader.take(f"{layer}.lora_B")
+            value = merged_weight(value, a, b, self.scaling)
+        return value
+
+
+def merging(loader, info: dict[str, Any]):
+    """`loader` for a checkpoint's export: merging its adapters into their weights when it has any."""
+    record = info.get("lora")
+    return _Merging(loader, record["alpha"] / record["rank"]) if record else loader
+
+
+def adapters_of(loader) -> dict[str, Any]:
+    """Only the adapters of a parameter loader (its base weights are never read)."""
+    names = sorted(n for n in loader.shapes if train_lora.is_adapter(n))
+    loader.pending = set(names)  # a layer's load then reads just its adapters
+    return {name: loader.take(name) for name in names}
 
 
 def peft_name(source: str, part: str) -> str:
@@ -85,13 +122,14 @@ def adapter_tensors(adapters: dict[str, Any], info: dict[str, Any]) -> dict[str,
     return out
 
 
-def write_adapter(model, info: dict[str, Any], out: Path) -> dict[str, Any]:
-    """adapter_config.json and adapter_model.safetensors in `out` (a whole model with its adapters loaded)."""
+def write_adapter(adapters: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str, Any]:
+    """adapter_config.json, adapter_model.safetensors and the tokenizer files in `out`, from a whole (TP=1) model's
+    adapters `{megatron name: tensor}`."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     record = info["lora"]
-    tensors = adapter_tensors(train_lora.adapter_parameters(model), info)
+    tensors = adapter_tensors(adapters, info)
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / ADAPTER_WEIGHTS), {"format": "pt"})
     alpha = record["alpha"]
     config = LoraConfig(

@@ -9,7 +9,8 @@ export streams: one process plans the output files from the HF shapes, then writ
 Megatron parameters an HF tensor needs are read from the checkpoint when it is first written, a layer at a time,
 at TP=1 (a partial sharded state dict of a model built on the meta device: distributed checkpointing reads only
 those chunks, whatever layout saved them), scattered into the HF tensors they make and dropped. Memory: about one
-layer (or the embedding), not the model. (A LoRA checkpoint still loads whole: its adapters are merged first.)
+layer (or the embedding), not the model. A LoRA checkpoint streams too: a weight is read with its adapters and
+merged, or the adapters alone become a PEFT folder (flagscale.checkpoint.lora).
 
 Errors are reported as one `error:` line (the bridge passes it on) and a non-zero exit.
 """
@@ -404,12 +405,12 @@ def stream_export(root: str, info: dict[str, Any], folder: Path, max_shard_size:
     kind = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]  # safetensors' name
     maps = mapping.model_maps(arch, vocab, padded, 0, arch["num_layers"], True, True)
     model = meta_model(info)
-    _check_maps(maps, weights(model))
+    _check_maps(maps, lora.base_weights(weights(model)))
     writers = _coverage(maps, shapes)
     sizes = {name: math.prod(shape) * itemsize for name, shape in shapes.items()}
     shards = plan_shards(sizes, max_shard_size)
     files = shard_names(len(shards))
-    params = _ParamLoader(root, model, dtype)
+    params = lora.merging(_ParamLoader(root, model, dtype), info)  # a LoRA run's weights come merged
     ready: dict[str, Any] = {}  # HF tensors filled, not yet written
     for file, names in zip(files, shards, strict=True):
         stream = SafetensorsStream(folder / file, {n: shapes[n] for n in names}, kind, itemsize)
@@ -453,23 +454,16 @@ def _copy_tokenizer(info: dict[str, Any], folder: Path) -> tuple[list[str], str 
 
 
 def run_export(plan: dict[str, Any]) -> None:
-    from flagscale.train import checkpoint
-
     root, out = plan["checkpoint"], Path(plan["out"])
     start(1, 1)
     info = _export_info(root)
     arch = info["architecture"]
-    if info.get("lora") or plan.get("lora"):  # LoRA: the whole model in memory, adapters merged or written apart
-        model = model_of(info)
-        checkpoint.load_weights(root, model)
-        adapter = lora.export(model, info, plan.get("lora"), out, root)  # LoRA: merged, or a PEFT adapter folder
-        if adapter is not None:
-            Path(plan["result"]).write_text(json.dumps(adapter))
-            stop()
-            return
-        files = write_shards(hf_tensors(model, info), out, plan["max_shard_size"])
-    else:
-        files = stream_export(root, info, out, plan["max_shard_size"])
+    if plan.get("lora") == "adapter":  # a LoRA run's adapters alone, as a PEFT folder
+        adapter = lora.export_adapter(_ParamLoader(root, meta_model(info), _dtype(info)), info, out, root)
+        Path(plan["result"]).write_text(json.dumps(adapter))
+        stop()
+        return
+    files = stream_export(root, info, out, plan["max_shard_size"])
     (out / hf.CONFIG).write_text(json.dumps(hf.hf_config(info), indent=2, sort_keys=True) + "\n")
     copied, source = _copy_tokenizer(info, out)
     result = {"family": arch["family"], "files": [hf.CONFIG, *files, *copied], "tokenizer_from": source}

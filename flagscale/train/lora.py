@@ -202,25 +202,3 @@ def apply(model, lora: dict[str, Any]) -> list[str]:
             f"available: {', '.join(t for t in TARGETS if t in found)}"
         )
     return adapted
-
-
-def adapter_parameters(model) -> dict[str, Any]:
-    return {name: p for name, p in model.named_parameters() if is_adapter(name)}
-
-
-def merge(model) -> int:
-    """Fold every adapter into its weight (W += alpha / rank * B @ A, in the weight's dtype) and remove the
-    adapters: the model is then the base model class again. Returns how many layers were merged."""
-    import torch
-
-    merged = 0
-    for module in list(model.modules()):
-        if not hasattr(module, "lora_A"):
-            continue
-        with torch.no_grad():
-            delta = (module.lora_B.double() @ module.lora_A.double()) * module.lora_scaling
-            module.weight.add_(delta.to(module.weight.dtype))
-        del module.lora_A, module.lora_B, module.lora_dropout
-        module.__class__ = module.__class__.__mro__[1]
-        merged += 1
-    return merged
