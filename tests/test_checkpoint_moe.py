@@ -8,7 +8,8 @@ refused with one line before anything is written.
 
 With the patched megatron-core (integration, the venv of tests/megatron_env.py), for real under torchrun and gloo:
 * numerical equivalence: an imported model's logits in megatron.core equal transformers' on the same batch (fp32,
-  max abs diff <= 1e-4) at TP=1, TP=2 and EP=2;
+  max abs diff <= 1e-4) at TP=1, TP=2 and EP=2, and at TP=1 for variants (Qwen3-MoE without top-k renormalization
+  and with a dense first layer, DeepSeek-V3 without query compression);
 * round trip: HF -> Megatron (TP=2, EP=2; and TP=1, PP=2, EP=2) -> HF gives every tensor bit-identical and the
   same config.json, and exports of different layouts are byte-identical.
 """
@@ -100,13 +101,13 @@ def config_json(family: str, **changes) -> dict:
     return {**hf_config(family).to_dict(), "architectures": [hf.HF_NAMES[family][0]], **changes}
 
 
-def save_tiny(family: str, folder: Path, seed: int = 0) -> Path:
+def save_tiny(family: str, folder: Path, seed: int = 0, **changes) -> Path:
     """A random-weight model saved with save_pretrained: norms random around 1, routers with a wide spread (router
     scores far apart: no near-ties that rounding could flip), DeepSeek's expert bias random and positive."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **changes), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -368,6 +369,32 @@ def test_imported_model_computes_transformers_logits(venv, models, imports, batc
     if layout == "tp1":  # the comparison would see the routing settings wrong: they change transformers' logits
         other = _routing_changed(models[family], batch, family)
         assert (ours - other).abs().max().item() > 100 * TOLERANCE
+
+
+# Other routing and attention options the mapping handles: Qwen3-MoE without top-k renormalization (megatron.core's
+# router_pre_softmax) and with a dense first layer (mlp_only_layers), DeepSeek-V3 without query compression.
+VARIANTS = {
+    "qwen3_moe-unnormalized": ("qwen3_moe", {"norm_topk_prob": False}),
+    "qwen3_moe-dense-first": ("qwen3_moe", {"mlp_only_layers": [0]}),
+    "deepseek_v3-no-q-lora": ("deepseek_v3", {"q_lora_rank": None}),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_compute_transformers_logits(venv, batch, variant):
+    family, changes = VARIANTS[variant]
+    src = save_tiny(family, venv.work / "moe-variants" / variant, **changes)
+    ckpt = venv.work / "moe-variants" / f"{variant}-ckpt"
+    result = venv.run([venv.python, "-c", CONVERT, "import", src, ckpt, 1, 1, 1], label=f"import {variant}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = venv.work / f"moe-logits-{variant}.pt"
+    result = venv.run([venv.python, HELPER, ckpt, batch, out])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours, theirs = torch.load(out), hf_logits(src, batch)
+    diff = (ours - theirs).abs().max().item()
+    print(f"\n{variant} TP=1: max abs logit diff {diff:.2e} (logits up to {theirs.abs().max().item():.2f})")
+    assert theirs.std() > 0.5 and diff <= TOLERANCE
 
 
 def _routing_changed(folder: Path, tokens: Path, family: str) -> torch.Tensor:
