@@ -2,15 +2,17 @@
 
 Import checks everything it can before a process starts (the architecture, config.json against every tensor's
 shape in the safetensors headers, the shards the index names, whether TP and PP divide heads, query groups and
-layers), then runs one process per rank of the TP x PP layout under torchrun (gloo, on the CPU). Every rank
-builds its stage of the model with megatron.core, reads only its own slices of the HF tensors
-(`safetensors.safe_open`, one tensor at a time) and the ranks save one distributed checkpoint together, in the
-layout `flagscale train` writes and resumes from: `OUT/iter_0000000/` and the tracker file. It holds model
-weights only; `train.system.checkpoint.finetune=true` starts a run from it.
+layers), then runs one process per rank of the TP x PP layout under torchrun (gloo, on the CPU; a layout of one
+rank runs its one process alone). Every rank builds its stage of the model with megatron.core on the meta device
+and the ranks save one distributed checkpoint together, in the layout `flagscale train` writes and resumes from
+(`OUT/iter_0000000/` and the tracker file), in the HF tensors' dtype: each tensor is read from the rank's own
+rows of the safetensors files when the checkpoint writer asks for it, so a rank holds about one tensor at a time,
+not its stage. It holds model weights only; `train.system.checkpoint.finetune=true` starts a run from it.
 
-Export loads a checkpoint of any layout into one process (distributed checkpointing reshards it to TP=1, PP=1)
-and writes config.json, model.safetensors (sharded above --max-shard-size, with an index) and the source's
-tokenizer files.
+Export streams: one process plans the output files from the HF shapes (a new file above --max-shard-size, with
+an index) and writes them tensor by tensor, loading the Megatron parameters each needs from the checkpoint a
+layer at a time at TP=1, PP=1 (distributed checkpointing reshards any layout); then config.json and the source's
+tokenizer files. Memory: about a layer, or the embedding, whatever the model's size (see the worker).
 
 Both write into a temporary folder beside the destination and rename it at the end: on any error nothing is
 left behind. Only the standard library loads here; torch and megatron load in `flagscale.checkpoint.worker`.
@@ -238,9 +240,13 @@ def worker_env() -> dict[str, str]:
 
 
 def _run_worker(torchrun_args: list[str], worker_args: list[str], what: str) -> None:
-    """torchrun (standalone: one node, a free port) with the worker module; its `error:` line becomes ours."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", *torchrun_args]
-    cmd += ["--max-restarts=0", "-m", WORKER, *worker_args]
+    """torchrun (standalone: one node, a free port) with the worker module; its `error:` line becomes ours. A world
+    of one runs the worker alone (it starts its own process group): no agent process beside it, less memory."""
+    if torchrun_args == ["--nproc-per-node", "1"]:
+        cmd = [sys.executable, "-m", WORKER, *worker_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", *torchrun_args]
+        cmd += ["--max-restarts=0", "-m", WORKER, *worker_args]
     result = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True)
     if result.returncode == 0:
         return

@@ -1,9 +1,11 @@
 """What the conversion processes run (`python -m flagscale.checkpoint.worker import|export PLAN.json`),
-started by flagscale.checkpoint.bridge under torchrun with the plan it validated.
+started by flagscale.checkpoint.bridge with the plan it validated (under torchrun; a world of one alone).
 
-import: every rank of the TP x PP layout builds its pipeline stage of the model with megatron.core (the same
-TransformerConfig and GPTModel as `flagscale train`, without initializing the weights), fills each parameter
-with its own slices of the HF tensors, and all ranks save one distributed checkpoint.
+import streams too: every rank of the TP x PP (x EP) layout builds its pipeline stage with megatron.core (the same
+TransformerConfig and GPTModel as `flagscale train`) on the meta device, in the HF tensors' dtype, and the ranks
+save one distributed checkpoint with megatron's torch_dist strategy through torch.distributed.checkpoint's writer
+and a planner that makes each tensor when the writer asks for it: its rows are read from the safetensors files
+straight into place (plain reads, not a memory map), written, and dropped. Memory: about the largest tensor.
 
 export streams: one process plans the output files from the HF shapes, then writes them tensor by tensor. The
 Megatron parameters an HF tensor needs are read from the checkpoint when it is first written, a layer at a time,
@@ -25,7 +27,8 @@ import shutil
 import struct
 import sys
 import traceback
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +67,11 @@ def stop() -> None:
     dist.destroy_process_group()
 
 
-def _model(t: TrainSettings, padded_vocab: int):
+def _model(t: TrainSettings, padded_vocab: int, **config: Any):
     """This rank's stage of the model, its weights left uninitialized (every one is then loaded)."""
     from flagscale.train import driver
 
-    return driver.gpt_model(t, padded_vocab, driver.transformer_config(t, perform_initialization=False))
+    return driver.gpt_model(t, padded_vocab, driver.transformer_config(t, perform_initialization=False, **config))
 
 
 def model_of(info: dict[str, Any], tp: int = 1, pp: int = 1, ep: int = 1):
@@ -84,12 +87,23 @@ def model_of(info: dict[str, Any], tp: int = 1, pp: int = 1, ep: int = 1):
     return model
 
 
-def meta_model(info: dict[str, Any], tp: int = 1, pp: int = 1):
-    """`model_of` on the meta device: megatron.core's parameter names, shapes and sharded-state-dict keys,
-    without memory for the weights."""
-    import torch
+@contextmanager
+def _on_meta() -> Iterator[None]:
+    """Build models on the meta device: shapes, names and sharded-state-dict keys without memory for weights.
+    megatron.core all-reduces a tied embedding between the first and last pipeline stages as it builds them (so
+    both copies start equal); with no data that step is skipped: every value is then filled from the HF files."""
+    from unittest import mock
 
-    with torch.device("meta"):
+    import torch
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    with torch.device("meta"), mock.patch.object(LanguageModule, "_is_in_embd_group", lambda self: False):
+        yield
+
+
+def meta_model(info: dict[str, Any], tp: int = 1, pp: int = 1):
+    """`model_of` on the meta device (`_on_meta`)."""
+    with _on_meta():
         return model_of(info, tp, pp)
 
 
@@ -111,11 +125,54 @@ def _check_maps(maps: list[mapping.TensorMap], params: dict[str, Any]) -> None:
 
 
 class _Reader:
-    """Slices of HF tensors from their safetensors shards, one tensor at a time; each shard opened once."""
+    """Slices of HF tensors from their safetensors shards, one tensor at a time; each shard opened once. Row
+    ranges in the file's dtype are read with plain reads straight into their destination (`read_into`): a
+    memory map would keep every page read resident in this process."""
 
     def __init__(self, files: dict[str, str], stack: ExitStack) -> None:
         self.files, self.stack = files, stack
         self.handles: dict[str, Any] = {}
+        self.fds: dict[str, int] = {}
+        self.entries: dict[str, dict[str, tuple[str, list[int], int]]] = {}
+
+    def _entry(self, path: str, name: str) -> tuple[str, list[int], int]:
+        """dtype, shape and the file offset of tensor `name`'s data."""
+        if path not in self.entries:
+            self.fds[path] = fd = os.open(path, os.O_RDONLY)
+            self.stack.callback(os.close, fd)
+            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, size, 8))
+            header.pop("__metadata__", None)
+            self.entries[path] = {
+                k: (v["dtype"], v["shape"], 8 + size + v["data_offsets"][0]) for k, v in header.items()
+            }
+        return self.entries[path][name]
+
+    def read_into(self, piece: mapping.Piece, dim: int, part) -> bool:
+        """Read rows [start, stop) of the piece's tensor into `part`; False when that takes a conversion (another
+        dtype, columns of a matrix): `read` does it then."""
+        import torch
+
+        assert piece.source is not None
+        path = self.files[piece.source]
+        try:
+            kind, shape, begin = self._entry(path, piece.source)
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(kind)
+            if dtype != part.dtype or (dim != 0 and len(shape) > 1) or not part.is_contiguous():
+                return False
+            row = math.prod(shape[1:]) * part.element_size()
+            if part.numel() * part.element_size() != piece.size * row:
+                return False
+            buffer = memoryview(part.view(torch.uint8).numpy()).cast("B")
+            done, offset = 0, begin + piece.start * row
+            while done < len(buffer):
+                n = os.preadv(self.fds[path], [buffer[done:]], offset + done)
+                if n <= 0:
+                    raise ConversionError(f"{path}: cannot read {piece.source} (the file ends early)")
+                done += n
+            return True
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConversionError(f"{path}: cannot read {piece.source} ({_first_line(exc)})") from None
 
     def read(self, piece: mapping.Piece, dim: int):
         from safetensors import safe_open
@@ -132,6 +189,84 @@ class _Reader:
 
 
 # ------------------------------------------------------------------------------------------- import
+class _Source:
+    """This rank's parameters, made from the HF tensors only when the checkpoint writer asks for them: the model is
+    built on the meta device, and a sharded tensor (a view of a parameter: a layer's weight, fc1's gate or up half)
+    is filled from its own rows of the safetensors files when it is written, then dropped."""
+
+    def __init__(self, params: dict[str, Any], pieces: dict[str, tuple[list[mapping.Piece], int]], reader) -> None:
+        self.by_storage = {p.untyped_storage()._cdata: name for name, p in params.items()}
+        self.params, self.pieces, self.reader = params, pieces, reader
+
+    def tensor(self, view):
+        """The real tensor for `view`, a meta tensor that views one of the parameters."""
+        import torch
+
+        name = self.by_storage.get(view.untyped_storage()._cdata)
+        if name is None:
+            raise ConversionError(f"internal: a sharded tensor of shape {list(view.shape)} views no parameter")
+        param = self.params[name]
+        pieces, dim = self.pieces[name]
+        rows = _row_block(view, param)
+        if rows == (0, param.shape[0]) or (rows is not None and dim == 0):  # the whole, or rows read alone
+            r0, r1 = rows
+            real = torch.empty((r1 - r0, *param.shape[1:]), dtype=param.dtype)
+            _fill(real, pieces if r1 - r0 == param.shape[0] else mapping._cut(tuple(pieces), r0, r1), dim, self.reader)
+            return real.view(view.shape)
+        real = torch.empty(param.shape, dtype=param.dtype)
+        _fill(real, pieces, dim, self.reader)
+        return real.as_strided(view.shape, view.stride(), view.storage_offset()).clone()
+
+
+def _row_block(view, param) -> tuple[int, int] | None:
+    """The rows [r0, r1) of `param` that `view` is (a contiguous block, possibly with leading axes of size 1)."""
+    row = math.prod(param.shape[1:])
+    if not view.is_contiguous() or view.numel() % max(row, 1) or view.storage_offset() % max(row, 1):
+        return None
+    r0 = view.storage_offset() // max(row, 1)
+    return r0, r0 + view.numel() // max(row, 1)
+
+
+def _fill(target, pieces: list[mapping.Piece], dim: int, reader) -> None:
+    """mapping.fill, reading each row range straight into its place when it can (no intermediate copy)."""
+    offset = 0
+    for piece in pieces:
+        part = target.narrow(dim, offset, piece.size)
+        if piece.source is None or not reader.read_into(piece, dim, part):
+            mapping.fill(part, [piece], dim, reader.read)
+        offset += piece.size
+    if offset != target.shape[dim]:
+        raise ValueError(f"the pieces cover {offset} of {target.shape[dim]} rows")
+
+
+def _lazy_strategy(source: _Source):
+    """megatron.core's torch_dist save strategy (the same files and metadata `flagscale train` writes and reads),
+    with torch.distributed.checkpoint's writer, which asks for one tensor at a time, and a planner that makes
+    each from the HF files when asked (megatron's own writer resolves every tensor before writing any)."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    class Planner(mcore_torch.MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            data = super().resolve_data(write_item)
+            return source.tensor(data) if getattr(data, "is_meta", False) else data
+
+    class Strategy(mcore_torch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            state, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, single_file_per_rank=True)
+            planner = Planner(dedup_replicated_tensors=False, flatten_state_dict=False)
+            try:
+                dcp.save(mcore_torch.mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+            except dcp.api.CheckpointException as exc:  # every rank's failures: ours (a file we cannot read) first
+                ours = [e for e, _ in exc.failures.values() if isinstance(e, FlagScaleError)]
+                if ours:
+                    raise ours[0] from None
+                raise
+
+    return Strategy("torch_dist", 1)
+
+
 def run_import(plan: dict[str, Any]) -> None:
     import torch
     from megatron.core import parallel_state as ps
@@ -141,7 +276,9 @@ def run_import(plan: dict[str, Any]) -> None:
     tp, pp, ep, info = plan["tp"], plan["pp"], plan.get("ep", 1), plan["info"]
     start(tp, pp, ep)
     t = _settings(plan["model"], tp, pp, ep)
-    model = _model(t, info["padded_vocab_size"])
+    # the checkpoint keeps the HF tensors' dtype (no fp32 upcast); training of any precision loads it
+    with _on_meta():
+        model = _model(t, info["padded_vocab_size"], params_dtype=_dtype(info))
     per_stage = t.model.num_layers // pp
     maps = mapping.model_maps(
         info["architecture"],
@@ -159,18 +296,23 @@ def run_import(plan: dict[str, Any]) -> None:
     tp_rank = ps.get_tensor_model_parallel_rank()
     # experts are split over the expert-tensor-parallel group (megatron.core's default: the size of TP)
     etp_rank, etp = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
-    with torch.no_grad(), ExitStack() as stack:
-        reader = _Reader(plan["files"], stack)
-        for tmap in maps:
-            rank, size = (etp_rank, etp) if tmap.expert else (tp_rank, tp)
-            mapping.fill(params[tmap.megatron], tmap.shard(rank, size), tmap.dim, reader.read)
+    pieces = {}
+    for tmap in maps:
+        rank, size = (etp_rank, etp) if tmap.expert else (tp_rank, tp)
+        pieces[tmap.megatron] = (tmap.shard(rank, size), tmap.dim)
     state = {
         "model": model.sharded_state_dict(),
         "iteration": 0,
         checkpoint.LAYOUT: checkpoint.parallel_layout(),
         checkpoint.MODEL_INFO: info,
     }
-    checkpoint.save_state(plan["out"], 0, state)
+    with torch.no_grad(), ExitStack() as stack:
+        reader = _Reader(plan["files"], stack)
+        for name, value in params.items():  # made off the meta device (the routers' expert bias): filled now
+            if not value.is_meta:
+                _fill(value, *pieces[name], reader)
+        strategy = _lazy_strategy(_Source(params, pieces, reader))
+        checkpoint.save_state(plan["out"], 0, state, strategy)
     stop()
 
 
@@ -362,8 +504,11 @@ class _ParamLoader:
             # loaded straight into the HF dtype (distributed checkpointing converts while it copies), in place:
             # the sharded tensors (a factory's too: fc1's gate and up halves) are views of this tensor
             self.loaded[n] = torch.empty(self.shapes[n], dtype=self.dtype)
-            sharded = dataclasses.replace(self.sharded[n], data=self.loaded[n])
-            built = nested_values(sharded.build()) if isinstance(sharded, ShardedTensorFactory) else [sharded]
+            sharded = self.sharded[n]
+            if isinstance(sharded, ShardedTensorFactory):
+                built = nested_values(dataclasses.replace(sharded, data=self.loaded[n]).build())
+            else:
+                built = [dataclasses.replace(sharded, data=self.loaded[n], dtype=self.dtype)]
             request += [_own_chunk(t) for t in built if t is not None]
         dist_checkpointing.load(dict(enumerate(request)), self.path, validate_access_integrity=False)
 

@@ -133,8 +133,9 @@ def save(
     return save_state(root, iteration, state)
 
 
-def save_state(root: str | Path, iteration: int, state: dict[str, Any]) -> Path:
-    """Save a sharded state as `iter_NNNNNNN/` under `root`, the tracker last (every rank calls this)."""
+def save_state(root: str | Path, iteration: int, state: dict[str, Any], strategy: Any = None) -> Path:
+    """Save a sharded state as `iter_NNNNNNN/` under `root`, the tracker last (every rank calls this). `strategy`:
+    a megatron.core save strategy of the torch_dist format other than its default (checkpoint import's)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -142,7 +143,7 @@ def save_state(root: str | Path, iteration: int, state: dict[str, Any]) -> Path:
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(state, str(target))
+    dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
     dist.barrier()
     if dist.get_rank() == 0:  # the tracker last: a half-written checkpoint is never "latest"
         tmp = Path(root) / f".{TRACKER}.tmp"
