@@ -125,18 +125,23 @@ def _check_maps(maps: list[mapping.TensorMap], params: dict[str, Any]) -> None:
 
 
 class _Reader:
-    """Slices of HF tensors from their safetensors shards, one tensor at a time; each shard opened once. Row
-    ranges in the file's dtype are read with plain reads straight into their destination (`read_into`): a
-    memory map would keep every page read resident in this process."""
+    """Slices of HF tensors from their safetensors shards (the header parsed once per file, checked by the bridge
+    before), with plain reads: a memory map (safetensors' safe_open) would keep every page read resident in this
+    process. Row ranges in the file's dtype go straight into their destination (`read_into`)."""
 
     def __init__(self, files: dict[str, str], stack: ExitStack) -> None:
         self.files, self.stack = files, stack
-        self.handles: dict[str, Any] = {}
         self.fds: dict[str, int] = {}
         self.entries: dict[str, dict[str, tuple[str, list[int], int]]] = {}
 
     def _entry(self, path: str, name: str) -> tuple[str, list[int], int]:
         """dtype, shape and the file offset of tensor `name`'s data."""
+        try:
+            return self._header(path)[name]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConversionError(f"{path}: cannot read {name} ({_first_line(exc)})") from None
+
+    def _header(self, path: str) -> dict[str, tuple[str, list[int], int]]:
         if path not in self.entries:
             self.fds[path] = fd = os.open(path, os.O_RDONLY)
             self.stack.callback(os.close, fd)
@@ -146,7 +151,7 @@ class _Reader:
             self.entries[path] = {
                 k: (v["dtype"], v["shape"], 8 + size + v["data_offsets"][0]) for k, v in header.items()
             }
-        return self.entries[path][name]
+        return self.entries[path]
 
     def read_into(self, piece: mapping.Piece, dim: int, part) -> bool:
         """Read rows [start, stop) of the piece's tensor into `part`; False when that takes a conversion (another
@@ -175,17 +180,20 @@ class _Reader:
             raise ConversionError(f"{path}: cannot read {piece.source} ({_first_line(exc)})") from None
 
     def read(self, piece: mapping.Piece, dim: int):
-        from safetensors import safe_open
+        """Rows [start, stop) of the piece's tensor in the file's dtype; for dim 1, those columns (the matrix is
+        read whole, then sliced: a row-parallel weight at TP > 1)."""
+        import torch
 
         assert piece.source is not None
-        path = self.files[piece.source]
-        try:
-            if path not in self.handles:
-                self.handles[path] = self.stack.enter_context(safe_open(path, framework="pt"))
-            tensor = self.handles[path].get_slice(piece.source)
-            return tensor[piece.start : piece.stop] if dim == 0 else tensor[:, piece.start : piece.stop]
-        except Exception as exc:  # safetensors' own errors: a truncated or damaged file
-            raise ConversionError(f"{path}: cannot read {piece.source} ({_first_line(exc)})") from None
+        kind, shape, _ = self._entry(self.files[piece.source], piece.source)
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[kind]
+        if dim == 0 or len(shape) == 1:
+            rows = torch.empty((piece.size, *shape[1:]), dtype=dtype)
+            self.read_into(piece, 0, rows)
+            return rows
+        whole = torch.empty(shape, dtype=dtype)
+        self.read_into(mapping.Piece(piece.source, 0, shape[0]), 0, whole)
+        return whole[:, piece.start : piece.stop]
 
 
 # ------------------------------------------------------------------------------------------- import
