@@ -1,8 +1,13 @@
 """Checkpoints with Megatron's distributed checkpointing (megatron.core.dist_checkpointing).
 
 Layout, as Megatron-LM's: `<save>/iter_0000010/` (one sharded checkpoint, any parallel layout can
-read it) and `<save>/latest_checkpointed_iteration.txt`, written only after every rank finished the
-save, so a run killed mid-save resumes from the previous complete checkpoint.
+read it) and `<save>/latest_checkpointed_iteration.txt`, the tracker: the resume point. A save is atomic:
+every rank writes its shards, a barrier, then one rank replaces the tracker (temp file, fsync, rename), so
+a run killed mid-save resumes from the previous complete checkpoint. Only the tracker vouches for a
+checkpoint: folders beyond it are what killed saves left, ignored by resume and removed by the next save
+(renamed aside first, so a kill during removal leaves nothing that looks like a checkpoint). Every folder up
+to the tracker's is complete, which is what `keep_last` counts: after a save completes, all but the newest
+`keep_last` of them are removed.
 
 RNG state, as Megatron-LM keeps it: every rank's Python, numpy, torch (and accelerator) generator states
 and Megatron's tensor-parallel RNG tracker states go into the same checkpoint, one `ShardedObject`
@@ -20,7 +25,11 @@ HF folder from any checkpoint. `flagscale checkpoint import` writes checkpoints 
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 LAYOUT = "parallel_layout"
 RNG = "rng_state"
 MODEL_INFO = "flagscale_model"
+_ITER = re.compile(r"iter_(\d{7})")
+# Tests only: a save of this iteration stalls the last rank before it writes (the others block in the save's
+# collectives), after touching `<save>/.stalled`, so a test can SIGKILL the job mid-save deterministically.
+STALL_ENV = "FLAGSCALE_TEST_STALL_SAVE"
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -125,32 +138,115 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool, rng: b
 
 
 def save(
-    root: str | Path, iteration: int, model, optimizer, scheduler, model_info: dict[str, Any] | None = None
+    root: str | Path,
+    iteration: int,
+    model,
+    optimizer,
+    scheduler,
+    model_info: dict[str, Any] | None = None,
+    keep_last: int | None = None,
 ) -> Path:
     state = _state(model, optimizer, scheduler, iteration, False)
     if model_info is not None:
         state[MODEL_INFO] = model_info
-    return save_state(root, iteration, state)
+    return save_state(root, iteration, state, keep_last=keep_last)
 
 
-def save_state(root: str | Path, iteration: int, state: dict[str, Any], strategy: Any = None) -> Path:
+def save_state(
+    root: str | Path, iteration: int, state: dict[str, Any], strategy: Any = None, keep_last: int | None = None
+) -> Path:
     """Save a sharded state as `iter_NNNNNNN/` under `root`, the tracker last (every rank calls this). `strategy`:
-    a megatron.core save strategy of the torch_dist format other than its default (checkpoint import's)."""
+    a megatron.core save strategy of the torch_dist format other than its default (checkpoint import's).
+    `keep_last`: then remove all but the newest `keep_last` complete checkpoints."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    root, rank = Path(root), dist.get_rank()
     target = iteration_dir(root, iteration)
-    if dist.get_rank() == 0:
-        target.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _clear_for(root, iteration)
+        target.mkdir()
     dist.barrier()
+    if os.environ.get(STALL_ENV) == str(iteration) and rank == dist.get_world_size() - 1:
+        _stall(root)
     dist_checkpointing.save(state, str(target), sharded_strategy=strategy)
-    dist.barrier()
-    if dist.get_rank() == 0:  # the tracker last: a half-written checkpoint is never "latest"
-        tmp = Path(root) / f".{TRACKER}.tmp"
-        tmp.write_text(f"{iteration}\n")
-        tmp.replace(Path(root) / TRACKER)
+    dist.barrier()  # every rank has written its shards: only now may the tracker name this checkpoint
+    if rank == 0:
+        _write_tracker(root, iteration)
+        if keep_last:
+            _prune(root, keep_last)
     dist.barrier()
     return target
+
+
+def iterations(root: str | Path) -> list[int]:
+    """The iterations of the `iter_NNNNNNN` folders under `root`, ascending (complete or not)."""
+    found = (_ITER.fullmatch(p.name) for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else ()
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def complete_iterations(root: str | Path) -> list[int]:
+    """The complete checkpoints under `root`: the tracker's and the folders before it."""
+    tracked = latest_iteration(root)
+    return [] if tracked is None else [i for i in iterations(root) if i <= tracked]
+
+
+def _clear_for(root: Path, iteration: int) -> None:
+    """Before saving `iteration`: remove what no tracker vouches for (folders beyond the tracker's: a killed
+    save's) and the target folder itself. Saving the tracked iteration again first moves the tracker back to
+    the previous complete checkpoint, so that a kill during this save still leaves a resume point."""
+    for leftover in root.glob(".iter_*.discarded"):  # a removal that was killed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    tracker = root / TRACKER
+    tracked = latest_iteration(root)
+    if tracker.exists() and tracked is None:  # not ours to judge (e.g. Megatron-LM's "release"): only the target
+        stale = [iteration] if iteration_dir(root, iteration).exists() else []
+    else:
+        stale = [i for i in iterations(root) if tracked is None or i > tracked or i == iteration]
+    if tracked == iteration:
+        earlier = [i for i in iterations(root) if i < iteration]
+        if earlier:
+            _write_tracker(root, earlier[-1])
+        else:
+            tracker.unlink()
+    for i in stale:
+        _discard(iteration_dir(root, i))
+
+
+def _discard(folder: Path) -> None:
+    """Remove a checkpoint folder: renamed aside first (atomic), so a kill mid-way leaves no partial iter_*."""
+    aside = folder.with_name(f".{folder.name}.discarded")
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    shutil.rmtree(aside)
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    """The tracker, atomically and durably: a temp file written and fsynced, renamed over the old one."""
+    tmp = root / f".{TRACKER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(root / TRACKER)
+    fd = os.open(root, os.O_RDONLY)
+    try:  # the rename itself survives a crash of the node once the folder is synced
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` complete checkpoints (called once a newer one is complete)."""
+    for i in complete_iterations(root)[:-keep_last]:
+        _discard(iteration_dir(root, i))
+
+
+def _stall(root: Path) -> None:
+    (root / ".stalled").write_text(f"{os.getpid()}\n")
+    while True:
+        time.sleep(60)
 
 
 def latest_dir(root: str | Path) -> Path:
@@ -158,7 +254,10 @@ def latest_dir(root: str | Path) -> Path:
     iteration = latest_iteration(root)
     if iteration is None:
         raise ConfigError(f"{root}: no checkpoint there (no readable {TRACKER})")
-    return iteration_dir(root, iteration)
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        raise ConfigError(f"{root}: {TRACKER} names iteration {iteration} but {path.name}/ is missing; restore it")
+    return path
 
 
 def common_state(root: str | Path) -> dict[str, Any]:
@@ -213,9 +312,7 @@ def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None
     why (one line for the log)."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
-    assert iteration is not None
-    path = str(iteration_dir(root, iteration))
+    path = str(latest_dir(root))  # only the checkpoint the tracker vouches for, never a newer folder
     # The layout decides which shards to ask for, so it is read (common state, rank-independent) first.
     common = dist_checkpointing.load_common_state_dict(path)
     if "optimizer" not in common:
@@ -226,6 +323,7 @@ def load(root: str | Path, model, optimizer, scheduler) -> tuple[int, str | None
     saved = common.get(LAYOUT)
     current = parallel_layout()
     with_rng = saved == current
+    iteration = int(common["iteration"])
     state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True, rng=with_rng), path)
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

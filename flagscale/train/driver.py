@@ -12,7 +12,8 @@ MEGATRON_COLLECTIVE_BACKEND, read by the patched megatron-core.
 
 Logs: a Megatron-style line per logged iteration on the console (from the rank that has the loss),
 every rank's own log in <exp_dir>/logs/node<N>/rank<R>.log, and one JSON line per logged iteration
-in the metrics file (iteration, loss, lr, grad_norm, step_time, tokens_per_sec).
+in the metrics file (iteration, loss, lr, grad_norm, step_time, tokens_per_sec, memory_gib), the same
+scalars in TensorBoard event files beside it and in Weights & Biases when configured (flagscale.train.metrics).
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flagscale.train import checkpoint
     from flagscale.train.data import Batches, build_train_dataset
+    from flagscale.train.metrics import MetricsLog, memory_gib
     from flagscale.train.tokenizer import build_tokenizer
 
     try:  # the FlagScale device accessor of the patched megatron-core
@@ -332,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return output, loss_func
 
-    # the launcher always sets metrics_file (default <exp_dir>/logs/metrics.jsonl)
-    metrics = open(s.logging.metrics_file, "a") if reporter and s.logging.metrics_file else None
+    # the launcher always sets metrics_file (default <exp_dir>/logs/metrics.jsonl); TensorBoard/W&B beside it
+    metrics = MetricsLog(s.logging, exp_dir, start_iter, payload["train"]) if reporter else None
     tokens_per_iter = m.global_batch_size * m.seq_length
     last_saved = start_iter
     if rank == 0:
@@ -374,27 +376,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"grad norm: {gn:.4f} |"
             )
             metrics.write(
-                json.dumps(
-                    {
-                        "iteration": iteration,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": gn,
-                        "step_time": step_time,
-                        "tokens_per_sec": tokens_per_iter / step_time,
-                        "skipped": not ok,
-                    }
-                )
-                + "\n"
+                {
+                    "iteration": iteration,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": gn,
+                    "step_time": step_time,
+                    "tokens_per_sec": tokens_per_iter / step_time,
+                    "memory_gib": memory_gib(),
+                    "skipped": not ok,
+                }
             )
-            metrics.flush()
         if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
-            path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler, info)
+            path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler, info, ckpt.keep_last)
             last_saved = iteration
             if rank == 0:
                 log.info(f"saved checkpoint {path}")
     if ckpt.save and ckpt.save_at_end and last_saved != m.train_iters and start_iter < m.train_iters:
-        path = checkpoint.save(ckpt.save, m.train_iters, model, optimizer, scheduler, info)
+        path = checkpoint.save(ckpt.save, m.train_iters, model, optimizer, scheduler, info, ckpt.keep_last)
         if rank == 0:
             log.info(f"saved checkpoint {path}")
     if metrics:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flagscale.errors import ConfigError
-from flagscale.settings import convert, plain, setting
+from flagscale.settings import convert, nonempty, plain, setting
 
 
 # Per-field checks: `convert` reports their ValueError as `<dotted key>=<value>: <message>`.
@@ -214,12 +214,26 @@ class CheckpointSettings:
     # become train.model's and train.data.tokenizer's, and it is imported at this run's layout into the flagscale
     # cache once (flagscale/train/hf_start.py), then loaded with finetune semantics. Excludes `load`.
     hf_model: str | None = None
+    # keep only the newest N complete checkpoints under `save` (older ones removed once a newer one is
+    # complete); None: keep all
+    keep_last: int | None = setting(None, check=_positive)
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    project: str = setting(check=nonempty)  # a W&B project: configured means this is set
+    name: str | None = None  # the run's name; None: the experiment folder's name
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: files under <exp_dir>/logs/wandb only
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
     log_interval: int = setting(1, check=_positive)
     metrics_file: str | None = None  # JSON lines, one per logged step; None: <exp_dir>/logs/metrics.jsonl
+    # TensorBoard event files in <metrics file's folder>/tensorboard: None: when `tensorboard` is installed
+    # (the train extra installs it); true: required; false: off
+    tensorboard: bool | None = None
+    wandb: WandbSettings | None = None  # Weights & Biases (needs `pip install wandb`); None: off
 
 
 @dataclass(frozen=True)
