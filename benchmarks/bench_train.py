@@ -187,12 +187,12 @@ def main() -> int:
     name = "train" if args.compare == "direct" else "train_monitoring"
     args.json = args.json or ROOT / "benchmarks" / "results" / f"{name}.raw.json"
     if args.compare == "direct":
-        sides = (("flagscale", run_flagscale), ("direct", run_direct))
+        sides = (("flagscale", "flagscale", run_flagscale), ("direct", "direct", run_direct))
         labels, target = ("`flagscale train`", "direct megatron.core script"), 1.05
     else:
         sides = (
-            ("flagscale", functools.partial(run_flagscale, tag="-on")),
-            ("direct", functools.partial(run_flagscale, extra=MONITORING_OFF, tag="-off")),
+            ("flagscale", "monitoring on", functools.partial(run_flagscale, tag="-on")),
+            ("direct", "monitoring off", functools.partial(run_flagscale, extra=MONITORING_OFF, tag="-off")),
         )
         labels, target = ("`flagscale train`, monitoring on", "`flagscale train`, monitoring off"), 1.02
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-train-"))
@@ -219,7 +219,7 @@ def main() -> int:
     }
     rows = []
     for run in range(args.runs):
-        for side, fn in sides if run % 2 == 0 else sides[::-1]:
+        for side, shown, fn in sides if run % 2 == 0 else sides[::-1]:
             records, wall = fn(args.python, work, run, a)
             steps = [r["step_time"] for r in records][args.warmup :]
             rows.append(
@@ -233,7 +233,7 @@ def main() -> int:
                 }
             )
             print(
-                f"run {run} {side:9s}: median step {statistics.median(steps) * 1000:7.1f} ms, wall {wall:5.1f} s",
+                f"run {run} {shown:14s}: median step {statistics.median(steps) * 1000:7.1f} ms, wall {wall:5.1f} s",
                 flush=True,
             )
     by_run = {}

@@ -183,7 +183,8 @@ def test_world_size_1_trains_logs_and_checkpoints(venv, world1):
     assert "step time (ms)" in node_log and "tokens/s" in node_log
     assert (world1 / "logs" / "node0" / "rank0.log").stat().st_size > 0
     m = metrics(world1)[-1]
-    assert m["step_time"] > 0 and m["tokens_per_sec"] > 0 and 0 < m["lr"] <= 0.01
+    assert m["step_time"] > 0 and m["tokens_per_sec"] > 0 and 0 < m["lr"] <= 0.01 and m["memory_gib"] > 0
+    assert any((world1 / "logs" / "tensorboard").glob("events.out.tfevents.*"))  # the train extra has tensorboard
     ckpt = world1 / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
     assert sorted(p.name for p in ckpt.glob("iter_*")) == [

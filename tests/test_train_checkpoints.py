@@ -258,3 +258,65 @@ def test_checkpoint_and_logging_defaults():
         None,
         "online",
     )
+
+
+# ------------------------------------------------- what a save removes and keeps (fast: the folder logic alone)
+def _layout(root: Path, iterations: list[int], tracked: int | str | None) -> None:
+    for i in iterations:
+        (root / f"iter_{i:07d}").mkdir(parents=True)
+        (root / f"iter_{i:07d}" / "shard").write_text(str(i))
+    if tracked is not None:
+        (root / TRACKER).write_text(f"{tracked}\n")
+
+
+def _left(root: Path) -> tuple[list[str], str | None]:
+    tracker = root / TRACKER
+    return sorted(p.name for p in root.iterdir() if p.name != TRACKER), (
+        tracker.read_text().strip() if tracker.exists() else None
+    )
+
+
+@pytest.mark.parametrize(
+    "iterations, tracked, saving_at, left, tracker",
+    [
+        # a killed save's folders (beyond the tracker's) go; the complete ones stay
+        ([5, 10, 15], 5, 10, [5], "5"),
+        ([5, 15], 5, 10, [5], "5"),
+        # no tracker: nothing is vouched for (a first save that was killed)
+        ([5], None, 5, [], None),
+        # saving the tracked iteration again: the tracker first moves back to the previous complete checkpoint
+        ([5, 10], 10, 10, [5], "5"),
+        ([10], 10, 10, [], None),
+        # a tracker that is not ours to read (Megatron-LM's "release"): only the target folder is replaced
+        ([5, 10], "release", 10, [5], "release"),
+    ],
+)
+def test_a_save_first_clears_what_no_tracker_vouches_for(tmp_path, iterations, tracked, saving_at, left, tracker):
+    from flagscale.train import checkpoint
+
+    (tmp_path / ".iter_0000003.discarded").mkdir()  # a removal killed half-way
+    _layout(tmp_path, iterations, tracked)
+    checkpoint._clear_for(tmp_path, saving_at)
+    assert _left(tmp_path) == ([f"iter_{i:07d}" for i in left], tracker)
+
+
+def test_keep_last_prunes_complete_checkpoints_only(tmp_path):
+    from flagscale.train import checkpoint
+
+    _layout(tmp_path, [5, 10, 15, 20], 15)  # 20: beyond the tracker, not a complete checkpoint
+    assert checkpoint.complete_iterations(tmp_path) == [5, 10, 15]
+    checkpoint._prune(tmp_path, 2)
+    assert _left(tmp_path) == (["iter_0000010", "iter_0000015", "iter_0000020"], "15")
+
+
+def test_tracker_is_replaced_atomically_and_resume_needs_its_folder(tmp_path):
+    from flagscale.errors import ConfigError
+    from flagscale.train import checkpoint
+
+    _layout(tmp_path, [5], 5)
+    checkpoint._write_tracker(tmp_path, 10)
+    assert _left(tmp_path) == (["iter_0000005"], "10")  # no temp file left beside it
+    with pytest.raises(ConfigError, match=r"names iteration 10 but iter_0000010/ is missing; restore it"):
+        checkpoint.latest_dir(tmp_path)
+    checkpoint._write_tracker(tmp_path, 5)
+    assert checkpoint.latest_dir(tmp_path) == tmp_path / "iter_0000005"
