@@ -277,8 +277,10 @@ def test_stop_stops_the_job_and_leaves_a_lookalike_alive(exp):
         subprocess.Popen(["bash", "-c", "sleep 300", str(script)]),
     ]
     try:
-        status = train(exp, "action=status")
-        assert status.returncode == 0 and status.stdout.split() == ["node0", "localhost", "running"], status.stdout
+        status = train(exp, "action=status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["nodes"] == [{"name": "node0", "host": "localhost", "state": "running"}]
+        assert "node0  localhost  running" in train(exp, "action=status").stdout  # the table
         again = train(exp, "+experiment.envs.FAKE_SLEEP=300")  # a second start of a running experiment
         assert again.returncode == 2 and "already running" in again.stderr, again.stderr
 
@@ -286,8 +288,8 @@ def test_stop_stops_the_job_and_leaves_a_lookalike_alive(exp):
         assert stopped.returncode == 0 and "stopped: node0" in stopped.stdout, stopped.stdout + stopped.stderr
         assert wait_until(lambda: not pid_alive(job["pid"]) and not pid_alive(record["pid"]), 10)
         assert all(d.poll() is None for d in decoys), "action=stop killed an unrelated process"
-        status = train(exp, "action=status")
-        assert status.stdout.split() == ["node0", "localhost", "stopped"], status.stdout
+        status = json.loads(train(exp, "action=status", "--json").stdout)
+        assert status["nodes"][0]["state"] == "stopped" and status["state"] == "stopped", status
         assert "nothing was running" in train(exp, "action=stop").stdout
     finally:
         for d in decoys:

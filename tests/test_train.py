@@ -151,9 +151,10 @@ def losses(exp_dir: Path) -> dict[int, float]:
 
 
 def _status(venv: Env, name: str, *overrides: str) -> list[str]:
-    result = venv.train(name, "action=status", *overrides)
+    """The nodes' states, from action=status's JSON record (`--json`)."""
+    result = venv.train(name, "action=status", "++experiment.runner.json=true", *overrides)
     assert result.returncode == 0, result.stderr
-    return [line.split()[-1] for line in result.stdout.splitlines() if line.strip()]
+    return [node["state"] for node in json.loads(result.stdout)["nodes"]]
 
 
 @pytest.fixture(scope="module")

@@ -320,3 +320,26 @@ def test_tracker_is_replaced_atomically_and_resume_needs_its_folder(tmp_path):
         checkpoint.latest_dir(tmp_path)
     checkpoint._write_tracker(tmp_path, 5)
     assert checkpoint.latest_dir(tmp_path) == tmp_path / "iter_0000005"
+
+
+@pytest.mark.parametrize(
+    "logging, package, message",
+    [
+        ({"tensorboard": True}, "tensorboard", "train.system.logging.tensorboard=true needs the tensorboard package"),
+        ({"wandb": {"project": "p"}}, "wandb", "train.system.logging.wandb is set but wandb is not installed"),
+    ],
+)
+def test_a_logger_asked_for_but_not_installed_fails_at_launch(logging, package, message):
+    """The launcher's check (when the nodes run its interpreter), in this venv where the package is missing."""
+    from importlib.util import find_spec
+
+    from flagscale.errors import ConfigError
+    from flagscale.train.metrics import check_installed
+    from flagscale.train.settings import train_settings
+
+    if find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here: nothing to refuse")
+    settings = train_settings({"system": {"logging": logging}, "data": {"data_path": "/d"}}).system.logging
+    with pytest.raises(ConfigError, match=message):
+        check_installed(settings)
+    check_installed(train_settings({"data": {"data_path": "/d"}}).system.logging)  # defaults ask for nothing

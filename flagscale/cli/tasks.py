@@ -19,6 +19,7 @@ def train_cmd(
     ),
     config_name: str = typer.Option("train", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
     foreground: bool = typer.Option(False, "--foreground", help="Run attached (schedulers, containers)."),
+    json_status: bool = typer.Option(False, "--json", help="action=status: print the status record as JSON."),
 ) -> None:
     """Train with Megatron on this device: launch, dry-run, stop or query a job (action=...)."""
     with reported():
@@ -26,6 +27,7 @@ def train_cmd(
         from flagscale.train import main as train_main
 
         extra = ["++experiment.runner.foreground=true"] if foreground else []  # also where the YAML omits it
+        extra += ["++experiment.runner.json=true"] if json_status else []
         code = train_main(compose(config_dir, config_name, [*(overrides or []), *extra]))
     raise typer.Exit(code)
 

@@ -233,6 +233,14 @@ def model_info(t: TrainSettings, vocab: int, padded: int, recorded: dict | None)
     return info
 
 
+def _heartbeat(payload: dict, exp_dir: Path, rank: int):
+    """This rank's heartbeat writer (flagscale.runner.heartbeat), read by the job monitor."""
+    from flagscale.runner.heartbeat import Heartbeat
+
+    ft = payload.get("experiment", {}).get("runner", {}).get("fault_tolerance", {})
+    return Heartbeat(exp_dir, rank, int(os.environ.get("GROUP_RANK", "0")), float(ft.get("heartbeat_interval", 1.0)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flagscale.train.driver")
     parser.add_argument("--config", required=True, type=Path, help="train.json written by the launcher")
@@ -281,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     last_stage = parallel_state.is_pipeline_last_stage()
     reporter = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
     _setup_logging(exp_dir, rank, console=reporter or rank == 0)
+    heartbeat = _heartbeat(payload, exp_dir, rank)
+    heartbeat.beat(0, phase="init", force=True)
     if rank == 0:
         log.info(
             f"flagscale train: megatron-core {megatron.core.__version__} ({Path(megatron.core.__file__).parent}), "
@@ -338,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MetricsLog(s.logging, exp_dir, start_iter, payload["train"]) if reporter else None
     tokens_per_iter = m.global_batch_size * m.seq_length
     last_saved = start_iter
+    heartbeat.beat(start_iter, phase="start", force=True)
     if rank == 0:
         log.info(
             f"training iterations {start_iter + 1}..{m.train_iters}, {num_micro} micro-batch(es) of "
@@ -387,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
                     "skipped": not ok,
                 }
             )
+            heartbeat.extra.update(loss=loss, tokens_per_sec=tokens_per_iter / step_time)
+        heartbeat.beat(iteration, force=iteration == m.train_iters)
         if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
+            heartbeat.beat(iteration, phase="save", force=True)  # a long save is progress, not a hang
             path = checkpoint.save(ckpt.save, iteration, model, optimizer, scheduler, info, ckpt.keep_last)
             last_saved = iteration
             if rank == 0:
@@ -398,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info(f"saved checkpoint {path}")
     if metrics:
         metrics.close()
+    heartbeat.beat(m.train_iters, phase="done", force=True)
     dist.barrier()
     if rank == 0:
         log.info(f"done in {time.perf_counter() - started:.1f} s")

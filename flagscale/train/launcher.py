@@ -275,6 +275,9 @@ def plan(plain: dict) -> LaunchPlan:
 
     if not base.multi_node and python == sys.executable:
         _check_runtime(python)
+        from flagscale.train.metrics import check_installed  # TensorBoard / W&B when asked for
+
+        check_installed(train.system.logging)
     master_addr = exp.runner.master_addr or (base.nodes[0].host if base.multi_node else "127.0.0.1")
     master_port = exp.runner.master_port or (29500 if base.multi_node else _free_port())
     config_file = exp_dir / "config" / "train.json"

@@ -21,6 +21,22 @@ from flagscale.errors import ConfigError
 from flagscale.train.settings import LoggingSettings
 
 SCALARS = ("loss", "lr", "grad_norm", "tokens_per_sec", "step_time", "memory_gib")
+_NO_TENSORBOARD = (
+    "train.system.logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+    "(or flagscale[train]), or set it to false"
+)
+_NO_WANDB = "train.system.logging.wandb is set but wandb is not installed: pip install wandb, or remove the setting"
+
+
+def check_installed(logging: LoggingSettings) -> None:
+    """At launch, when the nodes run this interpreter: the loggers asked for are installed (one line, before
+    anything starts; a run would otherwise fail on every rank, and restart, for a missing package)."""
+    from importlib.util import find_spec
+
+    if logging.tensorboard and find_spec("tensorboard") is None:
+        raise ConfigError(_NO_TENSORBOARD)
+    if logging.wandb is not None and logging.wandb.mode != "disabled" and find_spec("wandb") is None:
+        raise ConfigError(_NO_WANDB)
 
 
 def tensorboard_dir(metrics_file: str | Path) -> Path:
@@ -76,10 +92,7 @@ def _tensorboard(logging: LoggingSettings, folder: Path, start_iter: int) -> Any
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's writer needs the tensorboard package
         if logging.tensorboard:
-            raise ConfigError(
-                "train.system.logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                "(or flagscale[train]), or set it to false"
-            ) from None
+            raise ConfigError(_NO_TENSORBOARD) from None
         return None
     # a resumed run's first event purges the killed run's steps from here on (they were logged again)
     return SummaryWriter(str(folder), purge_step=start_iter + 1 if start_iter else None)
@@ -92,9 +105,7 @@ def _wandb(logging: LoggingSettings, exp_dir: Path, config: dict[str, Any]) -> A
     try:
         import wandb
     except ImportError:
-        raise ConfigError(
-            "train.system.logging.wandb is set but wandb is not installed: pip install wandb, or remove the setting"
-        ) from None
+        raise ConfigError(_NO_WANDB) from None
     return wandb.init(
         project=settings.project,
         name=settings.name or exp_dir.name,

@@ -386,6 +386,24 @@ def _validate_train(t: TrainSettings, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------- experiment (launch)
+def _non_negative_number(value: float) -> float:
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class FaultToleranceSettings:
+    """`experiment.runner.fault_tolerance`: what the job monitor (flagscale.runner.monitor) does on a fault."""
+
+    max_restarts: int = setting(3, check=_not_negative)  # restarts after a crash or hang; then the job is failed
+    # No heartbeat progress for this long is a hang. Generous by default: it also covers start-up (rendezvous,
+    # checkpoint load) and a checkpoint save, which on a large job take minutes.
+    hang_timeout: float = setting(1800.0, check=_positive_number)
+    restart_backoff: float = setting(10.0, check=_non_negative_number)  # seconds; doubles per restart, max 300 s
+    heartbeat_interval: float = setting(1.0, check=_non_negative_number)  # min seconds between a rank's heartbeats
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     nnodes: int = setting(1, check=_positive)
@@ -402,6 +420,8 @@ class RunnerSettings:
     ssh_options: tuple[str, ...] = ()  # extra `ssh -o` options, e.g. StrictHostKeyChecking=no
     foreground: bool = False
     stop_timeout: float = 15.0
+    fault_tolerance: FaultToleranceSettings = field(default_factory=FaultToleranceSettings)
+    json: bool = False  # action=status prints the status record as JSON (`--json`)
 
 
 @dataclass(frozen=True)
