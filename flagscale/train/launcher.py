@@ -15,20 +15,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flagscale.errors import ConfigError, FlagScaleError, LaunchError
-from flagscale.runner import process
+from flagscale.runner import monitor, process
 from flagscale.runner.environment import device_environment
 from flagscale.runner.hostfile import Node, read_hostfile
 from flagscale.runner.ssh import check_options as check_ssh_options
 from flagscale.runner.ssh import ssh_command as ssh_argv
-from flagscale.runner.wait import wait_until
 from flagscale.train import hf_start
 from flagscale.train.settings import ExperimentSettings, TrainSettings, as_dict, experiment_settings, train_settings
 from flagscale.train.shapes import stage_parameters, total_parameters
@@ -131,11 +130,11 @@ def node_environment(exp: ExperimentSettings, node: NodePlan, device_env: dict[s
 def torchrun_command(
     plan_python: str,
     exp: ExperimentSettings,
-    node_rank: int,
-    nnodes: int,
+    node_rank: int | str,  # str: a value the script reads when it runs (Slurm: flagscale/train/slurm.py)
+    nnodes: int | str,
     nproc: int,
     master_addr: str,
-    master_port: int,
+    master_port: int | str,
     config_file: Path,
 ) -> list[str]:
     r = exp.runner
@@ -245,6 +244,8 @@ def job(plain: dict) -> Job:
     exp = experiment_settings(plain["experiment"])
     exp_dir = Path(exp.exp_dir).expanduser().resolve()
     python = exp.runner.python or sys.executable
+    if exp.runner.launcher == "slurm":  # Slurm picks the nodes when the job starts (flagscale/train/slurm.py)
+        return Job(exp, exp_dir, python, ())
     hosts = _nodes_of(exp)
     remote = bool(exp.runner.hostfile)
     if remote:
@@ -264,7 +265,7 @@ def plan(plain: dict) -> LaunchPlan:
         raise ConfigError(
             "the config has no train section: add a task YAML to the defaults list (e.g. `- train: tiny`)"
         )
-    world_size = exp.runner.nproc_per_node * len(base.nodes)
+    world_size = exp.runner.nproc_per_node * (len(base.nodes) or exp.runner.slurm.nodes or exp.runner.nnodes)
     # checkpoint.hf_model: the architecture and tokenizer come from the folder (imported at run, not here)
     train = _resolve_paths(train_settings(hf_start.merge(plain["train"])), exp_dir)
     train.check(world_size)
@@ -400,7 +401,9 @@ def dryrun(p: LaunchPlan, out=None) -> int:
             print(f"$ {shlex.join(ssh_command(p.exp, node.host, start))}", file=out)
         else:
             print(
-                f"$ bash {shlex.quote(str(node.script))}   (detached; log {p.exp_dir / 'logs' / (node.name + '.log')})",
+                f"$ bash {shlex.quote(str(node.script))}   (log {p.exp_dir / 'logs' / (node.name + '.log')}), run by "
+                f"the job monitor: $ {shlex.join(_monitor_argv(p))}"
+                + ("   (in this command: --foreground)" if p.exp.runner.foreground else "   (detached)"),
                 file=out,
             )
     return 0
@@ -414,55 +417,131 @@ def run(p: LaunchPlan, out=None) -> int:
             f"experiment {p.exp.exp_name} is already running ({', '.join(running)} in {p.exp_dir}): "
             "stop it first with action=stop"
         )
+    if process.state(p.exp_dir, monitor.MONITOR_NAME) == "running":
+        raise LaunchError(
+            f"experiment {p.exp.exp_name} is already running (its monitor, in {p.exp_dir}): stop it first with "
+            "action=stop"
+        )
     p = replace(p, train=hf_start.prepare(p.train))  # here, once: the import every rank then loads
     _write_files(p)
-    if not p.multi_node:
-        node = p.nodes[0]
-        cmd = ["bash", str(node.script)]
-        if p.exp.runner.foreground:
-            return process.run_foreground(cmd, name=node.name, run_dir=p.exp_dir, env=_local_env())
-        record = process.start(cmd, name=node.name, run_dir=p.exp_dir, env=_local_env())
-        print(f"started {node.name} (pid {record.pid}); log {record.log}; stop with action=stop", file=out)
-        return 0
-    started: list[NodePlan] = []
-    try:
-        for node in p.nodes:
-            _ssh(p, node, _upload_argv(node), stdin=node.script_text)
-            answer = _agent(p, node, "start", "--", "bash", str(node.script))
-            started.append(node)
-            print(f"started {node.name} on {node.host} (pid {answer.get('pid')}); log {answer.get('log')}", file=out)
-    except FlagScaleError:
-        for node in started:  # a job with a node missing would hang in rendezvous: take it down
-            try:
-                _agent(p, node, "stop")
-            except FlagScaleError:
-                pass
-        raise
+    # under the job monitor: heartbeats, crash and hang detection, restarts
     if p.exp.runner.foreground:
-        return _follow(p, out)
+        return _monitor_here(p, out)
+    record = process.start(_monitor_argv(p), name=monitor.MONITOR_NAME, run_dir=p.exp_dir, env=_local_env())
+    for node in p.nodes:
+        where = f" on {node.host}" if node.remote else ""
+        print(f"started {node.name}{where} under the job monitor; node log {_node_log(p, node)}", file=out)
+    print(
+        f"job monitor: pid {record.pid}, log {record.log}; status {monitor.status_path(p.exp_dir)} "
+        "(action=status); stop with action=stop",
+        file=out,
+    )
     return 0
 
 
-def _follow(p: LaunchPlan, out) -> int:
-    """Foreground multi-node: wait for every node; stopping this process stops the job."""
+def _node_log(p: Job, node: NodePlan) -> str:
+    return f"{node.host + ':' if node.remote else ''}{p.exp_dir / 'logs' / (node.name + '.log')}"
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
 
-    states: dict[str, str] = {}
+def _monitor_argv(p: LaunchPlan) -> list[str]:
+    return [sys.executable, "-m", "flagscale.runner.monitor", "--exp-dir", str(p.exp_dir)]
 
-    def ended() -> bool:
-        states.update(status_of(p))
-        return all(s != "running" for s in states.values())
 
-    signal.signal(signal.SIGTERM, interrupted)  # a scheduler ending the attached command ends the job
+def _monitor_here(p: LaunchPlan, out) -> int:
+    """--foreground: the monitor runs in this process (recorded as `monitor`, so status and stop find it);
+    it prints the node's output and a progress line. Exit status: 0 finished, 1 failed, 130 stopped."""
+    import argparse
+
+    args = argparse.Namespace(max_restarts=None, hang_timeout=None, restart_backoff=None)
+    mon, _ = monitor.build(p.exp_dir, args, [], out)
+    record_path = p.exp_dir / "pids" / f"{monitor.MONITOR_NAME}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    ticks = process.start_ticks(os.getpid())
+    me = process.ProcessRecord(
+        monitor.MONITOR_NAME, os.getpid(), ticks or -1, socket.gethostname(), tuple(sys.argv), "", time.time()
+    )
+    record_path.write_text(json.dumps(asdict(me), indent=2, sort_keys=True) + "\n")
     try:
-        wait_until(ended, None, interval=2)
-    except KeyboardInterrupt:
-        stop(p, out)
-        return 130
-    print(_format_states(p, states), file=out)
-    return 0 if all(s == "finished" for s in states.values()) else 1
+        return monitor.run_monitored(mon)
+    finally:
+        record_path.unlink(missing_ok=True)  # this process lives on (a test, a notebook): never signal it later
+
+
+def node_group(config: dict, exp_dir: Path, env: dict[str, str]) -> monitor.NodeGroup:
+    """The monitor's view of a job `action=run` prepared (config/train.json and the node scripts)."""
+    base = job({"experiment": config["experiment"]})
+    if base.multi_node:
+        return RemoteGroup(base)
+    node = base.nodes[0]
+    return monitor.LocalGroup(exp_dir, {node.name: ["bash", str(node.script)]}, env, base.exp.runner.stop_timeout)
+
+
+class RemoteGroup:
+    """Every node of a hostfile job, through its node agent over ssh (one ssh per node per poll)."""
+
+    poll = 2.0
+
+    def __init__(self, job_: Job) -> None:
+        self.job = job_
+        self.names = [n.name for n in job_.nodes]
+        self.hosts = {n.name: n.host for n in job_.nodes}
+        self.started: dict[str, dict] = {}
+        self.beats: dict[int, dict] = {}
+
+    def _each(self, action):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.job.nodes)) as pool:
+            return list(pool.map(action, self.job.nodes))
+
+    def start(self) -> None:
+        self.started.clear()
+        try:
+            for node in self.job.nodes:
+                _ssh(self.job, node, _upload_argv(node), stdin=node.script.read_text())
+                self.started[node.name] = _agent(self.job, node, "start", "--", "bash", str(node.script))
+        except FlagScaleError:
+            self.stop()  # a job with a node missing would hang in rendezvous: take it down
+            raise
+
+    def states(self) -> dict[str, str]:
+        answers = self._each(lambda n: _agent(self.job, n, "status"))
+        self.beats = {h["rank"]: h for a in answers for h in a.get("heartbeats", [])}
+        return {n.name: a.get(n.name, "unknown") for n, a in zip(self.job.nodes, answers, strict=True)}
+
+    def heartbeats(self) -> list[dict]:
+        return [self.beats[r] for r in sorted(self.beats)]
+
+    def stop(self) -> None:
+        _stop_remote(self.job, list(self.job.nodes))
+
+    def diagnose(self, name: str, iterations: dict[int, int]):
+        from flagscale.runner.diagnose import Diagnosis
+
+        node = next(n for n in self.job.nodes if n.name == name)
+        begun = self.started.get(name, {})
+        answer = _agent(
+            self.job,
+            node,
+            "diagnose",
+            "--iterations",
+            json.dumps(iterations),
+            "--log-start",
+            json.dumps({"node": begun.get("log_start", 0), "ranks": begun.get("rank_log_start", {})}),
+        )
+        return Diagnosis(**answer)
+
+
+def _stop_remote(p: Job, remote: list[NodePlan]) -> list[str]:
+    """Mark every node first, then signal them all at once: the nodes still running fail as soon as one is
+    gone, and should read as stopped, not failed. Returns the nodes that were running."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(remote)) as pool:
+        marked = [n for answer in pool.map(lambda n: _agent(p, n, "mark"), remote) for n in answer["marked"]]
+        signalled = pool.map(lambda n: _agent(p, n, "stop", "--timeout", str(p.exp.runner.stop_timeout)), remote)
+        done = {name for answer in signalled for name in answer.get("stopped", [])}
+    return [n.name for n in remote if n.name in done or n.name in marked]
 
 
 def status_of(p: Job) -> dict[str, str]:
@@ -475,35 +554,113 @@ def status_of(p: Job) -> dict[str, str]:
     return result
 
 
-def _format_states(p: Job, states: dict[str, str]) -> str:
-    return "\n".join(f"{n.name}\t{n.host}\t{states.get(n.name, 'unknown')}" for n in p.nodes)
+def status_record(p: Job) -> dict:
+    """The monitor's status record (run/status.json) with the nodes' states as they are now; a job whose
+    monitor is gone (killed, or never ran one) gets its state from the nodes."""
+    states = status_of(p)
+    record = monitor.read_status(p.exp_dir) or {
+        "exp_name": p.exp.exp_name,
+        "exp_dir": str(p.exp_dir),
+        "ranks": [],
+        "iteration": None,
+        "loss": None,
+        "tokens_per_sec": None,
+        "restarts": 0,
+        "max_restarts": p.exp.runner.fault_tolerance.max_restarts,
+        "diagnoses": [],
+    }
+    record["nodes"] = [{"name": n.name, "host": n.host, "state": states.get(n.name, "unknown")} for n in p.nodes]
+    watched = (p.exp_dir / "pids" / f"{monitor.MONITOR_NAME}.json").exists()
+    if (
+        record.get("state") not in monitor.ACTIVE
+        or not watched
+        or process.state(p.exp_dir, monitor.MONITOR_NAME) != "running"
+    ):
+        node_states = set(states.values())
+        if record.get("state") in ("finished", "failed", "stopped") and "running" not in node_states:
+            pass  # the monitor's verdict stands
+        elif "running" in node_states:
+            record["state"] = "running"
+        elif node_states == {"finished"}:
+            record["state"] = "finished"
+        elif "stopped" in node_states:
+            record["state"] = "stopped"
+        else:
+            record["state"] = "failed" if node_states - {"unknown"} else "unknown"
+    return record
+
+
+def format_status(record: dict) -> str:
+    """action=status as a table: the job, its nodes, its ranks, then every diagnosis."""
+    it, total = record.get("iteration"), record.get("train_iters")
+    head = [f"experiment {record.get('exp_name')}: {record.get('state')}"]
+    if it is not None:
+        head.append(f"iteration {it}/{total if total is not None else '?'}")
+    if record.get("loss") is not None:
+        head.append(f"loss {record['loss']:.6f}")
+    if record.get("tokens_per_sec") is not None:
+        head.append(f"{record['tokens_per_sec']:.0f} tokens/s")
+    head.append(f"restarts {record.get('restarts', 0)}/{record.get('max_restarts', '?')}")
+    rows = [["NODE", "HOST", "STATE"]] + [[n["name"], n["host"], n["state"]] for n in record.get("nodes", [])]
+    lines = [", ".join(head), ""] + _table(rows)
+    ranks = record.get("ranks") or []
+    if ranks:
+        rows = [["RANK", "NODE", "HOST", "PID", "ITERATION", "PHASE", "HEARTBEAT"]]
+        rows += [
+            [
+                str(r.get("rank")),
+                f"node{r.get('node')}",
+                str(r.get("host")),
+                str(r.get("pid")),
+                str(r.get("iteration")),
+                str(r.get("phase")),
+                f"{r.get('age', 0):.0f} s ago",
+            ]
+            for r in ranks
+        ]
+        lines += [""] + _table(rows)
+    for d in record.get("diagnoses") or []:
+        lines.append(
+            f"attempt {d.get('attempt')}: {d.get('event')} ({d.get('kind')}): {d.get('message')}"
+            + (f" [log {d['log']}]" if d.get("log") else "")
+        )
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def status(p: Job, out=None) -> int:
     out = out or sys.stdout
-    states = status_of(p)
-    print(_format_states(p, states), file=out)
+    record = status_record(p)
+    if p.exp.runner.json:
+        print(json.dumps(record, indent=2, sort_keys=True), file=out)
+    else:
+        print(format_status(record), file=out)
     return 0
 
 
 def stop(p: Job, out=None) -> int:
     out = out or sys.stdout
-    stopped: list[str] = []
     remote = [n for n in p.nodes if n.remote]
-    if remote:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # Mark every node first, then signal them all at once: the nodes still running fail as soon as
-        # one is gone, and should read as stopped, not failed.
-        with ThreadPoolExecutor(len(remote)) as pool:
-            marked = [n for answer in pool.map(lambda n: _agent(p, n, "mark"), remote) for n in answer["marked"]]
-            signalled = pool.map(lambda n: _agent(p, n, "stop", "--timeout", str(p.exp.runner.stop_timeout)), remote)
-            done = {name for answer in signalled for name in answer.get("stopped", [])}
-        stopped += [n.name for n in remote if n.name in done or n.name in marked]
-    for node in p.nodes:
-        if not node.remote:
-            known = {r.name for r in process.records(p.exp_dir)} if (p.exp_dir / "pids").is_dir() else set()
-            if node.name in known:
-                stopped += process.stop(p.exp_dir, [node.name], timeout=p.exp.runner.stop_timeout)
+    local = [n.name for n in p.nodes if not n.remote]
+    known = {r.name for r in process.records(p.exp_dir)} if (p.exp_dir / "pids").is_dir() else set()
+    stopped: list[str] = []
+    if monitor.MONITOR_NAME in known and process.state(p.exp_dir, monitor.MONITOR_NAME) == "running":
+        # The monitor first, or it would restart what we stop. The nodes are marked first, so they read as
+        # stopped, not failed; on SIGTERM the monitor stops them itself and records the job as stopped.
+        if remote:
+            stopped += [n for answer in (_agent(p, n, "mark") for n in remote) for n in answer["marked"]]
+        stopped += process.mark_stopping(p.exp_dir, [n for n in local if n in known])
+        process.stop(p.exp_dir, [monitor.MONITOR_NAME], timeout=2 * p.exp.runner.stop_timeout + 15)
+    if remote:  # whatever the monitor left (it was killed, or there was none)
+        stopped += [n for n in _stop_remote(p, remote) if n not in stopped]
+    for name in local:
+        if name in known:
+            stopped += [
+                n for n in process.stop(p.exp_dir, [name], timeout=p.exp.runner.stop_timeout) if n not in stopped
+            ]
     print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=out)
     return 0
