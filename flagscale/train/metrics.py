@@ -94,8 +94,8 @@ def _tensorboard(logging: LoggingSettings, folder: Path, start_iter: int) -> Any
         if logging.tensorboard:
             raise ConfigError(_NO_TENSORBOARD) from None
         return None
-    # a resumed run's first event purges the killed run's steps from here on (they were logged again)
-    return SummaryWriter(str(folder), purge_step=start_iter + 1 if start_iter else None)
+    # the first event purges any earlier attempt's steps from here on: this run logs them again
+    return SummaryWriter(str(folder), purge_step=start_iter + 1)
 
 
 def _wandb(logging: LoggingSettings, exp_dir: Path, config: dict[str, Any]) -> Any:
