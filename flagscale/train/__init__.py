@@ -19,23 +19,31 @@ class TrainTask:
         self.plain = plain
 
     def plan(self) -> launcher.LaunchPlan:
-        return launcher.plan(self.plain)
+        return self._launcher().plan(self.plain)
 
     def _job(self) -> launcher.Job:
         """What stop and status act on: no task section needed, nothing beyond the experiment checked."""
         return launcher.job(self.plain)
 
+    def _launcher(self):
+        """The module that launches this job (plan, dryrun, run, stop, status): Slurm's, or local and ssh."""
+        if self._job().exp.runner.launcher == "slurm":
+            from flagscale.train import slurm
+
+            return slurm
+        return launcher
+
     def dryrun(self) -> int:
-        return launcher.dryrun(self.plan())
+        return self._launcher().dryrun(self.plan())
 
     def run(self) -> int:
-        return launcher.run(self.plan())
+        return self._launcher().run(self.plan())
 
     def stop(self) -> int:
-        return launcher.stop(self._job())
+        return self._launcher().stop(self._job())
 
     def status(self) -> int:
-        return launcher.status(self._job())
+        return self._launcher().status(self._job())
 
 
 def make_task(cfg) -> TrainTask:

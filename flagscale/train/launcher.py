@@ -130,11 +130,11 @@ def node_environment(exp: ExperimentSettings, node: NodePlan, device_env: dict[s
 def torchrun_command(
     plan_python: str,
     exp: ExperimentSettings,
-    node_rank: int,
-    nnodes: int,
+    node_rank: int | str,  # str: a value the script reads when it runs (Slurm: flagscale/train/slurm.py)
+    nnodes: int | str,
     nproc: int,
     master_addr: str,
-    master_port: int,
+    master_port: int | str,
     config_file: Path,
 ) -> list[str]:
     r = exp.runner
@@ -244,6 +244,8 @@ def job(plain: dict) -> Job:
     exp = experiment_settings(plain["experiment"])
     exp_dir = Path(exp.exp_dir).expanduser().resolve()
     python = exp.runner.python or sys.executable
+    if exp.runner.launcher == "slurm":  # Slurm picks the nodes when the job starts (flagscale/train/slurm.py)
+        return Job(exp, exp_dir, python, ())
     hosts = _nodes_of(exp)
     remote = bool(exp.runner.hostfile)
     if remote:
@@ -263,7 +265,7 @@ def plan(plain: dict) -> LaunchPlan:
         raise ConfigError(
             "the config has no train section: add a task YAML to the defaults list (e.g. `- train: tiny`)"
         )
-    world_size = exp.runner.nproc_per_node * len(base.nodes)
+    world_size = exp.runner.nproc_per_node * (len(base.nodes) or exp.runner.slurm.nodes or exp.runner.nnodes)
     # checkpoint.hf_model: the architecture and tokenizer come from the folder (imported at run, not here)
     train = _resolve_paths(train_settings(hf_start.merge(plain["train"])), exp_dir)
     train.check(world_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flagscale.errors import ConfigError
+from flagscale.runner.slurm import SlurmSettings
 from flagscale.settings import convert, nonempty, plain, setting
 
 
@@ -406,6 +407,10 @@ class FaultToleranceSettings:
 
 @dataclass(frozen=True)
 class RunnerSettings:
+    # local: this machine; ssh: the hostfile's nodes; slurm: sbatch (flagscale/train/slurm.py).
+    # None: ssh with a hostfile, else local.
+    launcher: Literal["local", "ssh", "slurm"] | None = None
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)  # the allocation, with launcher slurm
     nnodes: int = setting(1, check=_positive)
     nproc_per_node: int = setting(1, check=_positive)
     hostfile: str | None = None  # `host slots=N [type=device]` per line; needed when nnodes > 1
@@ -453,7 +458,8 @@ class ExperimentSettings:
 
 def _validate_experiment(e: ExperimentSettings) -> None:
     r = e.runner
-    if r.nnodes > 1 and not r.hostfile:
+    _check_launcher(r)
+    if r.nnodes > 1 and not r.hostfile and r.launcher != "slurm":
         raise ConfigError(
             f"experiment.runner.nnodes={r.nnodes} needs experiment.runner.hostfile "
             "(lines of `host slots=N [type=device]`)"
@@ -464,6 +470,28 @@ def _validate_experiment(e: ExperimentSettings) -> None:
             if not isinstance(envs, dict):
                 raise ConfigError(f"{key}.{name}: expected a mapping of VARIABLE: value")
             _check_envs(envs, f"{key}.{name}")
+
+
+def _check_launcher(r: RunnerSettings) -> None:
+    if r.launcher == "slurm":
+        if r.hostfile:
+            raise ConfigError(
+                "experiment.runner.hostfile: with launcher slurm, Slurm picks the nodes; remove the hostfile "
+                "(a node list goes in experiment.runner.slurm.extra_sbatch, e.g. --nodelist=...)"
+            )
+        if r.slurm.nodes is not None and r.nnodes not in (1, r.slurm.nodes):
+            raise ConfigError(
+                f"experiment.runner.slurm.nodes={r.slurm.nodes} but experiment.runner.nnodes={r.nnodes}: set one"
+            )
+        if r.slurm.gpus_per_node is not None and r.nproc_per_node > r.slurm.gpus_per_node:
+            raise ConfigError(
+                f"experiment.runner.nproc_per_node={r.nproc_per_node} is more than "
+                f"experiment.runner.slurm.gpus_per_node={r.slurm.gpus_per_node}: one process per device"
+            )
+    elif r.launcher == "local" and r.hostfile:
+        raise ConfigError("experiment.runner.launcher=local runs on this machine: remove the hostfile or use ssh")
+    elif r.launcher == "ssh" and not r.hostfile:
+        raise ConfigError("experiment.runner.launcher=ssh needs experiment.runner.hostfile (the nodes to reach)")
 
 
 def _check_envs(envs: dict, key: str) -> None:
