@@ -183,6 +183,16 @@ def diagnose_crash(
     return found("exit", f"exit status {exit_status} ({detail[:200]})")
 
 
+# When several nodes failed, these kinds name the cause; the others (a peer's lost connection, a collective
+# that timed out waiting for a dead rank) are usually what the cause did to the other nodes.
+ROOT_CAUSES = ("signal", "oom", "device_error", "missing_file")
+
+
+def most_likely(found: list[Diagnosis]) -> Diagnosis:
+    """The diagnosis that most likely names the cause, of those of several failed nodes (in order seen)."""
+    return min(found, key=lambda d: ROOT_CAUSES.index(d.kind) if d.kind in ROOT_CAUSES else len(ROOT_CAUSES))
+
+
 def process_state(pid: int) -> str | None:
     """The kernel's one-letter state of a local pid (T: stopped by a signal), or None."""
     try:

@@ -15,13 +15,21 @@ Entry point (what `flagscale train` runs detached, and what a Slurm batch script
 * `--foreground`: prints the nodes' output and a progress line; otherwise quiet (its own log is the caller's).
 * SIGTERM or SIGINT to the monitor stops the job's processes (only those it started) and ends it `stopped`.
 
+For a Slurm batch script (flagscale/train/slurm.py): write D/config/train.json as `flagscale train` does
+(`exp_name`, `world_size`, `train`, `experiment` with `runner.fault_tolerance` and `runner.stop_timeout`), then
+in the batch script itself (not inside an srun step) run
+`python -m flagscale.runner.monitor --exp-dir D --foreground -- srun --kill-on-bad-exit=1 ... bash node.sh`.
+Each attempt is one srun (its process group is what a restart stops: SIGTERM, which srun forwards to its
+tasks, then SIGKILL after stop_timeout); `--kill-on-bad-exit` makes one node's failure end the srun non-zero.
+`read_status(D)` gives the status record for `action=status`.
+
 The policy: a *crash* is a node (torchrun) ending non-zero; a *hang* is a rank whose heartbeat made no progress
 for `hang_timeout` s (or no heartbeat at all that long after a start). Each gets a diagnosis
 (flagscale.runner.diagnose); the job's processes are stopped, the monitor waits `restart_backoff` s (doubled
 after each restart, at most 300 s) and starts the job again: the driver resumes from the latest complete
 checkpoint. After `max_restarts` restarts the next fault ends the job `failed`.
 
-The status record, `D/run/status.json`, is rewritten (atomically) about once a second while the job runs:
+The status record, `D/run/status.json`, is rewritten (atomically) at every poll (0.5 s; 2 s over ssh):
 state (starting | running | restarting | finished | failed | stopped), nodes, ranks, iteration, last loss,
 tokens/s, restarts and every diagnosis. `action=status` shows it.
 """
@@ -41,12 +49,13 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from flagscale.runner import heartbeat, process
-from flagscale.runner.diagnose import Diagnosis, diagnose_crash, diagnose_hang
+from flagscale.runner.diagnose import Diagnosis, diagnose_crash, diagnose_hang, most_likely
 
 STATUS_FILE = Path("run") / "status.json"
 MONITOR_NAME = "monitor"
 MAX_BACKOFF = 300.0
 ACTIVE = ("starting", "running", "restarting")
+SETTLE = 10.0  # seconds the other nodes get to end after one failed, before the diagnosis
 
 
 @dataclass(frozen=True)
@@ -275,8 +284,13 @@ class Monitor:
             self._publish()
             iterations = {h["rank"]: h["iteration"] for h in beats}
             failed = [n for n, s in states.items() if s == "failed"]
-            if failed:
-                return self.group.diagnose(failed[0], iterations)
+            if failed:  # one node's failure fails the others: let them end, then pick the one that names the cause
+                settle = time.monotonic() + SETTLE
+                while "running" in states.values() and time.monotonic() < settle:
+                    time.sleep(self.poll)
+                    states = self.group.states()
+                failed = [n for n, s in states.items() if s == "failed"]
+                return most_likely([self.group.diagnose(n, iterations) for n in failed])
             lost = [n for n, s in states.items() if s == "unknown"]
             if lost:  # its record vanished (the run folder was removed or rewritten): nothing left to watch
                 return Diagnosis(kind="lost", event="crash", message=f"{lost[0]}: its process record is gone")

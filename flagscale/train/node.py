@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             if not cmd:
                 raise SystemExit("start needs a command after --")
+            node = int(args.name[4:]) if args.name[4:].isdigit() else None
+            for path in heartbeat.folder(args.run_dir).glob(f"node{node}-rank*.json"):
+                path.unlink(missing_ok=True)  # a new attempt: the last one's heartbeats are no progress of it
             # where this attempt's output begins in the (appended) logs: what a diagnosis reads
             log = args.run_dir / "logs" / f"{args.name}.log"
             begins = {"log_start": log.stat().st_size if log.exists() else 0}
