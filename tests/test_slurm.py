@@ -183,6 +183,7 @@ def test_stop_cancels_this_job_and_only_it(trainer, trained):
         assert slurm_.job_state(other_id) == "RUNNING", "action=stop touched another Slurm job"
         status = trainer(name, "action=status")
         assert f"slurm job {job_id}: CANCELLED" in status.stdout, status.stdout
+        assert "experiment tiny_gpt: stopped" in status.stdout, status.stdout  # the monitor's record
         again = trainer(name, "action=stop")
         assert again.stdout.strip() == "stopped: nothing was running", again.stdout
     finally:

@@ -126,12 +126,25 @@ def batch_script(
             'status=$?; [ "$status" -eq 0 ] || { echo "flagscale: before_start failed ($status)" >&2; '
             'exit "$status"; }',
         ]
-    # under flagscale.runner.reap: what a killed rank leaves behind ends with the node's torchrun
     reaped = [python, "-m", "flagscale.runner.reap", "--", *torchrun(python, exp, r.nproc_per_node, config_file)]
-    lines += [slurm.shell_words(reaped), "status=$?"]
+    lines += _waited(slurm.shell_words(reaped))
     if exp.cmds.after_stop:
         lines += ["# experiment.cmds.after_stop", exp.cmds.after_stop]
     return "\n".join([*lines, 'exit "$status"', ""])
+
+
+def _waited(command: str) -> list[str]:
+    """Run the node's torchrun (under flagscale.runner.reap: what a killed rank leaves behind ends with it) and
+    wait for it even when Slurm signals a stop: when this task's shell exits Slurm SIGKILLs its process group,
+    which would cut torchrun's own shutdown of the ranks short (they run in sessions of their own)."""
+    return [
+        f"{command} &",
+        "node_pid=$!",
+        "trap 'kill -TERM \"$node_pid\" 2>/dev/null' TERM INT HUP",
+        'while kill -0 "$node_pid" 2>/dev/null; do wait "$node_pid"; done  # a trapped signal ends `wait` early',
+        'wait "$node_pid"; status=$?',
+        "trap - TERM INT HUP",
+    ]
 
 
 def _monitor(python: str, exp_dir: Path) -> list[str]:
@@ -209,14 +222,31 @@ def run(p: SlurmPlan, out=None) -> int:
 
 
 def _follow(p: SlurmPlan, job_id: str, out) -> int:
-    """Foreground: wait for the job to end; stopping this process cancels it."""
+    """Foreground: relay the job's log until it ends; stopping this process cancels it."""
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
+    log = p.exp_dir / "logs" / f"slurm-{job_id}.out"
+    offset = 0
+
+    def ended() -> bool:
+        nonlocal offset
+        done = slurm.state(job_id) not in slurm.ACTIVE_STATES  # before the read: the log's end is in
+        try:
+            with open(log, "rb") as f:  # the monitor's progress lines and the nodes' output, as they come
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        offset += len(chunk)
+        out.write(chunk.decode("utf-8", "replace"))
+        out.flush()
+        return done
+
     signal.signal(signal.SIGTERM, interrupted)
     try:
-        wait_until(lambda: slurm.state(job_id) not in slurm.ACTIVE_STATES, None, interval=POLL_S)
+        wait_until(ended, None, interval=POLL_S)
     except KeyboardInterrupt:
         stop(p, out)
         return 130
