@@ -186,7 +186,11 @@ def test_hang_is_detected_diagnosed_and_restarted(env, reference):
     assert final["state"] == "finished" and final["restarts"] == 1, f"{final}\n{logs(exp)}"
     curve = {m["iteration"]: m["loss"] for m in metrics(exp)}
     assert curve[ITERS] == reference[ITERS] == final["loss"]
-    print(f"\nhang at iteration {stuck_at}: detected {latency:.1f} s after the SIGSTOP (hang_timeout {HANG_TIMEOUT} s)")
+    print(
+        f"\nhang at iteration {stuck_at}: detected {latency:.1f} s after the SIGSTOP (hang_timeout {HANG_TIMEOUT} s), "
+        f"restarted {final['attempt_started'] - diagnosis['time']:.1f} s later (stopping the job, backoff 1 s); "
+        f"final loss {final['loss']} == {reference[ITERS]}"
+    )
 
 
 def test_a_job_that_always_fails_ends_failed_with_its_diagnoses(env):

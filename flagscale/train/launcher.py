@@ -614,7 +614,7 @@ def format_status(record: dict) -> str:
                 str(r.get("pid")),
                 str(r.get("iteration")),
                 str(r.get("phase")),
-                f"{r.get('age', 0):.0f} s ago",
+                f"{time.time() - r.get('time', time.time()):.0f} s ago",  # now, not at the monitor's last look
             ]
             for r in ranks
         ]
