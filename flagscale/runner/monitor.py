@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from flagscale.runner import heartbeat, process
-from flagscale.runner.diagnose import Diagnosis, diagnose_crash, diagnose_hang, most_likely
+from flagscale.runner.diagnose import Diagnosis, diagnose_crash, diagnose_hang, most_likely, process_state
 
 STATUS_FILE = Path("run") / "status.json"
 MONITOR_NAME = "monitor"
@@ -348,7 +348,20 @@ class Monitor:
                 return 130
             rec.restarts += 1
 
+    def _continue_stopped(self) -> None:
+        """A rank stopped by a signal (SIGSTOP, state T) ignores SIGTERM until continued: continue this host's
+        stopped ranks (pids from their own heartbeats), so the stop that follows ends them at once."""
+        here = socket.gethostname()
+        for h in self.record.ranks:
+            pid = int(h.get("pid") or 0)
+            if pid > 0 and h.get("host") == here and process_state(pid) == "T":
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
     def _stop_all(self) -> None:
+        self._continue_stopped()
         try:
             self.group.stop()
         except Exception as exc:  # keep going: the record must still say what happened
