@@ -227,6 +227,43 @@ def test_a_crash_under_slurm_is_restarted_on_the_same_loss_curve(trainer, traine
 
 
 @pytest.mark.integration
+def test_a_hang_under_slurm_is_restarted_on_the_same_loss_curve(trainer, trained):
+    """A SIGSTOPped rank: the monitor finds the hang, stops the srun (the stopped rank is continued so that it
+    ends, and nothing of the attempt is left to hold the allocation) and runs it again."""
+    reference = losses(trained[0])
+    name = "hung"
+    exp = trainer.exp(name)
+    ft = [
+        "++experiment.runner.fault_tolerance.max_restarts=1",
+        "++experiment.runner.fault_tolerance.restart_backoff=1",
+        "++experiment.runner.fault_tolerance.hang_timeout=10",
+        "++experiment.runner.fault_tolerance.heartbeat_interval=0",
+    ]
+    job_id = trainer.submit(name, f"train.system.checkpoint.save_interval={SAVE_EVERY}", *ft)
+    tracker = exp / "checkpoints" / "latest_checkpointed_iteration.txt"
+    victims: list[dict] = []
+
+    def after_first_checkpoint() -> bool:
+        saved = tracker.exists() and tracker.read_text().strip() == str(SAVE_EVERY)
+        victims[:] = [h for h in heartbeats(exp) if saved and h.get("iteration", 0) > SAVE_EVERY]
+        return bool(victims)
+
+    assert wait_until(after_first_checkpoint, 240, interval=0.1), logs(exp)
+    os.kill(victims[0]["pid"], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    assert trainer.wait_ended(job_id) == "COMPLETED", logs(exp)
+    record = json.loads((exp / "run" / "status.json").read_text())
+    assert record["state"] == "finished" and record["restarts"] == 1, record
+    [diagnosis] = record["diagnoses"]
+    assert diagnosis["event"] == "hang" and "stopped by a signal" in diagnosis["message"], diagnosis
+    assert not pid_alive(victims[0]["pid"]), "the stopped rank outlived its attempt"
+    curve = losses(exp)
+    assert sorted(curve) == list(range(1, ITERS + 1))
+    assert all(math.isclose(curve[i], reference[i], rel_tol=RTOL, abs_tol=ATOL) for i in curve), (curve, reference)
+    trainer.timings["hang to finish"] = round(time.monotonic() - stopped_at, 1)
+
+
+@pytest.mark.integration
 def test_report_timings(trainer):
     print(f"\ntimings (s): {trainer.timings}")
 
