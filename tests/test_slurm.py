@@ -8,11 +8,11 @@ packages, a private slurm.conf); the tiny GPT (examples/tiny_gpt) runs in the se
   the job (`scontrol write batch_script`) is byte for byte the one `action=dryrun` printed;
 * `action=stop` cancels it, and only it: another job of the test (`sbatch --wrap 'sleep 300'`) keeps running;
 * a rank SIGKILLed after a checkpoint is restarted by the job monitor inside the allocation, resumes from the
-  checkpoint and finishes on the uninterrupted run's loss curve.
+  checkpoint and finishes on the uninterrupted run's loss curve; so does a SIGSTOPped (hung) rank.
 
 Without Slurm (fast, no torch): bad input fails with one line before anything is written or submitted: an
 unknown launcher or a mistyped Slurm setting (the nearest name), a missing `sbatch`; and the dry run's script
-quotes every config value.
+quotes every config value; flagscale.runner.reap ends what a command leaves behind.
 """
 
 from __future__ import annotations
