@@ -169,6 +169,10 @@ def dryrun(p: SlurmPlan, out=None) -> int:
     print(f"# driver config -> {p.config_file}", file=out)
     for line in launcher.parameter_lines(p.train):
         print(f"# {line}", file=out)
+    imported = hf_start.import_path(p.train)
+    if imported is not None:
+        state = "cached" if imported.exists() else "made at action=run, before sbatch"
+        print(f"# starts from {p.train.system.checkpoint.hf_model}: its import {imported} ({state})", file=out)
     print(f"# batch script -> {p.script} (submitted as is):", file=out)
     print(p.script_text, end="", file=out)
     print(f"$ {shlex.join(['sbatch', '--parsable', str(p.script)])}", file=out)
