@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,14 +284,16 @@ def fast(tmp_path):
     fake.chmod(0o755)
     exp_dir = tmp_path / "exp dir"
 
-    def train(*overrides: str, path: str | None = None, config: str = "train") -> subprocess.CompletedProcess:
+    def train(
+        *overrides: str, path: str | None = None, config: str = "train", conf: Path = CONF
+    ) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         if path is not None:
             env["PATH"] = path
         args = [f"experiment.exp_dir='{exp_dir}'", f"train.data.data_path={data / 'corpus'}"]
         args += [f"experiment.runner.python={fake}", *overrides]
         return subprocess.run(
-            [sys.executable, "-m", "flagscale.cli", "train", str(CONF), "--config-name", config, *args],
+            [sys.executable, "-m", "flagscale.cli", "train", str(conf), "--config-name", config, *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -408,3 +411,19 @@ def test_reap_ends_what_the_command_left_behind(tmp_path):
     orphan = int(pid_file.read_text())
     assert not pid_alive(orphan)
     assert time.monotonic() - start < 30
+
+
+def test_a_line_break_never_reaches_the_script(fast, tmp_path):
+    """An #SBATCH line or a comment with a line break would run the rest as a command: refused, one line."""
+    from flagscale.errors import ConfigError
+    from flagscale.runner.slurm import SlurmSettings, header
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "evil.yaml").write_text('defaults:\n  - train\n  - _self_\nexperiment:\n  exp_name: "x\\ntouch PWNED"\n')
+    result = fast("experiment.runner.launcher=slurm", "action=dryrun", config="evil", conf=conf)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "experiment.exp_name=" in lines[0] and "control characters" in lines[0], lines
+    with pytest.raises(ConfigError, match="cannot hold a line break"):  # a folder's name, say
+        header(SlurmSettings(), job_name="x", nodes=1, output="out\ntouch PWNED/slurm-%j.out", chdir="/tmp")

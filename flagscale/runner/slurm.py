@@ -22,7 +22,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from flagscale.errors import LaunchError
+from flagscale.errors import ConfigError, LaunchError
 from flagscale.settings import setting
 
 COMMAND_TIMEOUT = 60
@@ -83,6 +83,9 @@ def header(s: SlurmSettings, *, job_name: str, nodes: int, output: str, chdir: s
     if s.gpus_per_node:
         options.append(f"--gpus-per-node={s.gpus_per_node}")
     options += [f"--output={output}", "--open-mode=append", f"--chdir={chdir}", *s.extra_sbatch]
+    broken = [option for option in options if "\n" in option or "\r" in option]
+    if broken:  # sbatch reads the header line by line: the rest of the value would be a command
+        raise ConfigError(f"an #SBATCH option cannot hold a line break: {broken[0]!r}")
     # sbatch reads #SBATCH lines as shell words: a value with a space stays one word when quoted
     return [f"#SBATCH {shlex.quote(option)}" for option in options]
 

@@ -52,8 +52,8 @@ def _split(value: str) -> str:
 
 
 def _plain_name(value: str) -> str:
-    if not value or "/" in value:
-        raise ValueError("must be a plain, non-empty name")
+    if not value or "/" in value or not value.isprintable():  # it names folders, jobs and script comments
+        raise ValueError("must be a plain, non-empty name (no / and no control characters)")
     return value
 
 
