@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from flagscale.runner import heartbeat, process
+from flagscale.runner import heartbeat, process, reap
 from flagscale.runner.diagnose import Diagnosis, diagnose_crash, diagnose_hang, most_likely, process_state
 
 STATUS_FILE = Path("run") / "status.json"
@@ -227,6 +227,8 @@ class Monitor:
         self.stopping = False
         self.follow = {p: 0 for p in follow_logs or []}
         self.last_progress = ("", 0.0)
+        # called once an attempt's processes are gone; `main` ends what they orphaned (see flagscale.runner.reap)
+        self.after_attempt: Callable[[], object] = lambda: None
 
     # ---- output (foreground)
     def say(self, line: str) -> None:
@@ -321,10 +323,12 @@ class Monitor:
             except Exception as exc:  # a node that cannot be started or asked (ssh down) is a fault like any other
                 outcome = Diagnosis(kind="launcher", event="crash", message=f"{type(exc).__name__}: {exc}")
             if outcome == "finished":
+                self.after_attempt()
                 rec.state = "finished"
                 self._publish()
                 return 0
             self._stop_all()
+            self.after_attempt()
             if outcome == "stopped" or self.stopping:
                 rec.state = "stopped"
                 self._publish()
@@ -446,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     args, cmd = parser.parse_args(argv[:cut]), argv[cut + 1 :]
     with reported():
         monitor, _ = build(args.exp_dir.resolve(), args, cmd, sys.stdout if args.foreground else None)
+        # A rank killed by a signal orphans its helpers (megatron's checkpoint writer starts a multiprocessing
+        # manager) and they would outlive the job. As a subreaper this process adopts them, and after every
+        # attempt ends them: every child left then is the attempt's. Only here, in a process of its own: a
+        # --foreground monitor runs inside the caller, whose other children are not ours to end.
+        if reap.become_subreaper():
+            monitor.after_attempt = reap.end_leftovers
         return run_monitored(monitor)
     return 2  # reported() exits on an error; this line is for type checkers
 
