@@ -275,3 +275,10 @@ def sshd(tmp_path_factory):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=10)
     log.close()
+
+
+def flagscale_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m flagscale.cli ARGS` as a user runs it (this interpreter; no PYTHONPATH of the test's)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "flagscale.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -334,7 +334,8 @@ from flagscale.errors import reported
 action, source, out, *rest = sys.argv[1:]
 with reported():
     if action == "import":
-        bridge.import_checkpoint(Path(source), Path(out), tp=int(rest[0]), pp=int(rest[1]))
+        tp, pp, ep = [*map(int, rest), 1][:3]  # EP: the MoE families' (tests/test_checkpoint_moe.py)
+        bridge.import_checkpoint(Path(source), Path(out), tp=tp, pp=pp, ep=ep)
     else:
         bridge.export_checkpoint(Path(source), Path(out), max_shard_size=int(rest[0]))
 """

@@ -27,7 +27,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from test_checkpoint_bridge import HELPER, hf_logits, tensors_of  # noqa: E402
+from test_checkpoint_bridge import CONVERT, HELPER, export, hf_logits, tensors_of  # noqa: E402
 
 from flagscale.checkpoint import bridge, hf, mapping  # noqa: E402
 from flagscale.errors import ConfigError  # noqa: E402
@@ -293,19 +293,6 @@ def test_import_refuses_moe_options_megatron_computes_differently(tmp_path, mode
 
 
 # ------------------------------------------------------------------ with megatron.core (integration)
-CONVERT = """
-import sys
-from pathlib import Path
-from flagscale.checkpoint import bridge
-from flagscale.errors import reported
-action, source, out, *rest = sys.argv[1:]
-with reported():
-    if action == "import":
-        tp, pp, ep = map(int, rest)
-        print(bridge.import_checkpoint(Path(source), Path(out), tp=tp, pp=pp, ep=ep).layout)
-    else:
-        bridge.export_checkpoint(Path(source), Path(out), max_shard_size=int(rest[0]))
-"""
 # The multi-rank layouts imports go through (TP, PP, EP): 4 processes each
 LAYOUTS = {"tp2-ep2": (2, 1, 2), "pp2-ep2": (1, 2, 2)}
 
@@ -332,12 +319,6 @@ def imports(venv, models):
         return made[key]
 
     return get
-
-
-def export(venv, ckpt: Path, out: Path, max_shard_size: int = 5 * 10**9) -> Path:
-    result = venv.run([venv.python, "-c", CONVERT, "export", ckpt, out, max_shard_size], label=f"export {ckpt.name}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, pid_alive, wait_until
+from conftest import REPO_ROOT, flagscale_cli, pid_alive, wait_until
 
 CONF = REPO_ROOT / "examples" / "tiny_gpt" / "conf"
 HOSTILE = "$(touch PWNED) `touch PWNED2`; touch PWNED3 'x\" &"
@@ -68,20 +68,8 @@ def exp(tmp_path):
     return Exp()
 
 
-def flagscale(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    return subprocess.run(
-        [sys.executable, "-m", "flagscale.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def train(exp, *overrides: str, config: str = "train", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return flagscale("train", str(CONF), "--config-name", config, *extra, *exp.overrides, *overrides, cwd=exp.root)
+    return flagscale_cli("train", str(CONF), "--config-name", config, *extra, *exp.overrides, *overrides, cwd=exp.root)
 
 
 def test_help_imports_neither_torch_nor_hydra():
@@ -228,7 +216,7 @@ def test_missing_backend_is_reported_before_launch(exp):
     if find_spec("torch") is not None and find_spec("megatron") is not None:
         pytest.skip("this environment has torch and megatron-core: nothing is missing")
     overrides = [o for o in exp.overrides if not o.startswith("experiment.runner.python=")]
-    result = flagscale("train", str(CONF), *overrides, cwd=exp.root)
+    result = flagscale_cli("train", str(CONF), *overrides, cwd=exp.root)
     assert result.returncode == 2 and "not installed for" in result.stderr, result.stdout + result.stderr
     assert "megatron-core" in result.stderr
     assert not exp.dir.exists()

@@ -19,15 +19,12 @@ sharded: column-parallel B and row-parallel A split over the two ranks):
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, flagscale_cli
 
 from flagscale.errors import ConfigError
 from flagscale.train import lora
@@ -80,24 +77,14 @@ def test_flagscale_train_refuses_an_unknown_target_in_one_line_writing_nothing(t
     for suffix in (".bin", ".idx"):
         Path(f"{data}{suffix}").write_bytes(b"")
     exp_dir = tmp_path / "exp"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flagscale.cli",
-            "train",
-            str(CONF),
-            f"experiment.exp_dir={exp_dir}",
-            f"train.data.data_path={data}",
-            "++train.model.family=llama",
-            "++train.model.lora.target_modules=[linear_qkv,dense_h_to_4h]",
-        ],
+    result = flagscale_cli(
+        "train",
+        str(CONF),
+        f"experiment.exp_dir={exp_dir}",
+        f"train.data.data_path={data}",
+        "++train.model.family=llama",
+        "++train.model.lora.target_modules=[linear_qkv,dense_h_to_4h]",
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()

@@ -12,15 +12,13 @@ imported with `flagscale checkpoint import` (fp32), fine-tuned on chat records, 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, flagscale_cli
 
 from flagscale.errors import ConfigError
 from flagscale.train import sft
@@ -188,25 +186,15 @@ def test_a_bad_record_fails_before_anything_is_written(tmp_path, tokenizer_dir, 
     good = [json.dumps(r) for r in chat_records(3)]
     data = write_jsonl(tmp_path / "chat.jsonl", [*good, "", line, *good])
     exp_dir = tmp_path / "exp"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flagscale.cli",
-            "train",
-            str(CONF),
-            f"experiment.exp_dir={exp_dir}",
-            "++train.data.format=sft",
-            f"++train.data.sft.path={data}",
-            "train.data.tokenizer.type=hf",
-            f"++train.data.tokenizer.path={tokenizer_dir}",
-        ],
+    result = flagscale_cli(
+        "train",
+        str(CONF),
+        f"experiment.exp_dir={exp_dir}",
+        "++train.data.format=sft",
+        f"++train.data.sft.path={data}",
+        "train.data.tokenizer.type=hf",
+        f"++train.data.tokenizer.path={tokenizer_dir}",
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()

@@ -199,17 +199,22 @@ class StatusRecord:
         return data
 
 
-def progress_line(data: dict) -> str:
+def summary(data: dict, loss_digits: int = 4) -> list[str]:
+    """A status record's iteration, loss, tokens/s and restarts, as the progress line and action=status show them."""
     it, total = data.get("iteration"), data.get("train_iters")
-    parts = [f"[flagscale] {data['exp_name']}: {data['state']}"]
+    parts = []
     if it is not None:
         parts.append(f"iteration {it}/{total if total is not None else '?'}")
     if data.get("loss") is not None:
-        parts.append(f"loss {data['loss']:.4f}")
+        parts.append(f"loss {data['loss']:.{loss_digits}f}")
     if data.get("tokens_per_sec") is not None:
         parts.append(f"{data['tokens_per_sec']:.0f} tokens/s")
-    parts.append(f"restarts {data['restarts']}/{data['max_restarts']}")
-    return " | ".join(parts)
+    parts.append(f"restarts {data.get('restarts', 0)}/{data.get('max_restarts', '?')}")
+    return parts
+
+
+def progress_line(data: dict) -> str:
+    return " | ".join([f"[flagscale] {data['exp_name']}: {data['state']}", *summary(data)])
 
 
 # ------------------------------------------------------------------------------------------ the loop

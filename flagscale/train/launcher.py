@@ -378,20 +378,23 @@ def parameter_lines(train: TrainSettings) -> list[str]:
     return lines
 
 
+def dryrun_header(title: str, config_file: Path, train: TrainSettings, made_when: str, out) -> None:
+    """What every launcher's dry run starts with: the job, the driver config, the model's parameters per rank
+    and the HF import the run starts from (`made_when`: when a missing one is made)."""
+    print(f"# flagscale train (dry run): {title}", file=out)
+    print(f"# driver config -> {config_file}", file=out)
+    for line in parameter_lines(train):
+        print(f"# {line}", file=out)
+    imported = hf_start.import_path(train)
+    if imported is not None:
+        state = "cached" if imported.exists() else f"made {made_when}"
+        print(f"# starts from {train.system.checkpoint.hf_model}: its import {imported} ({state})", file=out)
+
+
 def dryrun(p: LaunchPlan, out=None) -> int:
     out = out or sys.stdout
-    print(
-        f"# flagscale train (dry run): experiment {p.exp.exp_name}, {len(p.nodes)} node(s), "
-        f"world size {p.world_size}, folder {p.exp_dir}",
-        file=out,
-    )
-    print(f"# driver config -> {p.config_file}", file=out)
-    for line in parameter_lines(p.train):
-        print(f"# {line}", file=out)
-    imported = hf_start.import_path(p.train)
-    if imported is not None:
-        state = "cached" if imported.exists() else "made at action=run"
-        print(f"# starts from {p.train.system.checkpoint.hf_model}: its import {imported} ({state})", file=out)
+    title = f"experiment {p.exp.exp_name}, {len(p.nodes)} node(s), world size {p.world_size}, folder {p.exp_dir}"
+    dryrun_header(title, p.config_file, p.train, "at action=run", out)
     for node in p.nodes:
         print(f"\n# node {node.rank} on {node.host}: {node.script}", file=out)
         print(node.script_text, end="", file=out)
@@ -592,15 +595,7 @@ def status_record(p: Job) -> dict:
 
 def format_status(record: dict) -> str:
     """action=status as a table: the job, its nodes, its ranks, then every diagnosis."""
-    it, total = record.get("iteration"), record.get("train_iters")
-    head = [f"experiment {record.get('exp_name')}: {record.get('state')}"]
-    if it is not None:
-        head.append(f"iteration {it}/{total if total is not None else '?'}")
-    if record.get("loss") is not None:
-        head.append(f"loss {record['loss']:.6f}")
-    if record.get("tokens_per_sec") is not None:
-        head.append(f"{record['tokens_per_sec']:.0f} tokens/s")
-    head.append(f"restarts {record.get('restarts', 0)}/{record.get('max_restarts', '?')}")
+    head = [f"experiment {record.get('exp_name')}: {record.get('state')}", *monitor.summary(record, 6)]
     rows = [["NODE", "HOST", "STATE"]] + [[n["name"], n["host"], n["state"]] for n in record.get("nodes", [])]
     lines = [", ".join(head), ""] + _table(rows)
     ranks = record.get("ranks") or []

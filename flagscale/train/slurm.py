@@ -161,18 +161,11 @@ def _srun(n: int, script: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------ actions
 def dryrun(p: SlurmPlan, out=None) -> int:
     out = out or sys.stdout
-    print(
-        f"# flagscale train (dry run): experiment {p.exp.exp_name} on Slurm, {p.nnodes} node(s) x "
-        f"{p.exp.runner.nproc_per_node} process(es), world size {p.world_size}, folder {p.exp_dir}",
-        file=out,
+    title = (
+        f"experiment {p.exp.exp_name} on Slurm, {p.nnodes} node(s) x {p.exp.runner.nproc_per_node} process(es), "
+        f"world size {p.world_size}, folder {p.exp_dir}"
     )
-    print(f"# driver config -> {p.config_file}", file=out)
-    for line in launcher.parameter_lines(p.train):
-        print(f"# {line}", file=out)
-    imported = hf_start.import_path(p.train)
-    if imported is not None:
-        state = "cached" if imported.exists() else "made at action=run, before sbatch"
-        print(f"# starts from {p.train.system.checkpoint.hf_model}: its import {imported} ({state})", file=out)
+    launcher.dryrun_header(title, p.config_file, p.train, "at action=run, before sbatch", out)
     print(f"# batch script -> {p.script} (submitted as is):", file=out)
     print(p.script_text, end="", file=out)
     print(f"$ {shlex.join(['sbatch', '--parsable', str(p.script)])}", file=out)
