@@ -1,5 +1,5 @@
 """One virtual environment per test session with this checkout's cpu/megatron build and the Hugging Face
-libraries: `pip install -c constraints.txt ".[train,models]" -C device=cpu -C backend=megatron`, by plain pip
+libraries: `pip install -c constraints.txt ".[train,models,wandb]" -C device=cpu -C backend=megatron`, by plain pip
 into a fresh venv, as on CI's fresh machines (the backend wheel is cached in $FLAGSCALE_TEST_CACHE/build-cache,
 as for tests/test_train.py). The model-family and checkpoint-bridge tests share it.
 
@@ -149,7 +149,7 @@ def _build(tmp_path_factory) -> MegatronEnv:
     if existing:
         return MegatronEnv(Path(existing), work)
     root = base / "venv"
-    seconds = install_cpu_megatron(root, ".[train,models]", timeout=1200)
+    seconds = install_cpu_megatron(root, ".[train,models,wandb]", timeout=1200)  # wandb: its offline-mode test
     built = MegatronEnv(root, work)
     built.timings["install"] = seconds
     return built

@@ -644,14 +644,22 @@ def stop(p: Job, out=None) -> int:
     known = {r.name for r in process.records(p.exp_dir)} if (p.exp_dir / "pids").is_dir() else set()
     stopped: list[str] = []
     if monitor.MONITOR_NAME in known and process.state(p.exp_dir, monitor.MONITOR_NAME) == "running":
-        # The monitor first, or it would restart what we stop. The nodes are marked first, so they read as
-        # stopped, not failed; on SIGTERM the monitor stops them itself and records the job as stopped.
-        if remote:
-            stopped += [n for answer in (_agent(p, n, "mark") for n in remote) for n in answer["marked"]]
+        # The monitor is signalled first, or it would restart what we stop, and the local nodes are marked, so
+        # they read as stopped, not failed: on SIGTERM the monitor stops them itself and records the job as
+        # stopped. Remote nodes are stopped from here at the same time (marked first, then signalled): waiting
+        # for the monitor's next poll over ssh to reach them lets a job run on for many seconds.
+        from concurrent.futures import ThreadPoolExecutor
+
         stopped += process.mark_stopping(p.exp_dir, [n for n in local if n in known])
-        process.stop(p.exp_dir, [monitor.MONITOR_NAME], timeout=2 * p.exp.runner.stop_timeout + 15)
-    if remote:  # whatever the monitor left (it was killed, or there was none)
-        stopped += [n for n in _stop_remote(p, remote) if n not in stopped]
+        with ThreadPoolExecutor(1) as pool:
+            ending = pool.submit(
+                process.stop, p.exp_dir, [monitor.MONITOR_NAME], timeout=2 * p.exp.runner.stop_timeout + 15
+            )
+            if remote:
+                stopped += [n for n in _stop_remote(p, remote) if n not in stopped]
+            ending.result()
+    elif remote:  # no monitor (it was killed): the nodes directly
+        stopped += _stop_remote(p, remote)
     for name in local:
         if name in known:
             stopped += [
