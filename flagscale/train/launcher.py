@@ -155,6 +155,17 @@ def torchrun_command(
     return cmd + ["--config", str(config_file)]
 
 
+def before_start_lines(exp: ExperimentSettings) -> list[str]:
+    """experiment.cmds.before_start in a node script: its failure ends the node before torchrun starts."""
+    if not exp.cmds.before_start:
+        return []
+    return [
+        "# experiment.cmds.before_start",
+        exp.cmds.before_start,
+        'status=$?; [ "$status" -eq 0 ] || { echo "flagscale: before_start failed ($status)" >&2; exit "$status"; }',
+    ]
+
+
 def launch_script(
     exp: ExperimentSettings, node: NodePlan, nnodes: int, exp_dir: Path, env: dict[str, str], torchrun: list[str]
 ) -> str:
@@ -165,13 +176,7 @@ def launch_script(
         f"cd {shlex.quote(str(exp_dir))} || exit 1",
     ]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    if exp.cmds.before_start:
-        lines += [
-            "# experiment.cmds.before_start",
-            exp.cmds.before_start,
-            'status=$?; [ "$status" -eq 0 ] || { echo "flagscale: before_start failed ($status)" >&2; '
-            'exit "$status"; }',
-        ]
+    lines += before_start_lines(exp)
     lines += [shlex.join(torchrun), "status=$?"]
     if exp.cmds.after_stop:
         lines += ["# experiment.cmds.after_stop", exp.cmds.after_stop]

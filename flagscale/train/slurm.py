@@ -119,13 +119,7 @@ def batch_script(
         "fi",
         *slurm.per_host_exports(node_envs),
     ]
-    if exp.cmds.before_start:
-        lines += [
-            "# experiment.cmds.before_start",
-            exp.cmds.before_start,
-            'status=$?; [ "$status" -eq 0 ] || { echo "flagscale: before_start failed ($status)" >&2; '
-            'exit "$status"; }',
-        ]
+    lines += launcher.before_start_lines(exp)
     reaped = [python, "-m", "flagscale.runner.reap", "--", *torchrun(python, exp, r.nproc_per_node, config_file)]
     lines += _waited(slurm.shell_words(reaped))
     if exp.cmds.after_stop:
