@@ -110,7 +110,7 @@ def test_bad_requests_get_json_errors_and_the_server_stays_up(server):
             {"model": "gpt-9", "prompt": "x", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
         )
         assert code == 404, (code, body)
-        assert body["error"]["type"] == "not_found_error" and "served: tiny" in body["error"]["message"]
+        assert body["error"]["code"] == "model_not_found" and "served: tiny" in body["error"]["message"]
     code, body = post(server["url"] + "/v1/completions", {"prompt": "no model named", "max_tokens": 2})
     assert code == 200 and body["model"] == "tiny"
     code, _ = post(server["url"] + "/v1/completions", {"model": "tiny", "prompt": "still up", "max_tokens": 2})
@@ -181,7 +181,7 @@ def test_stop_stops_only_its_own_server(env, tmp_path):
     pids = [_pid(r) for r in runs]
     try:
         result = flagscale("serve", str(CONF), f"experiment.exp_dir={runs[0]}", "action=stop", env=env, cwd=tmp_path)
-        assert result.returncode == 0 and "stopped tiny" in result.stdout
+        assert result.returncode == 0 and "stopped frontdoor, tiny" in result.stdout
         assert wait_gone(pids[0])
         code, _ = post(f"http://127.0.0.1:{ports[1]}/v1/completions", {"prompt": "x", "max_tokens": 1})
         assert code == 200 and pid_alive(pids[1])

@@ -24,6 +24,7 @@ and `ray` (Ray Serve: one deployment per model, routed by model name) otherwise.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,19 @@ def _model_name(value: str) -> str:
     if not NAME.fullmatch(value):
         raise ValueError('give each model a name (letters, digits, . _ -); clients send it as "model"')
     return value
+
+
+def _api_keys(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(k, str) and k.strip() for k in value):
+        raise ValueError("expected a list of API keys (non-empty strings)")
+    return tuple(k.strip() for k in value)
+
+
+def env_api_keys() -> tuple[str, ...]:
+    """$FLAGSCALE_API_KEYS: comma-separated keys, added to experiment.runner.api_keys."""
+    return tuple(k.strip() for k in os.environ.get("FLAGSCALE_API_KEYS", "").split(",") if k.strip())
 
 
 def _ssh_options(value: Any) -> tuple[str, ...]:
@@ -112,6 +126,11 @@ class RunnerConfig:
     ssh_port: int = setting(22, check=_port)
     ssh_options: Any = setting(None, check=_ssh_options)  # Any: the check words a non-list for ssh options
     health_check_period_s: float = 2.0
+    # the front door (flagscale.serve.frontdoor), both modes
+    api_keys: Any = setting(None, check=_api_keys)  # Bearer keys; $FLAGSCALE_API_KEYS adds more
+    max_body_bytes: int = setting(8 << 20, check=at_least(1024, "an integer"))  # larger bodies: 413
+    request_timeout: float = setting(600.0, check=at_least(0.1))  # seconds per request, streams included: 504
+    drain_timeout: float = setting(30.0, check=at_least(0))  # action=stop: in-flight requests may finish
 
 
 # ------------------------------------------------------------------------------- the typed settings
@@ -153,6 +172,10 @@ class ServeSettings:
     ssh_port: int = 22  # Ray mode with a hostfile: how worker nodes are reached (as `flagscale train` does)
     ssh_options: tuple[str, ...] = ()  # extra `ssh -o Key=Value` options
     health_check_period_s: float = 2.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # the front door's Bearer keys (config + env)
+    max_body_bytes: int = 8 << 20
+    request_timeout: float = 600.0
+    drain_timeout: float = 30.0
     extra: dict = field(default_factory=dict, compare=False)
 
     def model(self, name: str) -> ModelSpec:
@@ -255,5 +278,9 @@ def from_config(cfg: Any) -> ServeSettings:
         ssh_port=runner.ssh_port,
         ssh_options=runner.ssh_options or (),
         health_check_period_s=runner.health_check_period_s,
+        api_keys=tuple(dict.fromkeys((*(runner.api_keys or ()), *env_api_keys()))),
+        max_body_bytes=runner.max_body_bytes,
+        request_timeout=runner.request_timeout,
+        drain_timeout=runner.drain_timeout,
         extra={"config": {"experiment": exp, "serve": models_raw}},
     )  # what Ray replicas re-validate

@@ -1,0 +1,87 @@
+"""Type and range checks of the OpenAI fields the engines read, so that malformed input gets a 400 here.
+
+Engines differ in what they do with a mistyped field (a 400, a 500, or a silent default); checking the
+common fields once at the front door makes the answer the same for every engine, and keeps such requests
+off the engines. Unknown fields pass through untouched (engines have their own extensions).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+INT32 = 2**31 - 1
+_COUNTS = ("max_tokens", "max_completion_tokens", "n", "n_predict", "top_k", "logprobs", "top_logprobs", "n_probs")
+_NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty", "typical_p")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _tokens(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(t) and 0 <= t <= INT32 for t in value)
+
+
+def _prompt(value: Any) -> bool:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(v, str) for v in value) or _tokens(value) or all(_tokens(v) and v for v in value)
+
+
+def _content(value: Any) -> bool:
+    if value is None or isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(part, dict) and isinstance(part.get("type"), str) for part in value
+    )
+
+
+def _messages(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return '"messages" must be a non-empty list of {"role": ..., "content": ...} objects'
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f'"messages"[{i}] must be an object with a string "role"'
+        if not _content(message.get("content")):
+            return f'"messages"[{i}].content must be a string, null or a list of content parts'
+    return None
+
+
+def check_request(route: str, data: dict) -> str | None:
+    """None when the request's common fields are well typed, else what is wrong (one line)."""
+    if "stream" in data and data["stream"] is not None and not isinstance(data["stream"], bool):
+        return '"stream" must be true or false'
+    for key in _COUNTS:
+        value = data.get(key)
+        if value is not None and not (_is_int(value) and -1 <= value <= INT32):
+            return f'"{key}" must be an integer from -1 to {INT32}'
+    for key in _NUMBERS:
+        value = data.get(key)
+        if value is not None and not (_is_number(value) and abs(value) <= 1e6):
+            return f'"{key}" must be a finite number'
+    seed = data.get("seed")
+    if seed is not None and not (_is_int(seed) and -1 <= seed < 2**32):
+        return '"seed" must be an integer from -1 to 4294967295'
+    stop = data.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        return '"stop" must be a string or a list of strings'
+    if route == "/v1/chat/completions":
+        return _messages(data.get("messages"))
+    if route == "/v1/completions":
+        if not _prompt(data.get("prompt")):
+            return '"prompt" must be a string, a list of strings, or token ids'
+    elif route == "/v1/embeddings":
+        key = "input" if "input" in data else "content"
+        if not _prompt(data.get(key)):
+            return '"input" must be a string, a list of strings, or token ids'
+    return None
