@@ -45,6 +45,9 @@ class Recorder:
     def status(self):
         return self._act("status")
 
+    def auto_tune(self):
+        return self._act("auto_tune")
+
 
 def test_each_action_calls_the_method_of_its_name():
     for action in ACTIONS:

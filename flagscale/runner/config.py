@@ -14,7 +14,7 @@ from pathlib import Path
 from flagscale.errors import ConfigError
 from flagscale.settings import closest, nearest
 
-ACTIONS = ("run", "dryrun", "stop", "status")
+ACTIONS = ("run", "dryrun", "stop", "status", "auto_tune")
 TASKS = ("train", "infer", "serve")
 
 
@@ -54,7 +54,7 @@ def compose(config_dir: Path | str, config_name: str, overrides: Sequence[str] =
 
 
 def action_of(cfg) -> str:
-    """`action=run|dryrun|stop|status` (default run)."""
+    """`action=run|dryrun|stop|status|auto_tune` (default run)."""
     action = str(cfg.get("action", "run") or "run")
     if action not in ACTIONS:
         raise ConfigError(f"action={action}: use one of {', '.join(ACTIONS)}{nearest(action, ACTIONS)}")

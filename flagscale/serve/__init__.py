@@ -1,7 +1,7 @@
 """`flagscale serve`: OpenAI-compatible endpoints from llama.cpp, vLLM or SGLang, direct or behind Ray Serve.
 
 `main(cfg)` takes the composed Hydra config (see flagscale.serve.settings for its schema) and does
-`action=run|dryrun|stop|status`. Heavy modules (ray, httpx) load only in the paths that need them.
+`action=run|dryrun|stop|status|auto_tune`. Heavy modules (ray, httpx) load only in the paths that need them.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ class ServeTask:
 
     def status(self) -> int:
         return status(self.settings)
+
+    def auto_tune(self) -> int:
+        """Search experiment.auto_tuner's engine arguments under a load (flagscale.tune.serve, docs/auto_tune.md)."""
+        from flagscale.tune.serve import auto_tune
+
+        return auto_tune(self.settings)
 
 
 def make_task(cfg) -> ServeTask:

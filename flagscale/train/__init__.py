@@ -45,6 +45,12 @@ class TrainTask:
     def status(self) -> int:
         return self._launcher().status(self._job())
 
+    def auto_tune(self) -> int:
+        """Search experiment.auto_tuner's space with real trials (flagscale.tune.train, docs/auto_tune.md)."""
+        from flagscale.tune.train import auto_tune
+
+        return auto_tune(self.plain)
+
 
 def make_task(cfg) -> TrainTask:
     return TrainTask(to_plain(cfg))

@@ -454,6 +454,7 @@ class ExperimentSettings:
     node_envs: dict = field(default_factory=dict)  # per host of the hostfile: {host: {VAR: value}}
     device_type_envs: dict = field(default_factory=dict)  # per hostfile type=: {type: {VAR: value}}
     cmds: CmdsSettings = field(default_factory=CmdsSettings)
+    auto_tuner: dict | None = None  # action=auto_tune's space and limits (flagscale.tune.settings, docs/auto_tune.md)
 
 
 def _validate_experiment(e: ExperimentSettings) -> None:
