@@ -109,3 +109,81 @@ def test_byte_tokenizer_and_vocab_padding():
     assert tok.tokenize("hé") == [104, 195, 169] and tok.detokenize([104, 195, 169, tok.eod]) == "hé"
     assert padded_vocab_size(257, 64, 1) == 320 and padded_vocab_size(257, 64, 2) == 384
     assert padded_vocab_size(257, 130, 1) == padded_vocab_size(257, 130, 2) == 260
+
+
+# ------------------------------------------------------------- memory/speed knobs of train.system
+MOE = {"family": "mixtral", "num_query_groups": 2, "moe": {"num_experts": 4}}
+
+
+@pytest.mark.parametrize(
+    "model, system, world, message",
+    [
+        ({}, {"context_parallel_size": 2}, 2, r"context_parallel_size=2: only 1 is supported \(megatron's context"),
+        (
+            {"num_layers": 4},
+            {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+            2,
+            "the interleaved pipeline schedule is not supported yet",
+        ),
+        ({"num_layers": 2}, {"virtual_pipeline_model_parallel_size": 2}, 1, "needs pipeline_model_parallel_size > 1"),
+        ({}, {"sequence_parallel": True}, 1, "sequence_parallel=true needs tensor_model_parallel_size > 1"),
+        (
+            MOE,
+            {"sequence_parallel": False, "tensor_model_parallel_size": 2},
+            2,
+            "megatron trains MoE with tensor parallelism only with sequence parallelism",
+        ),
+        (
+            {},
+            {"use_distributed_optimizer": True, "checkpoint": {"save": "/ckpt"}},
+            2,
+            "cannot save or resume optimizer checkpoints on this build yet",
+        ),
+        ({}, {"recompute_granularity": "full"}, 1, "recompute_granularity=full needs recompute_method"),
+        ({}, {"recompute_method": "block"}, 1, r"need recompute_granularity=full \(it is null"),
+        (
+            {},
+            {"recompute_granularity": "selective", "recompute_num_layers": 1},
+            1,
+            "need recompute_granularity=full",
+        ),
+        (
+            {"num_layers": 4},
+            {
+                "recompute_granularity": "full",
+                "recompute_method": "block",
+                "recompute_num_layers": 3,
+                "pipeline_model_parallel_size": 2,
+            },
+            2,
+            "recompute_num_layers=3 exceeds the 2 layer",
+        ),
+    ],
+)
+def test_knobs_that_cannot_run(model, system, world, message):
+    t = train_settings({"model": model, "system": system, "data": DATA})
+    with pytest.raises(ConfigError, match=message):
+        t.check(world)
+
+
+def test_knob_defaults_resolve_as_megatron_needs():
+    def t(model=None, **system):
+        return train_settings({"model": model or {}, "system": system, "data": DATA})
+
+    assert t().sequence_parallel is False and t(tensor_model_parallel_size=2).sequence_parallel is False
+    assert t(MOE, tensor_model_parallel_size=2).sequence_parallel is True  # None: what MoE with TP needs
+    assert t(tensor_model_parallel_size=2, sequence_parallel=True).sequence_parallel is True
+    full = {"recompute_granularity": "full"}
+    assert t({"num_layers": 4}, **full, recompute_method="uniform").recompute_layers == 1
+    assert t({"num_layers": 4}, **full, recompute_method="block", pipeline_model_parallel_size=2).recompute_layers == 2
+    assert t(**full, recompute_method="block", recompute_num_layers=1).recompute_layers == 1
+    assert t(recompute_granularity="selective").recompute_layers is None
+    ok = t(
+        {"num_layers": 4},
+        use_distributed_optimizer=True,
+        virtual_pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=2,
+        **full,
+        recompute_method="uniform",
+    )
+    ok.check(4)

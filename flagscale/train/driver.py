@@ -66,8 +66,10 @@ def transformer_config(t: TrainSettings, **overrides):
         tensor_model_parallel_size=s.tensor_model_parallel_size,
         pipeline_model_parallel_size=s.pipeline_model_parallel_size,
         expert_model_parallel_size=s.expert_model_parallel_size,
-        # Megatron trains MoE with tensor parallelism only with sequence parallelism
-        sequence_parallel=t.model.moe is not None and s.tensor_model_parallel_size > 1,
+        sequence_parallel=t.sequence_parallel,  # None resolved: on for MoE with TP > 1, which megatron requires
+        recompute_granularity=s.recompute_granularity,
+        recompute_method=s.recompute_method,
+        recompute_num_layers=t.recompute_layers,
         bf16=s.precision == "bf16",
         fp16=s.precision == "fp16",
         params_dtype=dtype,
@@ -119,7 +121,9 @@ def build_model(t: TrainSettings, vocab_size: int):
         log.info(f"LoRA: {len(adapted)} layers adapted; {trainable} of {total} parameters of this rank train")
     if s.precision != "fp32":
         model = Float16Module(config, model)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=s.precision != "fp32")
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=s.precision != "fp32", use_distributed_optimizer=s.use_distributed_optimizer
+    )
     model = DistributedDataParallel(config, ddp_config, model)
     if s.precision != "fp32":
         torch.set_default_dtype(torch.float32)
@@ -143,6 +147,7 @@ def build_optimizer(t: TrainSettings, model):
         bf16=s.precision == "bf16",
         fp16=s.precision == "fp16",
         params_dtype=_dtype_flags(s.precision),
+        use_distributed_optimizer=s.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model])
     decay = o.decay_iters or m.train_iters

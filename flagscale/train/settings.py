@@ -242,6 +242,23 @@ class SystemSettings:
     tensor_model_parallel_size: int = setting(1, check=_positive)
     pipeline_model_parallel_size: int = setting(1, check=_positive)
     expert_model_parallel_size: int = setting(1, check=_positive)  # MoE: experts split over this many ranks
+    # Only 1 runs today: megatron's context parallelism needs TransformerEngine's attention, which the local
+    # layer spec (what flagscale train builds on every device) does not have.
+    context_parallel_size: int = setting(1, check=_positive)
+    # Megatron's interleaved 1F1B schedule: model chunks per pipeline rank. None or 1: the plain 1F1B schedule
+    # (values above 1 are refused until the driver builds and checkpoints several chunks per rank).
+    virtual_pipeline_model_parallel_size: int | None = setting(None, check=_positive)
+    # Activations split along the sequence over TP ranks outside attention/MLP (needs TP > 1). None: on exactly
+    # where megatron requires it (a MoE family with TP > 1), off otherwise.
+    sequence_parallel: bool | None = None
+    use_distributed_optimizer: bool = False  # optimizer states (and fp32 main weights) sharded over DP ranks
+    # Activation recomputation: selective recomputes core attention (softmax(QK^T)V) in the backward pass; full
+    # recomputes whole layers from their input, `recompute_method` picking which: uniform (chunks of
+    # recompute_num_layers layers, default 1, i.e. every layer) or block (the first recompute_num_layers layers
+    # of each stage, default all of them).
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = setting(None, check=_positive)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
     deterministic: bool = False  # torch.use_deterministic_algorithms: reproducible, and slower on GPUs
@@ -298,6 +315,7 @@ class TrainSettings:
             raise ConfigError(
                 f"{where}.model.num_layers={m.num_layers} is not a multiple of pipeline_model_parallel_size={pp}"
             )
+        self._check_system(where)
         if (m.max_position_embeddings or m.seq_length) < m.seq_length:
             raise ConfigError(
                 f"{where}.model.max_position_embeddings={m.max_position_embeddings} is below seq_length={m.seq_length}"
@@ -321,6 +339,81 @@ class TrainSettings:
                 f"{where}.system.expert_model_parallel_size={ep} does not divide the data-parallel size {dp}: experts "
                 "are split over data-parallel ranks"
             )
+
+    def _check_system(self, where: str) -> None:
+        """The memory/speed knobs of train.system against the layout."""
+        s, m = self.system, self.model
+        tp, pp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size
+        if s.context_parallel_size != 1:
+            raise ConfigError(
+                f"{where}.system.context_parallel_size={s.context_parallel_size}: only 1 is supported (megatron's "
+                "context parallelism needs TransformerEngine attention; flagscale train builds the local layer spec)"
+            )
+        vpp = s.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp > 1:
+            if pp == 1 or m.num_layers % (pp * vpp):
+                raise ConfigError(
+                    f"{where}.system.virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size > 1"
+                    f" and num_layers ({m.num_layers}) a multiple of pipeline x virtual ({pp} x {vpp})"
+                )
+            raise ConfigError(
+                f"{where}.system.virtual_pipeline_model_parallel_size={vpp}: the interleaved pipeline schedule is not "
+                "supported yet (the driver builds one model chunk per pipeline rank); use null or 1"
+            )
+        if s.sequence_parallel and tp == 1:
+            raise ConfigError(
+                f"{where}.system.sequence_parallel=true needs tensor_model_parallel_size > 1 (it splits activations "
+                "over TP ranks)"
+            )
+        if s.sequence_parallel is False and m.moe is not None and tp > 1:
+            raise ConfigError(
+                f"{where}.system.sequence_parallel=false: megatron trains MoE with tensor parallelism only with "
+                "sequence parallelism (set it true or null)"
+            )
+        c = s.checkpoint
+        if s.use_distributed_optimizer and (c.save or (c.load and not c.finetune)):
+            # megatron-core 0.16.1 without TransformerEngine/Apex (torch's Adam) saves the sharded optimizer states
+            # in no format it can load back (measured: KeyError 'step', in-place copy into a leaf view)
+            raise ConfigError(
+                f"{where}.system.use_distributed_optimizer=true cannot save or resume optimizer checkpoints on this "
+                "build yet: set system.checkpoint.save=null (e.g. for tuning trials) or use_distributed_optimizer=false"
+            )
+        self._check_recompute(where)
+
+    def _check_recompute(self, where: str) -> None:
+        s = self.system
+        g, method, n = s.recompute_granularity, s.recompute_method, s.recompute_num_layers
+        if g == "full" and method is None:
+            raise ConfigError(f"{where}.system.recompute_granularity=full needs recompute_method: uniform or block")
+        if g != "full" and (method is not None or n is not None):
+            raise ConfigError(
+                f"{where}.system.recompute_method and recompute_num_layers need recompute_granularity=full "
+                f"(it is {g or 'null'}; selective recomputes core attention in every layer)"
+            )
+        per_stage = self.model.num_layers // s.pipeline_model_parallel_size
+        if n is not None and n > per_stage:
+            raise ConfigError(
+                f"{where}.system.recompute_num_layers={n} exceeds the {per_stage} layer(s) of a pipeline stage"
+            )
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the run uses sequence parallelism (`system.sequence_parallel`, None resolved)."""
+        s = self.system
+        if s.sequence_parallel is None:
+            return self.model.moe is not None and s.tensor_model_parallel_size > 1
+        return s.sequence_parallel
+
+    @property
+    def recompute_layers(self) -> int | None:
+        """megatron's recompute_num_layers of full recompute (None: no full recompute), defaults resolved:
+        uniform: 1 (every layer its own unit: all layers recomputed); block: every layer of the stage."""
+        s = self.system
+        if s.recompute_granularity != "full":
+            return None
+        if s.recompute_num_layers is not None:
+            return s.recompute_num_layers
+        return 1 if s.recompute_method == "uniform" else self.model.num_layers // s.pipeline_model_parallel_size
 
     @property
     def data_prefix(self) -> Path:
