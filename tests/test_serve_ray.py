@@ -27,7 +27,7 @@ from llama_cpp_support import (
 
 pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
-pytest.importorskip("ray.serve")
+pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")

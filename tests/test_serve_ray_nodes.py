@@ -39,7 +39,7 @@ from llama_cpp_support import (
 
 pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
-pytest.importorskip("ray.serve")
+pytest.importorskip("ray")
 MARK = "FLAGSCALE_TEST_RUN"
 HOSTILE = "$(touch PWNED) `touch PWNED2`; touch PWNED3 'x\" &"
 

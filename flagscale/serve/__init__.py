@@ -89,15 +89,15 @@ def stop(settings) -> int:
     if not (settings.run_dir / "pids").is_dir():
         print(f"nothing was started in {settings.run_dir}")
         return 0
-    # the front door first (it drains in-flight requests), then the app (it holds the Serve deployments) or
-    # the engines, then the worker nodes, the head last
+    # the front door first (it drains in-flight requests) or the Ray app (its front door drains, then it stops
+    # its replicas), then the engines, then the worker nodes, the head last
     names = [r.name for r in process.records(settings.run_dir)]
     ordered = sorted(names, key=lambda n: (n != direct.FRONT, n == ray_cluster.HEAD, n.startswith("ray-"), n))
     stopped = []
     for name in ordered:
         # the front door gets its drain timeout before the SIGKILL; `ray start --block` stops its Ray
         # processes in order when it alone gets the SIGTERM
-        timeout = settings.drain_timeout + 15 if name == direct.FRONT else 15.0
+        timeout = settings.drain_timeout + 15 if name in (direct.FRONT, ray_cluster.APP) else 15.0
         stopped += process.stop(settings.run_dir, [name], timeout=timeout, command_only=name == ray_cluster.HEAD)
     _state_file(settings).unlink(missing_ok=True)
     print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")

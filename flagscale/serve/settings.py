@@ -83,10 +83,14 @@ def _ssh_options(value: Any) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------- the YAML, as read
 @dataclass(frozen=True)
 class Autoscaling:
-    """`autoscaling:` of a model: Ray Serve's replica bounds."""
+    """`autoscaling:` of a model (Ray mode): replica bounds, and how the replica count follows the load."""
 
     min_replicas: int | None = setting(None, check=at_least(0, "an integer"))  # None: 1
     max_replicas: int | None = setting(None, check=at_least(1, "an integer"))  # None: max(min, replicas)
+    # replicas wanted = ceil(in-flight requests of the model, averaged over the last seconds / this)
+    target_ongoing_requests: float = setting(2.0, check=at_least(0.1))
+    upscale_delay_s: float = setting(5.0, check=at_least(0))  # more wanted for this long: scale up
+    downscale_delay_s: float = setting(30.0, check=at_least(0))  # fewer wanted for this long: scale down
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class ModelSpec:
     port: int | None = None  # direct mode: this model's port (default runner.port + its index)
     num_cpus: float = 1.0  # Ray Serve: CPUs one replica reserves
     gguf: GGUFConfig = field(default_factory=GGUFConfig)  # llama.cpp given an HF folder: its conversion
+    scaling: Autoscaling = field(default_factory=Autoscaling)  # Ray mode: target load and delays
 
     @property
     def args(self) -> dict[str, Any]:
@@ -228,7 +233,10 @@ def parse_model(raw: Any, index: int, default_engine: str | None) -> ModelSpec:
         raise ConfigError(f"{where}.gguf: only the llama.cpp engine serves GGUF files; remove it for {engine}")
     if gguf.outtype not in GGUF_OUTTYPES:
         raise ConfigError(f"{where}.gguf.outtype={gguf.outtype}: use one of {', '.join(GGUF_OUTTYPES)}")
-    return ModelSpec(m.serve_id, engine, tuple(sorted(args.items())), m.replicas, low, high, m.port, num_cpus, gguf)
+    scaling = m.autoscaling or Autoscaling()
+    return ModelSpec(
+        m.serve_id, engine, tuple(sorted(args.items())), m.replicas, low, high, m.port, num_cpus, gguf, scaling
+    )
 
 
 def from_config(cfg: Any) -> ServeSettings:

@@ -281,7 +281,10 @@ class FrontDoor:
         model, wrong = self.model_of(data)
         if wrong is not None:
             return "", await respond(send, *wrong)
-        url = await self.upstreams.acquire(model)
+        try:
+            url = await self.upstreams.acquire(model)
+        except LookupError as exc:  # a served model with no engine to take it now (Ray: none healthy yet)
+            return model, await respond(send, 503, error_body(str(exc), "unavailable"))
         if url is None:
             return "", await respond(send, 404, self.not_found(model))
         flight = Flight()

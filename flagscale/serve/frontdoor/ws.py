@@ -104,7 +104,10 @@ async def _answer(door: FrontDoor, send, route: str, label: str, message: dict, 
     data["stream"] = True
     if not isinstance(data.get("stream_options"), dict):
         data["stream_options"] = {"include_usage": True}
-    url = await door.upstreams.acquire(model)
+    try:
+        url = await door.upstreams.acquire(model)
+    except LookupError as exc:  # a served model with no engine to take it now (Ray: none healthy yet)
+        return model, await _error(send, 503, error_body(str(exc), "unavailable"))
     if url is None:
         return "", await _error(send, 404, door.not_found(model))
     flight = Flight()
