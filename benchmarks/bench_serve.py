@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Throughput and latency of `flagscale serve` (direct and Ray Serve) vs plain llama-server, same model, same run.
+"""Throughput and latency of `flagscale serve` (direct and Ray mode) vs plain llama-server, same model, same run.
 
-    benchmarks/bench_serve.py --model tiny.gguf [--concurrency 16] [--duration 30] [--max-tokens 32]
+    benchmarks/bench_serve.py --model tiny.gguf [--concurrency 16,1] [--duration 30] [--max-tokens 32]
 
 Each mode serves the same GGUF with the same llama-server settings (threads, ctx, parallel slots) on
-loopback; N closed-loop clients (keep-alive HTTP/1.1) post /v1/completions for D seconds. Reported per
-mode: requests, errors, completion tokens/s, p50/p99 latency, and the ratio to plain llama-server.
+loopback; N closed-loop clients (keep-alive HTTP/1.1) post /v1/completions for D seconds, for each N of
+--concurrency in turn against the same server. Reported per mode and N: requests, errors, completion
+tokens/s, p50/p99 latency, the ratios to plain llama-server and to direct mode, and Ray mode's added p50.
 The load generator (`load`) is also what tests/test_serve_load.py runs.
 """
 
@@ -121,7 +122,7 @@ def _flagscale(*args: str, env: dict) -> None:
         raise SystemExit(f"flagscale serve {' '.join(args)} failed:\n{result.stderr}")
 
 
-def run_mode(mode: str, args, env: dict, work: Path) -> dict:
+def run_mode(mode: str, args, env: dict, work: Path) -> list[dict]:
     from flagscale.serve.binaries import llama_tool
 
     port = _free_port()
@@ -164,8 +165,12 @@ def run_mode(mode: str, args, env: dict, work: Path) -> dict:
             env=env,
         )
     try:
-        load(url, args.concurrency, min(3.0, args.duration), args.max_tokens)  # warm-up, not reported
-        return {"mode": mode, **load(url, args.concurrency, args.duration, args.max_tokens)}
+        rows = []
+        for clients in args.concurrency:
+            load(url, clients, min(3.0, args.duration), args.max_tokens)  # warm-up, not reported
+            rows.append({"mode": mode, "clients": clients, **load(url, clients, args.duration, args.max_tokens)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        return rows
     finally:
         if proc is not None:
             proc.terminate()
@@ -174,10 +179,21 @@ def run_mode(mode: str, args, env: dict, work: Path) -> dict:
             _flagscale(*overrides, *(["serve=tiny_ray"] if mode == "ray" else []), "action=stop", env=env)
 
 
+def _row(results: list[dict], mode: str, clients: int) -> dict | None:
+    return next((r for r in results if r["mode"] == mode and r["clients"] == clients), None)
+
+
+def _ratio(results: list[dict], row: dict, to: str) -> str:
+    base = _row(results, to, row["clients"])
+    return f"{row['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base and base["tokens_per_s"] else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="GGUF file (tools/convert_to_gguf.py)")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--concurrency", type=lambda v: [int(n) for n in v.split(",")], default=[16], help="clients, e.g. 16,1"
+    )
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
@@ -189,28 +205,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.model = args.model.resolve()
     env = {**os.environ, "TINY_LLAMA_GGUF": str(args.model)}
-    results = []
+    results: list[dict] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         for mode in args.modes.split(","):
-            results.append(run_mode(mode, args, env, Path(tmp)))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    base = next((r for r in results if r["mode"] == "llama-server"), None)
+            results += run_mode(mode, args, env, Path(tmp))
     print(
-        f"\n{args.concurrency} clients x {args.duration:.0f} s, max_tokens={args.max_tokens}, threads={args.threads}, "
-        f"parallel={args.parallel}, model={args.model.name}\n"
+        f"\n{'/'.join(map(str, args.concurrency))} clients x {args.duration:.0f} s, max_tokens={args.max_tokens}, "
+        f"threads={args.threads}, parallel={args.parallel}, ray replicas={args.ray_replicas}, "
+        f"model={args.model.name}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n"
     )
-    print("| mode | requests | errors | tokens/s | req/s | p50 ms | p99 ms | vs llama-server |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | clients | requests | errors | tokens/s | req/s | p50 ms | p99 ms | vs llama-server | vs direct |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base and base["tokens_per_s"] else "-"
         print(
-            f"| {r['mode']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
-            f"{r['p50_ms']} | {r['p99_ms']} | {ratio} |"
+            f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | "
+            f"{r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {_ratio(results, r, 'llama-server')} | "
+            f"{_ratio(results, r, 'direct')} |"
         )
-    ray = next((r for r in results if r["mode"] == "ray"), None)
-    direct = next((r for r in results if r["mode"] == "direct"), None)
-    if ray and direct:
-        print(f"\nRay Serve overhead per request (p50): {ray['p50_ms'] - direct['p50_ms']:.2f} ms")
+    for clients in args.concurrency:
+        ray, direct = (_row(results, m, clients) for m in ("ray", "direct"))
+        if ray and direct:
+            print(
+                f"\n{clients} clients: Ray mode / direct tokens/s {ray['tokens_per_s'] / direct['tokens_per_s']:.3f}x, "
+                f"added p50 {ray['p50_ms'] - direct['p50_ms']:+.2f} ms"
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 1 if any(r["errors"] for r in results) else 0

@@ -1,4 +1,4 @@
-"""Ray mode: a Ray head (plus worker nodes from the hostfile) and the Serve application, as recorded processes.
+"""Ray mode: a Ray head (plus worker nodes from the hostfile) and the app (flagscale.serve.ray_app), recorded processes.
 
 Every process is started through flagscale.runner.process, so `action=stop` stops exactly these process
 groups (never `ray stop`, which would take down every Ray cluster of the machine).
@@ -160,7 +160,7 @@ def start(settings: ServeSettings) -> dict[str, str]:
         joining: dict[str, int] = {}  # worker node -> where this run's part of its log starts
         for item in planned:
             name = item["name"]
-            if name == APP:  # every node is in the cluster before Serve places replicas
+            if name == APP:  # every node is in the cluster before Ray places replicas
                 _wait_joined(settings, joining, settings.ready_timeout)
             log = settings.run_dir / "logs" / f"{name}.log"
             log_start = log.stat().st_size if log.exists() else 0
@@ -178,12 +178,12 @@ def start(settings: ServeSettings) -> dict[str, str]:
             lambda: (
                 process.state(settings.run_dir, APP) == "running" and process.state(settings.run_dir, HEAD) == "running"
             ),
-            "the Ray Serve application",
+            "the Ray app (front door and replicas)",
             record.log if record else None,
             interval=0.5,
         )
-        # The router answers /health as soon as it is up; serve.run returns (and the app says so) only once
-        # every model's replicas are healthy too.
+        # The app says `deployed` once every model's initial replicas serve, then its front door listens;
+        # both are waited for (the log line is the one to trust should another server answer the port).
         _wait_deployed(settings, app_log, app_log_start, settings.ready_timeout + 60)
     except BaseException:
         for name in reversed(started):
@@ -237,7 +237,7 @@ def _wait_deployed(settings: ServeSettings, log: Path, start: int, timeout: floa
 
     def failed() -> LaunchError:
         return LaunchError(
-            f"the Ray Serve application did not deploy its models within {timeout:.0f} s; last "
+            f"the Ray app did not start its models' replicas within {timeout:.0f} s; last "
             f"lines of its log:\n{log_tail(str(log))}"
         )
 

@@ -16,10 +16,10 @@ Task YAML (`conf/serve/tiny.yaml`): a list of models (or one mapping)::
       engine_args: {model: /path/tiny.gguf, threads: 1, ctx_size: 512}   # snake_case -> --ctx-size
       gguf: {outtype: auto, quantize: null}   # llama.cpp given an HF folder as model: how it becomes a GGUF
       replicas: 1
-      autoscaling: {min_replicas: 1, max_replicas: 2}   # Ray Serve bounds (optional)
+      autoscaling: {min_replicas: 1, max_replicas: 2}   # Ray mode: replicas follow the load (optional)
 
 `deploy: auto` picks `direct` (one engine process per model, no proxy) for one model with one replica,
-and `ray` (Ray Serve: one deployment per model, routed by model name) otherwise.
+and `ray` (replicas as Ray actors behind the front door, routed by model name) otherwise.
 """
 
 from __future__ import annotations
@@ -144,10 +144,10 @@ class ModelSpec:
     engine: str
     engine_args: tuple[tuple[str, Any], ...]
     replicas: int = 1
-    min_replicas: int | None = None  # set with max_replicas: Ray Serve autoscaling bounds
+    min_replicas: int | None = None  # set with max_replicas: Ray mode autoscaling bounds
     max_replicas: int | None = None
     port: int | None = None  # direct mode: this model's port (default runner.port + its index)
-    num_cpus: float = 1.0  # Ray Serve: CPUs one replica reserves
+    num_cpus: float = 1.0  # Ray mode: CPUs one replica reserves
     gguf: GGUFConfig = field(default_factory=GGUFConfig)  # llama.cpp given an HF folder: its conversion
     scaling: Autoscaling = field(default_factory=Autoscaling)  # Ray mode: target load and delays
 
@@ -202,7 +202,7 @@ def engine_name(value: Any, where: str) -> str:
 
 
 def _replica_bounds(m: ModelConfig, where: str) -> tuple[int | None, int | None]:
-    """(min, max) replicas of Ray Serve autoscaling, or (None, None) without it."""
+    """(min, max) replicas of Ray mode autoscaling, or (None, None) without it."""
     scaling = m.autoscaling
     if scaling is None or scaling == Autoscaling():  # absent or empty: no autoscaling
         return None, None
