@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import time
 from typing import Any
 
@@ -139,11 +140,13 @@ class FrontDoor:
         deadline = time.monotonic() + (self.settings.drain_timeout if timeout is None else timeout)
         while self.flights and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for flight in list(self.flights):
+        cut = list(self.flights)
+        for flight in cut:
             flight.cut("draining")
         end = time.monotonic() + 5
         while self.flights and time.monotonic() < end:  # their error events go out
             await asyncio.sleep(0.02)
+        print(f"drained; {len(cut)} request(s) cut at the drain deadline", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------- dispatch
     async def __call__(self, scope, receive, send) -> None:
@@ -337,7 +340,7 @@ class FrontDoor:
         if status == 200:
             self.metrics.usage(model, usage_of(content))
         elif status >= 500:
-            return await respond(send, 502, engine_failed(status, content))
+            return await respond(send, *engine_failed(status, content))
         return await respond(send, status, content, content_type=kind.encode("latin-1", "replace"))
 
     def cut_answer(self, flight: Flight) -> tuple[int, bytes]:
@@ -369,7 +372,7 @@ class FrontDoor:
                 except (aiohttp.ClientError, OSError) as exc:
                     return await respond(send, 503, unavailable(exc))
                 if response.status >= 500:
-                    return await respond(send, 502, engine_failed(response.status, content))
+                    return await respond(send, *engine_failed(response.status, content))
                 refused = response.headers.get("Content-Type", "application/json").encode("latin-1", "replace")
                 return await respond(send, response.status, content, content_type=refused)
             events = response.headers.get("Content-Type", "text/event-stream").encode("latin-1", "replace")
@@ -428,12 +431,21 @@ def unavailable(exc: BaseException) -> bytes:
     return error_body(f"engine unavailable ({type(exc).__name__}); retry", "unavailable")
 
 
-def engine_failed(status: int, content: bytes) -> bytes:
+def engine_failed(status: int, content: bytes) -> tuple[int, bytes]:
+    """The front door's answer to an engine's 5xx: 501 (the engine lacks the route, e.g. llama-server without
+    --embeddings) is a 404 for this model, 503 (loading, overloaded) stays a retryable 503, anything else is
+    the engine failing on a request the front door found valid: 502 with the engine's status and message."""
     try:
         detail = json.loads(content)["error"]["message"]
     except (ValueError, KeyError, TypeError, IndexError):
         detail = content[:300].decode("utf-8", "replace")
-    return error_body(f"the engine failed with HTTP {status}: {detail}", "engine_error")
+    if status == 501:
+        return 404, error_body(
+            f"this model's engine does not serve the route: {detail}", "invalid_request_error", "not_supported"
+        )
+    if status == 503:
+        return 503, error_body(f"the engine is busy or loading; retry: {detail}", "unavailable")
+    return 502, error_body(f"the engine failed with HTTP {status}: {detail}", "engine_error")
 
 
 def parse(body: bytes) -> tuple[dict, str | None]:

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import signal
 import sys
+import time
 
 import uvicorn
 
@@ -45,12 +46,13 @@ class _Server(uvicorn.Server):
 
     def _start_drain(self) -> None:
         if self.drain_task is None:
-            print("stopping: draining in-flight requests", file=sys.stderr, flush=True)
+            print(f"{time.strftime('%H:%M:%S')} stopping: draining in-flight requests", file=sys.stderr, flush=True)
             self.drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
         try:
             await self.door.drain()
+            print(f"{time.strftime('%H:%M:%S')} drained", file=sys.stderr, flush=True)
         finally:
             self.should_exit = True
 

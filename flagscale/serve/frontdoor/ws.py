@@ -140,7 +140,7 @@ async def _relay(door: FrontDoor, send, route, label, model, url, body: bytes, f
         if response.status != 200:
             content = await response.read()
             if response.status >= 500:
-                return await _error(send, 502, engine_failed(response.status, content))
+                return await _error(send, *engine_failed(response.status, content))
             return await _error(send, response.status, content)
         scanner = UsageScanner()
         first, done = True, False
