@@ -133,13 +133,29 @@ def test_bad_input_is_one_line_and_nothing_is_launched(tmp_path, overrides, mess
 
 
 def test_a_budget_below_the_smallest_candidate_names_the_minimum(tmp_path):
-    pytest.importorskip("flagscale.train.memory")
     with pytest.raises(ConfigError) as info:
-        train.main(tiny(tmp_path, f"+experiment.auto_tuner={{space: {TINY_SPACE}, memory_budget_gib: 0.0001}}"))
+        train.main(tiny(tmp_path, f"+experiment.auto_tuner={{space: {TINY_SPACE}, memory_budget_gib: 0.01}}"))
     text = str(info.value)
-    assert text.startswith("experiment.auto_tuner.memory_budget_gib: 0.000 GiB per rank is less than every candidate")
-    assert "give at least" in text and "\n" not in text
-    assert list(tmp_path.iterdir()) == []
+    assert text.startswith(
+        "experiment.auto_tuner.memory_budget_gib: 0.010 GiB per rank is less than every candidate needs; the "
+        "smallest (tp2-pp2-dp1-ep1-cp1-vpp1-mbs1-sp_auto-do_off-rc_none) is predicted at 0.032 GiB per rank: "
+        "give at least 0.032 GiB"
+    ), text
+    assert "\n" not in text and list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_model_prunes_what_exceeds_the_budget():
+    from flagscale.tune.space import predicted_bytes
+
+    t = tiny_train()
+    valid, _ = enumerate_space(space(tp=[1, 2], pp=[1, 2], micro_batch_size=[1, 2, 4]), t, 4, 4)
+    predicted = {c.key: predicted_bytes(c, t, 4, 257) for c in valid}
+    # more micro-batch, more activations; more model parallelism, fewer parameters per rank
+    by = {(c.tp, c.pp, c.micro_batch_size): predicted[c.key] for c in valid}
+    assert by[1, 1, 1] < by[1, 1, 2] and by[2, 2, 1] < by[1, 1, 1]
+    limit = sorted(predicted.values())[len(predicted) // 2]
+    fits = [c for c in valid if predicted[c.key] <= limit]
+    assert 0 < len(fits) < len(valid) and all(predicted[c.key] > limit for c in valid if c not in fits)
 
 
 def test_history_is_rewritten_whole_and_read_back(tmp_path):
@@ -244,3 +260,39 @@ def test_a_tuner_killed_during_a_trial_resumes_without_rerunning_finished_trials
     assert {r["status"] for k, r in after.items() if k not in ran} == {"skipped"}
     best = (folder / "best.yaml").read_text()
     assert "auto_tuner" not in best and max(ran.values(), key=lambda r: r["metric"])["key"] in best
+
+
+def _doc_examples() -> list[tuple[str, str, int | None, dict]]:
+    """(recipe folder, config name, world size if the comment names one, auto_tuner) of docs/auto_tune.md's
+    training examples."""
+    import re
+
+    import yaml
+
+    text = (REPO_ROOT / "docs" / "auto_tune.md").read_text()
+    found = []
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        head = re.match(r"# (examples/\S+/conf) --config-name (\S+)(?:\s+\(world size (\d+)\))?", block)
+        if head:
+            world = int(head.group(3)) if head.group(3) else None
+            found.append((head.group(1), head.group(2), world, yaml.safe_load(block)["auto_tuner"]))
+    return found
+
+
+def test_every_recipe_example_in_the_docs_enumerates_against_its_recipe():
+    examples = _doc_examples()
+    assert {(folder.split("/")[1], name) for folder, name, _, _ in examples} == {
+        ("llama3", "tiny"),
+        ("llama3", "8b"),
+        ("qwen3", "8b"),
+        ("qwen3", "30b_a3b"),
+        ("mixtral", "8x7b"),
+        ("deepseek_v3", "16b_a3b"),
+    }
+    for folder, name, world, block in examples:
+        plain = to_plain(compose(REPO_ROOT / folder, name))
+        runner = plain["experiment"]["runner"]
+        world = world or runner["nproc_per_node"] * runner["nnodes"]
+        tuner = train_tuner_settings(block)
+        valid, _ = enumerate_space(tuner.space, train_settings(plain["train"]), world, runner["nproc_per_node"])
+        assert len(valid) >= 4, (folder, name, len(valid))

@@ -15,13 +15,13 @@ TaskArgs = {"allow_extra_args": True, "ignore_unknown_options": True}
 def train_cmd(
     config_dir: Path = typer.Argument(..., help="Folder of the experiment YAML, e.g. examples/tiny_gpt/conf."),
     overrides: list[str] | None = typer.Argument(
-        None, help="Hydra overrides: action=run|dryrun|stop|status, train.model.num_layers=4, ..."
+        None, help="Hydra overrides: action=run|dryrun|stop|status|auto_tune, train.model.num_layers=4, ..."
     ),
     config_name: str = typer.Option("train", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
     foreground: bool = typer.Option(False, "--foreground", help="Run attached (schedulers, containers)."),
     json_status: bool = typer.Option(False, "--json", help="action=status: print the status record as JSON."),
 ) -> None:
-    """Train with Megatron on this device: launch, dry-run, stop or query a job (action=...)."""
+    """Train with Megatron on this device: launch, dry-run, stop, query or auto-tune a job (action=...)."""
     with reported():
         from flagscale.runner.config import compose
         from flagscale.train import main as train_main
@@ -40,7 +40,7 @@ def serve_cmd(
     ),
     overrides: list[str] | None = typer.Argument(
         None,
-        help="[MODEL_CONFIG_YAML] then Hydra overrides: action=run|dryrun|stop|status, "
+        help="[MODEL_CONFIG_YAML] then Hydra overrides: action=run|dryrun|stop|status|auto_tune, "
         "experiment.runner.port=8001, serve.0.engine_args.threads=2, ...",
     ),
     config_name: str = typer.Option("serve", "--config-name", "-c", help="Experiment YAML (without .yaml)."),

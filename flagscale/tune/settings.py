@@ -90,6 +90,8 @@ class TrainTunerSettings:
     trial_timeout: float = setting(600.0, check=at_least(1, "a number"))  # seconds; a trial is stopped then
     total_timeout: float | None = setting(None, check=at_least(1, "a number"))  # seconds for the whole search
     max_trials: int | None = setting(None, check=at_least(1, "an integer"))  # launched trials (resumed ones count)
+    # strategy tuned: once every layout had a trial, stop after this many trials in a row without a new best
+    patience: int | None = setting(None, check=at_least(1, "an integer"))
     run_best: bool = False  # launch the best configuration when the search ends
     dir: str | None = None  # history and best.yaml; None: <experiment.exp_dir>/auto_tune
 

@@ -29,6 +29,7 @@ SYSTEM_KEYS = {
     "recompute_num_layers": "recompute_num_layers",
 }
 RECOMPUTE_ORDER = {None: 0, "selective": 1, "full": 2}
+OVERHEAD = 0.25  # a micro-batch's fixed cost per stage, relative to one sample's work on the whole model
 
 
 @dataclass(frozen=True)
@@ -212,16 +213,16 @@ def predicted_bytes(c: Candidate, train: TrainSettings, world_size: int, vocab: 
 def cost(c: Candidate, train: TrainSettings) -> float:
     """A relative step-time guess, lower first: the order to try candidates in, never a reason to skip one.
 
-    Pipeline bubble (pp - 1) / micro-batches, a per-layer tensor-parallel all-reduce, recompute's extra
-    forward, the distributed optimizer's extra gather, and a small micro-batch's poorer efficiency."""
+    A step is (micro-batches + pipeline fill) x a stage's time per micro-batch; that time is a fixed overhead
+    (kernel launches, communication latency) plus the micro-batch's share of the model's work, grown by the
+    tensor-parallel all-reduces, recompute's second forward, and the distributed optimizer's extra gather."""
     micro_batches = max(1, train.model.global_batch_size // (c.micro_batch_size * c.dp))
-    bubble = (c.pp - 1) / (micro_batches * (c.vpp or 1))
-    tensor = 0.15 * (c.tp - 1) + 0.1 * (c.cp - 1)
+    fill = (c.pp - 1) / (c.vpp or 1)
     recompute = {None: 0.0, "selective": 0.1, "full": 0.33}[c.recompute_granularity]
-    expert = 0.05 * (c.ep - 1)
-    optimizer = 0.03 if c.use_distributed_optimizer else 0.0
-    small_batch = 0.2 / c.micro_batch_size
-    return (1 + bubble) * (1 + tensor + expert) * (1 + recompute + optimizer + small_batch)
+    comm = 1 + 0.15 * (c.tp - 1) + 0.1 * (c.cp - 1) + 0.05 * (c.ep - 1)
+    work = c.micro_batch_size * (1 + recompute) * comm / (c.tp * c.pp * c.cp)
+    optimizer = 1.03 if c.use_distributed_optimizer else 1.0
+    return (micro_batches + fill) * (OVERHEAD + work) * optimizer
 
 
 def differs_only_in_recompute(slow: Candidate, fast: Candidate) -> bool:

@@ -198,44 +198,49 @@ def _loop(search: Search, tuner, history: History, previous: dict, configs: dict
     from flagscale.tune.table import LiveTable
 
     started = time.monotonic()
-    launched = 0
+    launched, since_best = 0, 0
+    most = min(total, tuner.max_trials or total)
     columns = ["#", "candidate", "pred GiB", "status", "tokens/s", "peak GiB", "s"]
     with LiveTable(f"auto_tune: {total} candidate(s) fit the budget", columns, out) as table:
         while search.pending:
             c = search.next()
             reason = search.dominated(c)
-            limit = _limit_reached(tuner, launched, started)
+            limit = _limit_reached(tuner, launched, started) or _patience(tuner, search, since_best)
             if reason or limit:
                 history.set(c.key, status="dominated" if reason else "skipped", reason=reason or limit)
                 history.save()
                 continue
+            best_before = search.best()
             record = _trial(c, tuner, history, previous.get(c.key), configs[c.key])
             launched += 1
             search.results[c.key] = record
             best = search.best()
-            metric = f"{record['metric']:.0f}" if record.get("metric") is not None else "-"
-            peak = f"{record['peak_memory_gib']:.3f}" if record.get("peak_memory_gib") is not None else "-"
-            caption = f"trial {launched} of at most {total}; best so far: " + (
-                f"{best['key']} at {best['metric']:.0f} tokens/s" if best else "none"
-            )
-            row = [
-                str(launched),
-                c.key,
-                f"{record.get('predicted_gib') or 0:.3f}",
-                record["status"],
-                metric,
-                peak,
-                f"{record.get('seconds', 0):.0f}",
-            ]
-            table.update(
-                row,
-                caption,
-                f"trial {launched} of at most {total}: {c.key} {record['status']} "
-                f"{metric} tokens/s, peak {peak} GiB"
-                + (" (from history)" if record.get("reused") else "")
-                + f" | best so far: {best['key'] + ' ' + format(best['metric'], '.0f') if best else 'none'}",
-            )
+            since_best = 0 if best is not best_before else since_best + 1
+            _show(table, launched, most, c, record, best)
     return search.best()
+
+
+def _patience(tuner: TrainTunerSettings, search: Search, since_best: int) -> str | None:
+    """Once every layout has had a trial, `patience` trials in a row without a new best end the search."""
+    if not search.tuned or tuner.patience is None or since_best < tuner.patience:
+        return None
+    if any(c.layout not in search.layouts for c in search.pending):
+        return None
+    return f"patience={tuner.patience}: no better result in the last {since_best} trials"
+
+
+def _show(table, launched: int, most: int, c: Candidate, record: dict, best: dict | None) -> None:
+    metric = f"{record['metric']:.0f}" if record.get("metric") is not None else "-"
+    peak = f"{record['peak_memory_gib']:.3f}" if record.get("peak_memory_gib") is not None else "-"
+    so_far = f"{best['key']} at {best['metric']:.0f} tokens/s" if best else "none"
+    seconds = f"{record.get('seconds') or 0:.0f}"
+    row = [str(launched), c.key, f"{record.get('predicted_gib') or 0:.3f}", record["status"], metric, peak, seconds]
+    line = (
+        f"trial {launched} of at most {most}: {c.key} {record['status']} {metric} tokens/s, peak {peak} GiB"
+        + (" (from history)" if record.get("reused") else "")
+        + f" | best so far: {so_far}"
+    )
+    table.update(row, f"trial {launched} of at most {most}; best so far: {so_far}", line)
 
 
 def _limit_reached(tuner: TrainTunerSettings, launched: int, started: float) -> str | None:

@@ -40,7 +40,10 @@ def trial_config(base: dict, candidate: Candidate, tuner: TrainTunerSettings, ex
     exp["exp_name"], exp["exp_dir"] = name, str(exp_dir)
     runner = exp.setdefault("runner", {}) or {}
     exp["runner"] = runner
-    runner.update(foreground=False, json=False, rdzv_id=None)
+    # a trial saves nothing: no graceful shutdown to wait for when it is stopped
+    runner.update(
+        foreground=False, json=False, rdzv_id=None, stop_timeout=min(float(runner.get("stop_timeout") or 5), 5)
+    )
     ft = dict(runner.get("fault_tolerance") or {})
     ft["max_restarts"] = 0
     ft["hang_timeout"] = min(float(ft.get("hang_timeout") or tuner.trial_timeout), tuner.trial_timeout)
