@@ -436,6 +436,37 @@ def test_timeout_504_and_unreachable_engine_503():
         assert response.status_code == 503 and "retry" in response.json()["error"]["message"]
 
 
+def _half_stream(listener: socket.socket, then: str) -> None:
+    """An engine whose event stream starts (200, one event) and then stalls or breaks off."""
+    connection, _ = listener.accept()
+    connection.recv(65536)
+    event = b'data: {"choices": [{"text": "a", "index": 0}]}\n\n'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    connection.sendall(head + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+    if then == "stall":
+        time.sleep(1.5)
+    connection.close()
+
+
+def test_a_stream_cut_short_ends_with_an_error_event():
+    for then, kind in (("stall", "timeout"), ("break", "unavailable")):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        engine = threading.Thread(target=_half_stream, args=(listener, then), daemon=True)
+        engine.start()
+        try:
+            with _Door(f"http://127.0.0.1:{listener.getsockname()[1]}", request_timeout=0.5) as url:
+                body = {"prompt": "x", "stream": True}
+                response = httpx.post(url + "/v1/completions", json=body, timeout=10)
+        finally:
+            engine.join(5)
+            listener.close()
+        events = sse_events(response.text)
+        assert response.status_code == 200 and json.loads(events[0])["choices"][0]["text"] == "a"
+        assert json.loads(events[-2])["error"]["type"] == kind and events[-1] == "[DONE]", (then, events)
+
+
 def test_non_loopback_without_keys_warns():
     from flagscale.serve.frontdoor import exposed_without_keys
 
