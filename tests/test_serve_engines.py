@@ -67,8 +67,10 @@ def _dryrun(engine, tmp_path, *extra, command="serve"):
 
 
 def test_serve_command_and_environment(engine, tmp_path):
-    plan = _dryrun(engine, tmp_path, "experiment.runner.port=9010", "experiment.runner.host=0.0.0.0")
-    (proc,) = plan["processes"]
+    plan = _dryrun(
+        engine, tmp_path, "experiment.runner.port=9010", "experiment.runner.host=0.0.0.0", "+serve.0.port=9011"
+    )
+    proc, front = plan["processes"]  # the engine on loopback, the front door on host:port in front of it
     if engine["name"] == "vllm":
         assert proc["cmd"][1:] == [
             "serve",
@@ -76,9 +78,9 @@ def test_serve_command_and_environment(engine, tmp_path):
             "--served-model-name",
             "tiny",
             "--host",
-            "0.0.0.0",
+            "127.0.0.1",
             "--port",
-            "9010",
+            "9011",
             "--enforce-eager",
             "--gpu-memory-utilization",
             "0.5",
@@ -98,9 +100,9 @@ def test_serve_command_and_environment(engine, tmp_path):
             "--served-model-name",
             "tiny",
             "--host",
-            "0.0.0.0",
+            "127.0.0.1",
             "--port",
-            "9010",
+            "9011",
             "--context-length",
             "512",
             "--mem-fraction-static",
@@ -108,7 +110,9 @@ def test_serve_command_and_environment(engine, tmp_path):
             "--tp-size",
             "1",
         ]
-    assert proc["env"] == {} and proc["url"] == "http://127.0.0.1:9010"
+    assert proc["env"] == {} and proc["url"] == "http://127.0.0.1:9011"
+    assert front["name"] == "frontdoor" and front["url"] == "http://127.0.0.1:9010"
+    assert front["cmd"][1:3] == ["-m", "flagscale.serve.frontdoor"]
 
 
 def test_visible_devices_follow_the_device_manifest(engine, tmp_path):
