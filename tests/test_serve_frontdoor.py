@@ -531,11 +531,15 @@ def test_stop_during_load_cuts_nothing_silently(served, env):
     outcomes = Counter(kind for kind, _ in results)
     print(f"\nstop took {took:.1f} s (drain_timeout {DRAIN} s); outcomes {dict(outcomes)}")
     print(f"error statuses: {Counter(code for kind, code in results if kind == 'error status')}")
-    print((served["run_dir"] / "logs" / "frontdoor.log").read_text()[-2000:])
+    log = (served["run_dir"] / "logs" / "frontdoor.log").read_text()
+    print(log[-2000:])
     assert result.returncode == 0 and "stopped frontdoor, tiny" in result.stdout, result.stdout + result.stderr
     assert outcomes["TRUNCATED"] == 0, [r for r in results if r[0] == "TRUNCATED"]
     # the queue (16 clients, 2 engine slots) outlasts the drain timeout: some finish, the rest is cut visibly
-    assert outcomes["ok"] > 0 and outcomes["error event"] + outcomes["error status"] > 0 and took < DRAIN + 10
+    assert outcomes["ok"] > 0 and outcomes["error event"] + outcomes["error status"] > 0
+    # it drained and exited on its own (not the SIGKILL after drain_timeout + 15 s); the CLI's own start-up
+    # is in `took` too, seconds on a loaded 2-core machine
+    assert "request(s) cut at the drain deadline" in log and "front door stopped" in log and took < DRAIN + 15
     assert wait_gone(engine_pid) and not pid_alive(engine_pid)
     with pytest.raises(httpx.ConnectError):  # the listener is closed
         httpx.get(served["url"] + "/health", timeout=2)

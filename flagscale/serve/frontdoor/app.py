@@ -52,8 +52,12 @@ class Flight:
     def cut(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-        if self.timeout is not None:
-            self.timeout.reschedule(asyncio.get_running_loop().time())
+        timer, self.timeout = self.timeout, None
+        if timer is not None and not timer.expired():
+            try:
+                timer.reschedule(asyncio.get_running_loop().time())
+            except RuntimeError:  # its block has just ended
+                pass
         if self.response is not None:
             self.response.close()  # a pending read returns or raises at once; the engine sees the client go
 
