@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flagscale.train import checkpoint
     from flagscale.train.data import Batches, build_train_dataset
-    from flagscale.train.metrics import MetricsLog, memory_gib
+    from flagscale.train.metrics import MemoryRecord, MetricsLog, memory_gib
     from flagscale.train.tokenizer import build_tokenizer
 
     try:  # the FlagScale device accessor of the patched megatron-core
@@ -311,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     load_from, weights_only = checkpoint_source(t)
     recorded = checkpoint.model_info(checkpoint.common_state(load_from)) if load_from else None
     vocab, padded = vocabulary(t, tokenizer.vocab_size, recorded, load_from)
+    memory = MemoryRecord(
+        exp_dir,
+        rank,
+        {
+            "stage": parallel_state.get_pipeline_model_parallel_rank(),
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "dp_rank": dp_rank,
+        },
+    )  # the resident memory before the model: the baseline of the measured peak
     model, config = build_model(t, padded)
     config.no_sync_func = model.no_sync  # as Megatron-LM: the schedule reduces DP grads via these hooks
     config.finalize_model_grads_func = finalize_model_grads
@@ -404,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             heartbeat.extra.update(loss=loss, tokens_per_sec=tokens_per_iter / step_time)
+        if iteration == start_iter + 1 or iteration == m.train_iters:
+            memory.write(iteration, model, optimizer)
         heartbeat.beat(iteration, force=iteration == m.train_iters)
         if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
             heartbeat.beat(iteration, phase="save", force=True)  # a long save is progress, not a hang

@@ -383,12 +383,45 @@ def parameter_lines(train: TrainSettings) -> list[str]:
     return lines
 
 
-def dryrun_header(title: str, config_file: Path, train: TrainSettings, made_when: str, out) -> None:
-    """What every launcher's dry run starts with: the job, the driver config, the model's parameters per rank
-    and the HF import the run starts from (`made_when`: when a missing one is made)."""
+def _vocabulary(train: TrainSettings) -> int | None:
+    m = train.model
+    return m.vocab_size or (ByteTokenizer.vocab_size if train.data.tokenizer.type == "byte" else None)
+
+
+def memory_lines(train: TrainSettings, world_size: int) -> list[str]:
+    """Memory per rank from the memory model (flagscale.train.memory): one line per distinct (stage, shard) row."""
+    from flagscale.train.memory import estimate
+
+    vocab = _vocabulary(train)
+    if vocab is None:
+        return ["memory per rank: set train.model.vocab_size to estimate it here (the hf tokenizer loads on the nodes)"]
+    ranks = estimate(train, world_size, vocab)
+    unit, scale = ("GiB", 2**30) if max(r.total for r in ranks) >= 2**30 else ("MiB", 2**20)
+    lines = [
+        f"memory per rank ({unit}; flagscale.train.memory, docs/train.md: parameters + gradients + optimizer states "
+        "+ activations = total):"
+    ]
+    shown: dict[tuple, list[int]] = {}
+    for r in ranks:
+        shown.setdefault((r.stage, r.parameters, r.gradients, r.optimizer, r.activations), []).append(r.rank)
+    for (stage, params, grads, opt, act), members in shown.items():
+        total = params + grads + opt + act
+        which = f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}..{members[-1]} ({len(members)})"
+        lines.append(
+            f"  stage {stage}, {which}: {params / scale:.2f} + {grads / scale:.2f} + {opt / scale:.2f} + "
+            f"{act / scale:.2f} = {total / scale:.2f}"
+        )
+    return lines
+
+
+def dryrun_header(
+    title: str, config_file: Path, train: TrainSettings, made_when: str, out, world_size: int = 1
+) -> None:
+    """What every launcher's dry run starts with: the job, the driver config, the model's parameters and memory per
+    rank and the HF import the run starts from (`made_when`: when a missing one is made)."""
     print(f"# flagscale train (dry run): {title}", file=out)
     print(f"# driver config -> {config_file}", file=out)
-    for line in parameter_lines(train):
+    for line in parameter_lines(train) + memory_lines(train, world_size):
         print(f"# {line}", file=out)
     imported = hf_start.import_path(train)
     if imported is not None:
@@ -399,7 +432,7 @@ def dryrun_header(title: str, config_file: Path, train: TrainSettings, made_when
 def dryrun(p: LaunchPlan, out=None) -> int:
     out = out or sys.stdout
     title = f"experiment {p.exp.exp_name}, {len(p.nodes)} node(s), world size {p.world_size}, folder {p.exp_dir}"
-    dryrun_header(title, p.config_file, p.train, "at action=run", out)
+    dryrun_header(title, p.config_file, p.train, "at action=run", out, p.world_size)
     for node in p.nodes:
         print(f"\n# node {node.rank} on {node.host}: {node.script}", file=out)
         print(node.script_text, end="", file=out)

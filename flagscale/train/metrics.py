@@ -55,6 +55,83 @@ def memory_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark (Linux VmHWM; elsewhere getrusage's ru_maxrss). The CPU has
+    no allocator counter like the accelerators' max_memory_allocated: the kernel's peak of resident pages is the
+    honest measure of what a rank needed at its worst moment (allocator caching and fragmentation included)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def allocated_bytes(model, optimizer) -> dict[str, int]:
+    """The bytes of the training state this rank really allocated, counted from the tensors (after the first
+    step, when torch's Adam has made its states): `parameters` (megatron DDP's contiguous param buffer when it has
+    one, as the distributed optimizer does, padding included; else every parameter), `gradients` (DDP's main_grad
+    buffers, padding included) and `optimizer` (state tensors such as Adam's exp_avg/exp_avg_sq, and fp32 main
+    copies of bf16/fp16 weights; not the 4-byte scalar `step` per tensor, nor views of the model's own weights)."""
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
+    params = list(model.parameters())
+    if buffers and all(b.param_data is not None for b in buffers):
+        parameters = sum(nbytes(b.param_data) for b in buffers)
+        parameters += sum(nbytes(p) for p in params if not p.requires_grad)  # frozen ones are in no buffer
+    else:
+        parameters = sum(nbytes(p) for p in params)
+    gradients = sum(nbytes(b.grad_data) for b in buffers)
+    model_storage = {p.untyped_storage().data_ptr() for p in params}
+    model_storage |= {b.param_data.untyped_storage().data_ptr() for b in buffers if b.param_data is not None}
+    seen: set[int] = set()
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        tensors = [p for group in inner.param_groups for p in group["params"]]
+        tensors += [v for state in inner.state.values() for v in state.values() if hasattr(v, "dim") and v.dim() > 0]
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            key = t.data_ptr()
+            if ptr in model_storage or key in seen:
+                continue
+            seen.add(key)
+            total += nbytes(t)
+    return {"parameters": parameters, "gradients": gradients, "optimizer": total}
+
+
+class MemoryRecord:
+    """`<exp_dir>/logs/memory/rank<R>.json`: what this rank allocated for its training state and its measured peak
+    (the resident high-water mark less the resident memory just before the model was built: what building and
+    training the model added, beside the imported libraries). Written after the first iteration and at the end."""
+
+    def __init__(self, exp_dir: Path, rank: int, layout: dict[str, int]) -> None:
+        self.path = exp_dir / "logs" / "memory" / f"rank{rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.record: dict[str, Any] = {"rank": rank, **layout, "baseline_rss": rss_bytes()}
+
+    def write(self, iteration: int, model, optimizer) -> None:
+        if "parameters" not in self.record:
+            self.record.update(allocated_bytes(model, optimizer))
+        peak = peak_rss_bytes()
+        self.record.update(iteration=iteration, peak_rss=peak, peak=peak - self.record["baseline_rss"])
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
 class MetricsLog:
     """The reporting rank's metrics writers; `write` one record per logged iteration, `close` at the end."""
 

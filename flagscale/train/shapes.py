@@ -123,3 +123,91 @@ def stage_parameters(m: ModelSettings, vocab_size: int, tp: int, pp: int, ep: in
 def total_parameters(m: ModelSettings, vocab_size: int) -> int:
     """The model's parameters at TP=1, PP=1, EP=1, counted once (the padded vocabulary included)."""
     return stage_parameters(m, vocab_size, 1, 1)[0].total
+
+
+# ------------------------------------------------------------------------- the tensors, in megatron's order
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter tensor of a rank: its elements, whether it is an expert-parallel one (megatron DDP puts those
+    in a buffer of their own, reduced over the expert-data-parallel group) and whether it is a pipeline-shared
+    embedding (the distributed optimizer gives those a bucket of their own)."""
+
+    numel: int
+    expert: bool = False
+    shared_embedding: bool = False
+
+
+def _norm_tensors(m: ModelSettings, size: int) -> list[Tensor]:
+    return [Tensor(size)] * (2 if structure(m.family).normalization == "LayerNorm" else 1)
+
+
+def _linear(m: ModelSettings, out: int, inp: int, bias: bool, expert: bool = False) -> list[Tensor]:
+    return [Tensor(out * inp, expert)] + ([Tensor(out, expert)] if bias else [])
+
+
+def _attention_tensors(m: ModelSettings, tp: int) -> list[Tensor]:
+    """As GPTModel.named_parameters() lists them: linear_proj first (megatron's Attention makes it before the
+    query/key/value projections), then the projections, then the QK norms."""
+    s, h = structure(m.family), m.hidden_size
+    if m.mla is not None:
+        a, heads = m.mla, m.num_attention_heads
+        q_head = a.qk_head_dim + a.qk_pos_emb_head_dim
+        out = _linear(m, h, heads * a.v_head_dim // tp, False)
+        if a.q_lora_rank is None:
+            out += _linear(m, heads * q_head // tp, h, False)
+        else:
+            out += _linear(m, a.q_lora_rank // tp, h, False) + _linear(m, heads * q_head // tp, a.q_lora_rank, False)
+        out += _linear(m, (a.kv_lora_rank + a.qk_pos_emb_head_dim) // tp, h, False)
+        out += _linear(m, heads * (a.qk_head_dim + a.v_head_dim) // tp, a.kv_lora_rank, False)
+        if s.qk_norm:
+            out += _norm_tensors(m, a.q_lora_rank) if a.q_lora_rank is not None else []
+            out += _norm_tensors(m, a.kv_lora_rank)
+        return out
+    hd, heads, groups = head_dim(m), m.num_attention_heads, query_groups(m)
+    out = [Tensor(h * heads * hd // tp)] + ([Tensor(h)] if s.linear_bias else [])
+    out += _linear(m, (heads + 2 * groups) * hd // tp, h, s.linear_bias or s.qkv_bias)
+    if s.qk_norm:
+        out += _norm_tensors(m, hd) + _norm_tensors(m, hd)
+    return out
+
+
+def _mlp_tensors(m: ModelSettings, ffn: int, tp: int, expert: bool = False) -> list[Tensor]:
+    s = structure(m.family)
+    fc1 = _linear(m, (2 if s.swiglu else 1) * ffn // tp, m.hidden_size, s.linear_bias, expert)
+    fc2 = [Tensor(m.hidden_size * ffn // tp, expert)] + ([Tensor(m.hidden_size, expert)] if s.linear_bias else [])
+    return fc1 + fc2
+
+
+def layer_tensors(m: ModelSettings, tp: int, ep: int = 1, moe: bool = False) -> list[Tensor]:
+    """One layer's parameter tensors on one rank, in megatron's order (their sum is layer_parameters)."""
+    out = _norm_tensors(m, m.hidden_size) + _attention_tensors(m, tp) + _norm_tensors(m, m.hidden_size)
+    if not moe:
+        return out + _mlp_tensors(m, ffn_size(m), tp)
+    e = m.moe
+    assert e is not None
+    out.append(Tensor(e.num_experts * m.hidden_size))  # the router
+    for _ in range(e.num_experts // ep):  # expert-parallel only when experts are split over ranks
+        out += _mlp_tensors(m, e.ffn_hidden_size or ffn_size(m), tp, expert=ep > 1)
+    if e.shared_expert_ffn_hidden_size:
+        out += _mlp_tensors(m, e.shared_expert_ffn_hidden_size, tp)
+    return out
+
+
+def stage_tensors(m: ModelSettings, vocab_size: int, tp: int, pp: int, ep: int, stage: int) -> list[Tensor]:
+    """Every parameter tensor of one rank of pipeline stage `stage`, in GPTModel.named_parameters() order."""
+    vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp) // tp * m.hidden_size
+    tied_across = m.share_embeddings_and_output_weights and pp > 1
+    out: list[Tensor] = []
+    if stage == 0:
+        out.append(Tensor(vocab, shared_embedding=tied_across))
+        if m.position_embedding_type == "learned_absolute":
+            out.append(Tensor((m.max_position_embeddings or m.seq_length) * m.hidden_size))
+    dense = m.moe.dense_layers if m.moe is not None else m.num_layers
+    per_stage = m.num_layers // pp
+    for i in range(stage * per_stage, (stage + 1) * per_stage):
+        out += layer_tensors(m, tp, ep, moe=i >= dense)
+    if stage == pp - 1:
+        out += _norm_tensors(m, m.hidden_size)
+        if not m.share_embeddings_and_output_weights or stage != 0:
+            out.append(Tensor(vocab, shared_embedding=tied_across))
+    return out

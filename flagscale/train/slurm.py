@@ -159,7 +159,7 @@ def dryrun(p: SlurmPlan, out=None) -> int:
         f"experiment {p.exp.exp_name} on Slurm, {p.nnodes} node(s) x {p.exp.runner.nproc_per_node} process(es), "
         f"world size {p.world_size}, folder {p.exp_dir}"
     )
-    launcher.dryrun_header(title, p.config_file, p.train, "at action=run, before sbatch", out)
+    launcher.dryrun_header(title, p.config_file, p.train, "at action=run, before sbatch", out, p.world_size)
     print(f"# batch script -> {p.script} (submitted as is):", file=out)
     print(p.script_text, end="", file=out)
     print(f"$ {shlex.join(['sbatch', '--parsable', str(p.script)])}", file=out)
