@@ -334,6 +334,10 @@ def test_fuzzed_requests_never_get_a_5xx(served):
         "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=2) | values,
         "stream": st.booleans() | values,
     }
+    for key in ("tools", "tool_choice", "logit_bias", "reasoning_format", "enable_thinking", "grammar"):
+        fields[key] = values  # llama-server extensions it answered 500 (or dropped the connection) for when mistyped
+    fields["response_format"] = st.just({"type": "json_object"}) | values
+    fields["ignore_eos"] = st.booleans() | values
     requests = st.fixed_dictionaries({}, optional=fields).flatmap(
         lambda d: st.dictionaries(st.text(min_size=1, max_size=10), values, max_size=3).map(
             lambda extra: {**extra, **d}
@@ -353,12 +357,15 @@ def test_fuzzed_requests_never_get_a_5xx(served):
             {"messages": CHAT, "max_tokens": 2, "stream": True, "seed": 7},
         ]
     )
-    mutated = st.tuples(good, st.sampled_from(sorted(fields)), st.one_of(fields.values()), requests).map(
-        lambda t: {**t[3], **t[0], t[1]: t[2]}
+    unknown = st.dictionaries(st.text(min_size=1, max_size=10).filter(lambda k: k not in fields), values, max_size=3)
+    key = st.sampled_from(sorted(fields))
+    mutated = st.tuples(good, key.flatmap(lambda k: fields[k].map(lambda v: (k, v))), unknown).map(
+        lambda t: {**t[2], **t[0], t[1][0]: t[1][1]}
     )
     bodies = (
         mutated.map(encode)
         | mutated.map(encode)
+        | st.tuples(good, unknown).map(lambda t: encode({**t[1], **t[0]}))  # valid, with unknown fields
         | requests.map(encode)  # wrong types, huge numbers, unknown fields, NaN/Infinity
         | values.map(encode)  # any JSON at all
         | requests.map(encode).flatmap(lambda b: st.integers(0, len(b)).map(lambda n: b[:n]))  # cut short

@@ -4,8 +4,8 @@ A routed request is read (up to the body limit), parsed once for `model` and `st
 flagscale.serve.frontdoor.checks so that malformed input never reaches an engine), and its raw bytes go to
 an engine the Upstreams picks, over one pooled keep-alive aiohttp session. Non-streaming answers come back
 as the engine wrote them; a stream is relayed chunk by chunk. Every response of the front door itself is
-below 500 except 503 (no engine, or stopping: retry), 504 (the request timed out) and 502 (the engine failed
-on a request the front door judged valid: its status and message are kept in the error).
+below 500 except 503 (no engine, or stopping: retry), 504 (the request timed out) and 502 (an engine's 5xx
+other than 500, 501 and 503; see `engine_failed`).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class FrontDoor:
     # ------------------------------------------------------------------------------------ lifecycle
     def client(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
+            # idle connections are dropped before the engine's own keep-alive timeout (llama-server: 5 s) would
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3, ttl_dns_cache=None)
             self.session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,
@@ -132,6 +133,15 @@ class FrontDoor:
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
             )
         return self.session
+
+    async def open(self, url: str, body: bytes) -> aiohttp.ClientResponse:
+        """POST body to the engine; the response with its status and headers read, the body still to come."""
+        try:
+            return await self.client().post(url, data=body, headers=JSON_HEADERS)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # a pooled keep-alive connection the engine had just closed (cpp-httplib ends idle ones after 5 s,
+            # and some after an error): no answer came, so once more on a fresh connection
+            return await self.client().post(url, data=body, headers=JSON_HEADERS)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -332,9 +342,12 @@ class FrontDoor:
         try:
             async with asyncio.timeout(self.settings.request_timeout) as timer:
                 flight.timeout = timer
-                async with self.client().post(url + route, data=body, headers=JSON_HEADERS) as response:
+                response = await self.open(url + route, body)
+                try:
                     content = await response.read()
-                    status, kind = response.status, response.headers.get("Content-Type", "application/json")
+                finally:
+                    response.release()
+                status, kind = response.status, response.headers.get("Content-Type", "application/json")
             flight.timeout = None
         except TimeoutError:
             flight.timeout = None
@@ -361,7 +374,7 @@ class FrontDoor:
         try:
             async with asyncio.timeout_at(deadline) as timer:
                 flight.timeout = timer
-                response = await self.client().post(url + route, data=body, headers=JSON_HEADERS)
+                response = await self.open(url + route, body)
             flight.timeout = None
         except TimeoutError:
             flight.timeout = None
@@ -436,9 +449,14 @@ def unavailable(exc: BaseException) -> bytes:
 
 
 def engine_failed(status: int, content: bytes) -> tuple[int, bytes]:
-    """The front door's answer to an engine's 5xx: 501 (the engine lacks the route, e.g. llama-server without
-    --embeddings) is a 404 for this model, 503 (loading, overloaded) stays a retryable 503, anything else is
-    the engine failing on a request the front door found valid: 502 with the engine's status and message."""
+    """The front door's answer to an engine's 5xx, the engine's message kept:
+
+    * 500 is the engine failing on this request (a chat template or tool parser that cannot take it, output
+      that does not fit the requested format): 422, since the same request fails the same way again, and a
+      5xx would make clients retry it (the OpenAI client retries 5xx twice);
+    * 501 (the engine lacks the route, e.g. llama-server without --embeddings): 404 for this model;
+    * 503 (loading, overloaded) stays a retryable 503; any other 5xx: 502.
+    An engine that crashes drops the connection instead: that is a 503 (retry), see `unavailable`."""
     try:
         detail = json.loads(content)["error"]["message"]
     except (ValueError, KeyError, TypeError, IndexError):
@@ -447,6 +465,8 @@ def engine_failed(status: int, content: bytes) -> tuple[int, bytes]:
         return 404, error_body(
             f"this model's engine does not serve the route: {detail}", "invalid_request_error", "not_supported"
         )
+    if status == 500:
+        return 422, error_body(f"the engine could not process this request (HTTP 500): {detail}", "engine_error")
     if status == 503:
         return 503, error_body(f"the engine is busy or loading; retry: {detail}", "unavailable")
     return 502, error_body(f"the engine failed with HTTP {status}: {detail}", "engine_error")

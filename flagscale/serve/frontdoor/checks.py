@@ -13,6 +13,12 @@ from typing import Any
 INT32 = 2**31 - 1
 _COUNTS = ("max_tokens", "max_completion_tokens", "n", "n_predict", "top_k", "logprobs", "top_logprobs", "n_probs")
 _NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty", "typical_p")
+_BOOLS: tuple[str, ...] = ("ignore_eos", "cache_prompt", "echo", "enable_thinking", "add_generation_prompt")
+_BOOLS += ("parallel_tool_calls", "continue_final_message", "return_tokens", "timings_per_token", "post_sampling_probs")
+_OBJECTS = ("response_format", "chat_template_kwargs", "stream_options")
+_STRINGS = ("grammar", "user", "suffix")
+# llama-server answers 500 for any other name (common_reasoning_format_from_name)
+REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 
 
 def _is_int(value: Any) -> bool:
@@ -55,8 +61,50 @@ def _messages(value: Any) -> str | None:
     return None
 
 
+def _logit_bias(value: Any) -> bool:
+    """{token id or text: bias} (OpenAI), or [[token, bias], ...] (llama-server); a bias is a number or false."""
+    if isinstance(value, dict):
+        pairs = list(value.values())
+    elif isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 for p in value):
+        if not all(isinstance(p[0], str) or (_is_int(p[0]) and 0 <= p[0] <= INT32) for p in value):
+            return False
+        pairs = [p[1] for p in value]
+    else:
+        return False
+    return all(v is False or (_is_number(v) and abs(v) <= 1e6) for v in pairs)
+
+
+def _typed(data: dict) -> str | None:
+    """The engine-extension fields engines fail on (500, or a dropped connection) when mistyped."""
+    for key in _BOOLS:
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            return f'"{key}" must be true or false'
+    for key in _OBJECTS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f'"{key}" must be an object'
+    for key in _STRINGS:
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f'"{key}" must be a string'
+    tools = data.get("tools")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("type"), str) for t in tools)
+    ):
+        return '"tools" must be a list of {"type": ..., ...} objects'
+    choice = data.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        return '"tool_choice" must be a string or an object'
+    if data.get("reasoning_format") is not None and data["reasoning_format"] not in REASONING_FORMATS:
+        return f'"reasoning_format" must be one of {", ".join(REASONING_FORMATS)}'
+    if data.get("logit_bias") is not None and not _logit_bias(data["logit_bias"]):
+        return '"logit_bias" must map token ids to finite numbers (or false)'
+    return None
+
+
 def check_request(route: str, data: dict) -> str | None:
     """None when the request's common fields are well typed, else what is wrong (one line)."""
+    problem = _typed(data)
+    if problem is not None:
+        return problem
     if "stream" in data and data["stream"] is not None and not isinstance(data["stream"], bool):
         return '"stream" must be true or false'
     for key in _COUNTS:

@@ -52,7 +52,8 @@ _ERRORS = {
         (401, "no valid API key (Authorization: Bearer <key>)"),
         (404, "the model is not served"),
         (413, "the body exceeds experiment.runner.max_body_bytes"),
-        (502, "the engine failed on a request the front door found valid"),
+        (422, "the engine could not process the request (its HTTP 500; the message is the engine's)"),
+        (502, "the engine answered another 5xx"),
         (503, "no engine reachable, or the server is stopping: retry"),
         (504, "the request exceeded experiment.runner.request_timeout"),
     )

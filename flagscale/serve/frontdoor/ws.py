@@ -17,7 +17,6 @@ import time
 import aiohttp
 
 from flagscale.serve.frontdoor.app import (
-    JSON_HEADERS,
     STREAMABLE,
     Flight,
     FrontDoor,
@@ -127,7 +126,7 @@ async def _relay(door: FrontDoor, send, route, label, model, url, body: bytes, f
     try:
         async with asyncio.timeout_at(deadline) as timer:
             flight.timeout = timer
-            response = await door.client().post(url + route, data=body, headers=JSON_HEADERS)
+            response = await door.open(url + route, body)
         flight.timeout = None
     except TimeoutError:
         flight.timeout = None
