@@ -6,6 +6,11 @@ replica count over time from it and checks: the scale-up comes no sooner than up
 and the new replicas serve within seconds of it; the scale-down no sooner than downscale_delay_s after the load
 fell; a replica joins routing only after its engine answered /health; every replica stopped on scale-down was
 drained (nothing left in flight).
+
+With the tiny model a request lasts milliseconds, and scale-down picks idle replicas first, so the ramp's drains
+rarely find a request in flight; two fast tests run the controller's own code without a cluster: a replica being
+removed leaves routing at once and stops only once the request it had is released, and the target moves exactly
+upscale_delay_s / downscale_delay_s after the averaged load asks for it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,8 @@ import time
 import pytest
 from llama_cpp_support import REPO_ROOT, backend_env, flagscale, free_port, installed_backend, tiny_gguf, work_root
 
-pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_llama" / "conf"
-pytest.importorskip("ray")
-UP, DOWN, TARGET = 2.0, 4.0, 2  # upscale_delay_s, downscale_delay_s, target_ongoing_requests
+UP, DOWN, TARGET = 2.0, 4.0, 1  # upscale_delay_s, downscale_delay_s, target_ongoing_requests
 LOOK_BACK = 2.0  # flagscale.serve.ray_app.LOOK_BACK: the load is averaged over this many seconds
 
 
@@ -73,7 +76,9 @@ def _serving(run_dir) -> int:
     return events[-1]["serving"] if events else 0
 
 
+@pytest.mark.integration
 def test_ramped_load_scales_one_to_three_and_back(tmp_path):
+    pytest.importorskip("ray")
     root = work_root()
     env = {**backend_env(installed_backend(root)), "TINY_LLAMA_GGUF": str(tiny_gguf(root))}
     run_dir, port = tmp_path / "run", free_port()
@@ -145,3 +150,82 @@ def test_ramped_load_scales_one_to_three_and_back(tmp_path):
     assert all(e["t"] >= e["healthy_at"] for e in joins), joins
     stops = [e for e in events if e["event"] == "stop"]
     assert len(stops) >= 2 and all(e["left"] == 0 for e in stops), stops
+
+
+# ------------------------------------------------------- the controller's own logic, fast (no Ray cluster, no engine)
+def _controller(tmp_path, **scaling):
+    from flagscale.serve.ray_app import Controller
+    from flagscale.serve.settings import from_config
+
+    config = {
+        "experiment": {"exp_name": "t", "exp_dir": str(tmp_path), "runner": {"drain_timeout": 5}},
+        "serve": [
+            {"serve_id": "tiny", "engine": "llama.cpp", "engine_args": {"model": "x.gguf"}, "autoscaling": scaling}
+        ],
+    }
+    return Controller(from_config(config), config)
+
+
+def _add_serving(pool, *urls):
+    from flagscale.serve.ray_app import Replica
+
+    for url in urls:  # replicas whose engines answered: no actor behind them here
+        replica = Replica(url.rsplit("/", 1)[1], None, "serving", url)
+        pool.replicas.append(replica)
+        pool.by_url[url] = replica
+
+
+def test_scale_down_takes_the_replica_out_of_routing_then_waits_for_its_requests(tmp_path):
+    import asyncio
+
+    controller = _controller(tmp_path, min_replicas=1, max_replicas=2)
+    pool, upstreams = controller.pools["tiny"], controller.upstreams
+
+    async def scenario() -> list[str]:
+        _add_serving(pool, "http://a", "http://b")
+        first, second = await upstreams.acquire("tiny"), await upstreams.acquire("tiny")
+        assert {first, second} == {"http://a", "http://b"}  # least busy: one each
+        draining = asyncio.ensure_future(controller.drain(pool, pool.by_url["http://b"]))
+        await asyncio.sleep(0.3)
+        routed = [await upstreams.acquire("tiny") for _ in range(4)]  # b is out of routing at once
+        for url in routed:
+            upstreams.release("tiny", url)
+        assert not draining.done()  # b still has the request it had
+        upstreams.release("tiny", "http://b")
+        await asyncio.wait_for(draining, 2)
+        return routed
+
+    assert asyncio.run(scenario()) == ["http://a"] * 4
+    assert [r.url for r in pool.replicas] == ["http://a"]
+    events = [json.loads(line) for line in (tmp_path / "logs" / "replicas.jsonl").read_text().splitlines()]
+    stop = events[-1]
+    assert stop["event"] == "stop" and stop["busy_at_drain"] == 1 and stop["left"] == 0 and stop["waited_s"] >= 0.3
+
+
+def test_the_target_moves_only_after_the_delays(tmp_path):
+    import asyncio
+
+    controller = _controller(
+        tmp_path, min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=3, downscale_delay_s=6
+    )
+    pool, upstreams = controller.pools["tiny"], controller.upstreams
+
+    async def scenario() -> list[tuple[float, int]]:
+        _add_serving(pool, "http://a")
+        held = [await upstreams.acquire("tiny") for _ in range(6)]  # 6 in flight: 3 replicas wanted
+        targets = []
+        for step in range(60):  # the controller's ticks, 0.25 s apart, on a clock of our own
+            now = 100 + step * 0.25
+            if step == 20:  # the load falls to 1 in flight
+                for url in held[1:]:
+                    upstreams.release("tiny", url)
+            controller.autoscale(pool, now)
+            targets.append((now - 100, pool.target))
+        return targets
+
+    targets = asyncio.run(scenario())
+    changes = [(t, n) for (t, n), (_, before) in zip(targets[1:], targets, strict=False) if n != before]
+    print(f"\ntarget changes (s, replicas): {changes}")
+    # up: upscale_delay_s (3 s) after 6 in flight (3 wanted) began; down: the load falls to 1 in flight at 5 s, the
+    # 2 s average wants fewer than 3 from 5.75 s (4 of its 9 samples at 1), then downscale_delay_s (6 s) more
+    assert changes == [(3.0, 3), (11.75, 1)], changes

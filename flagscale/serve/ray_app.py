@@ -234,11 +234,9 @@ class Controller:
     """Keeps each model's replicas at its target, moves the target with the load, replaces lost replicas."""
 
     def __init__(self, settings: ServeSettings, config: dict) -> None:
-        import ray
-
         self.settings = settings
         self.config = config
-        self.head_node = ray.get_runtime_context().get_node_id()  # this driver runs on the head
+        self.head_node: str | None = None  # Ray's id of the head node, where this driver runs
         self.drain_timeout = settings.drain_timeout  # scale-down: how long a replica's requests may finish
         self.pools = {spec.name: Pool(spec, initial_replicas(spec)) for spec in settings.models}
         self.upstreams = RayUpstreams(self.pools, max(30.0, settings.ready_timeout))
@@ -276,6 +274,8 @@ class Controller:
         import ray
 
         tag = uuid.uuid4().hex[:8]
+        if self.head_node is None:
+            self.head_node = ray.get_runtime_context().get_node_id()
         actor_class = ray.remote(EngineReplica).options(
             num_cpus=pool.spec.num_cpus, max_restarts=0, name=f"{pool.spec.name}-{tag}"
         )
@@ -341,23 +341,28 @@ class Controller:
         await self._finish(pool, replica, "stopped")
 
     async def _finish(self, pool: Pool, replica: Replica, state: str) -> None:
-        import ray
-
         replica.state = state
         pool.by_url.pop(replica.url, None)
-        try:
-            await asyncio.wait_for(replica.actor.stop.remote(), 15)
-        except Exception:  # dead already, or stuck: killing the actor takes the engine (PDEATHSIG)
-            pass
-        try:
-            ray.kill(replica.actor)
-        except Exception:
-            pass
+        if replica.actor is not None:
+            await self._stop_actor(replica.actor)
         if replica.record:
             Path(replica.record).unlink(missing_ok=True)
         if replica in pool.replicas:
             pool.replicas.remove(replica)
         pool.changed.set()
+
+    @staticmethod
+    async def _stop_actor(actor) -> None:
+        import ray
+
+        try:
+            await asyncio.wait_for(actor.stop.remote(), 15)
+        except Exception:  # dead already, or stuck: killing the actor takes the engine (PDEATHSIG)
+            pass
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
 
     # ---- the loop
     async def start(self) -> None:
