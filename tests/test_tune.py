@@ -99,8 +99,10 @@ def test_dominance_skips_what_cannot_fit_or_cannot_be_faster():
         by[2, None].key: {"key": by[2, None].key, "status": "ok", "metric": 80.0},
     }
     reason = search.dominated(by[1, "selective"])
-    assert reason and "more recomputation" in reason and "below the best 80" in reason
-    assert search.dominated(by[2, "selective"]) is None  # its base is the best: it may still win on memory
+    assert reason and "plus more recomputation" in reason and "the best is 80" in reason
+    assert "plus more recomputation" in search.dominated(by[2, "selective"])  # never faster than the best itself
+    search.results = {by[2, None].key: {"key": by[2, None].key, "status": "oom"}}
+    assert search.dominated(by[2, "selective"]) is None  # recompute is what may make it fit
     assert (
         Search([], predicted, False, by_key=search.by_key, results=search.results).dominated(by[1, "selective"]) is None
     )  # exhaustive skips nothing

@@ -6,8 +6,9 @@
    exceeds the budget is `pruned`.
 3. The rest are tried in order: every layout's most promising candidate first (by `space.cost`), then the
    other candidates of the layouts that measured best. Dominance skips a candidate (`dominated`) that needs at
-   least the memory of one that ran out of memory in the same layout, or that is a slower trial plus more
-   recomputation. `strategy: exhaustive` tries every candidate, skipping nothing (the baseline to judge by).
+   least the memory of one that ran out of memory in the same layout, or that is a trial that ran plus more
+   recomputation (never faster than it, so never better than the best). `strategy: exhaustive` tries every
+   candidate, skipping nothing (the baseline to judge by).
 4. Each trial is a real job (flagscale.tune.trials); history.json/.csv are rewritten after each, and a restarted
    tuner takes finished trials from there. The best is written as `best.yaml`, runnable as is.
 """
@@ -84,12 +85,12 @@ class Search:
                         f"needs {need / GIB:.3f} GiB, no less than trial {key} of the same layout, "
                         "which ran out of memory"
                     )
+            # recomputation trades speed for memory: with the lighter variant running, it cannot beat the best
             if r["status"] == "ok" and best is not None and differs_only_in_recompute(c, other):
-                if r["metric"] < best["metric"]:
-                    return (
-                        f"is trial {key} plus more recomputation (never faster), and that ran at "
-                        f"{r['metric']:.0f} tokens/s, below the best {best['metric']:.0f}"
-                    )
+                return (
+                    f"is trial {key} plus more recomputation (never faster), and that ran (at "
+                    f"{r['metric']:.0f} tokens/s; the best is {best['metric']:.0f})"
+                )
         return None
 
 
@@ -126,7 +127,7 @@ def auto_tune(plain: dict, out=None) -> int:
         )
     folder = Path(tuner.dir or Path(job.exp.exp_dir) / "auto_tune").expanduser().resolve()
     configs = {c.key: trials.trial_config(base, c, tuner, folder / "trials" / c.key, _trial_name(job, c)) for c in fits}
-    ordered = sorted(fits, key=lambda c: cost(c, train))
+    ordered = sorted(fits, key=lambda c: (cost(c, train), -c.micro_batch_size))
     TrainTask(configs[ordered[0].key]).plan()  # data, runtime, device: refused now, before any trial starts
 
     history = History(
