@@ -1,4 +1,4 @@
-"""`flagscale serve` scale-out on Ray Serve: real Ray head, two replicas of a real llama-server, routed by model
+"""`flagscale serve` scale-out on Ray: real Ray head, two replicas of a real llama-server, routed by model
 name; a replica whose engine is killed mid-load is replaced and no retried request is lost."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_a_killed_replica_loses_no_retried_request_and_comes_back(cluster):
         os.kill(victim["engine_pid"], signal.SIGKILL)  # the replica's llama-server dies mid-load
         assert wait_gone(victim["engine_pid"], 10)
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # Serve's health check fails, the replica is replaced
+        while time.monotonic() < deadline:  # the engine exit takes it out of routing; a new replica replaces it
             now = _replicas(cluster["run_dir"])
             if (
                 len(now) == 2

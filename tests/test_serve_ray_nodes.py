@@ -2,7 +2,7 @@
 
 The hostfile names 127.0.0.2, reached through the test's own sshd (conftest's `sshd`: its port and key go in
 as experiment.runner.ssh_port / ssh_options): `flagscale serve` starts the Ray head here and joins the worker
-node over `ssh -tt` with the head's own `ray`. Each replica reserves as many CPUs as one node has, so Ray Serve
+node over `ssh -tt` with the head's own `ray`. Each replica reserves as many CPUs as one node has, so Ray
 must put one replica on each node. Checked: the cluster has 2 alive nodes (ray.nodes() from a driver connecting
 to the head), the worker node's CPUs are its hostfile slots, one replica's engine runs under the worker node's
 raylet (below the sshd), completions through the router answer 200 and reach the worker node's replica, and
@@ -350,7 +350,7 @@ def test_a_worker_node_from_the_hostfile_joins_serves_and_stops(backend, sshd, b
         assert sorted(placed) == ["head", "worker"], (placed, replicas)
         assert all(r["engine_pid"] in ours for r in replicas)
 
-        # Through the router until the worker node's engine has answered some (Serve picks replicas at random)
+        # Through the front door until the worker node's engine has answered some (least busy, rotating)
         engine_log = run_dir / "logs" / f"replica-{records[placed.index('worker')].stem}.log"
 
         def served_on_worker() -> int:  # llama-server logs one "stop processing" per finished completion

@@ -147,6 +147,8 @@ class Pool:
     samples: list[tuple[float, int]] = field(default_factory=list)
     up_since: float | None = None
     down_since: float | None = None
+    failed_starts: int = 0  # in a row: the next start waits 2, 4, ... up to 30 s
+    retry_at: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def serving(self) -> list[Replica]:
@@ -286,10 +288,13 @@ class Controller:
             replica.url, replica.record = info["url"], info["record"]
             if not await self._answers(replica.url, tries=int(self.settings.ready_timeout * 4)):
                 raise LaunchError(f"{replica.url}/health does not answer from the front door")
-        except Exception as exc:  # the engine did not start (its log says why): the next tick tries again
+        except Exception as exc:  # the engine did not start (its log says why): tried again after a pause
+            pool.failed_starts += 1
+            pool.retry_at = time.monotonic() + min(30.0, 2.0**pool.failed_starts)
             print(f"replica {pool.spec.name}-{tag} failed to start: {exc}", file=sys.stderr, flush=True)
             await self._finish(pool, replica, "failed")
             return False
+        pool.failed_starts = 0
         if replica.state != "starting":  # scaled down while it started
             await self._finish(pool, replica, "stopped")
             return False
@@ -429,8 +434,9 @@ class Controller:
 
     def reconcile(self, pool: Pool) -> None:
         live = pool.live()
-        for _ in range(pool.target - len(live)):
-            self.spawn(self.launch(pool))
+        if time.monotonic() >= pool.retry_at:
+            for _ in range(pool.target - len(live)):
+                self.spawn(self.launch(pool))
         if len(live) > pool.target:
             # not-yet-serving ones first, then the least busy, newest first
             order = sorted(live, key=lambda r: (r.state == "serving", r.busy, -pool.replicas.index(r)))
