@@ -14,6 +14,8 @@ Logs: a Megatron-style line per logged iteration on the console (from the rank t
 every rank's own log in <exp_dir>/logs/node<N>/rank<R>.log, and one JSON line per logged iteration
 in the metrics file (iteration, loss, lr, grad_norm, step_time, tokens_per_sec, memory_gib), the same
 scalars in TensorBoard event files beside it and in Weights & Biases when configured (flagscale.train.metrics).
+Every rank records the bytes of its parameters, gradient buffers and optimizer states and its peak resident memory
+in <exp_dir>/logs/memory/rank<R>.json after its first iteration and at the end (the memory model's measurement).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Per rank, in bytes:
   logits of the last stage, one layer's worth of recomputation and megatron's attention score buffer. The
   formula follows "Reducing Activation Recomputation in Large Transformer Models" (Korthikanti et al., 2022) as
   megatron.core's local layer spec really stores tensors on the CPU (no fused kernels, no flash attention); each
-  term says which tensor it is. It was checked against measured peaks (benchmarks/bench_memory.py).
+  term says which tensor it is. The live bytes are then scaled by ALLOCATOR_FACTOR, what the CPU's resident peak
+  holds per live byte (measured with benchmarks/bench_memory.py), plus a fixed runtime overhead.
 
 Parameters, gradients and optimizer states are exact (tests/test_memory.py compares them with what the driver
 allocated, <exp_dir>/logs/memory/rank<R>.json); activations are an estimate (see the benchmark's table).
