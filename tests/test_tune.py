@@ -257,6 +257,7 @@ def test_a_tuner_killed_during_a_trial_resumes_without_rerunning_finished_trials
         metrics = (Path(record["exp_dir"]) / "logs" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["iteration"] for line in metrics] == [1, 2, 3, 4, 5, 6]
     assert ran[killed_in]["launches"] == 2  # the interrupted trial, and only it, ran again
+    assert all(r["metric"] > 0 and 0 < r["peak_memory_gib"] < 4 for r in ran.values())  # the runs' own records
     assert "(from history)" in second.stdout
     # the rest are recorded as not run, with the reason
     assert {r["status"] for k, r in after.items() if k not in ran} == {"skipped"}

@@ -167,13 +167,10 @@ def peak_memory_gib(exp_dir: Path) -> float | None:
 
 
 def _peak_of(path: Path) -> float | None:
+    """A rank's `peak`: what building and training the model added at its high-water mark (bytes; the quantity
+    the memory model predicts, see flagscale.train.metrics.MemoryRecord), in GiB."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        peak = json.loads(path.read_text()).get("peak")
+    except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(data, dict):
-        return None
-    for key, value in data.items():  # the peak, in GiB or bytes
-        if "peak" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) if key.endswith("gib") else float(value) / 2**30
-    return None
+    return float(peak) / 2**30 if isinstance(peak, (int, float)) and not isinstance(peak, bool) else None
