@@ -74,6 +74,17 @@ def test_moe_expert_parallelism_splits_expert_states():
     assert t2[0].parameters < t1[0].parameters and t2[0].optimizer < t1[0].optimizer
 
 
+def test_dryrun_prints_memory_per_distinct_rank():
+    from flagscale.train.launcher import memory_lines
+
+    t = settings({**LLAMA3_8B, "vocab_size": 128256}, tensor_model_parallel_size=8, pipeline_model_parallel_size=4)
+    lines = memory_lines(t, 64)
+    assert lines[0].startswith("memory per rank (GiB;") and len(lines) == 1 + 4  # one line per stage: 16 ranks alike
+    assert lines[1].startswith("  stage 0, ranks 0..15 (16): ")
+    hf = train_settings({"data": {"data_path": "-", "tokenizer": {"type": "hf", "path": "/tok"}}})
+    assert "set train.model.vocab_size" in memory_lines(hf, 1)[0]
+
+
 # ------------------------------------------------------------------------------------------ integration
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
