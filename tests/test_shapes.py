@@ -219,3 +219,22 @@ def test_every_rank_of_moe_and_mla_layouts_holds_exactly_the_counted_parameters(
     assert len(built) == nproc
     counted = {s.stage: s.total for s in stage_parameters(model(settings), VOCAB, tp, pp, ep)}
     assert {(r["stage"], r["parameters"]) for r in built} == set(counted.items())
+
+
+@pytest.mark.parametrize(
+    "settings, tp, pp, ep",
+    [(s, tp, pp, 1) for s, tp, pp in LAYOUTS]
+    + [(s, tp, pp, ep) for s, tp, pp, ep, _ in MOE_LAYOUTS]
+    + [(LLAMA3_8B, 8, 4, 1), (DEEPSEEK_V3, 8, 1, 8), (QWEN3_30B_A3B, 4, 4, 4)],
+    ids=lambda v: v["family"] if isinstance(v, dict) else str(v),
+)
+def test_stage_tensors_add_up_to_the_stage_parameters(settings, tp, pp, ep):
+    """The per-tensor list the memory model lays out in megatron DDP's buffers (flagscale.train.memory) holds
+    exactly the counted parameters; with EP > 1 the experts are the expert-parallel tensors."""
+    from flagscale.train.shapes import stage_tensors
+
+    m = model(settings)
+    for stage in stage_parameters(m, VOCAB, tp, pp, ep):
+        tensors = stage_tensors(m, VOCAB, tp, pp, ep, stage.stage)
+        assert sum(t.numel for t in tensors) == stage.total
+        assert any(t.expert for t in tensors) == (ep > 1 and m.moe is not None and stage.layers_total > 0)
