@@ -122,7 +122,7 @@ def _flagscale(*args: str, env: dict) -> None:
         raise SystemExit(f"flagscale serve {' '.join(args)} failed:\n{result.stderr}")
 
 
-def run_mode(mode: str, args, env: dict, work: Path) -> list[dict]:
+def run_mode(mode: str, args, env: dict, work: Path, round_: int = 0) -> list[dict]:
     from flagscale.serve.binaries import llama_tool
 
     port = _free_port()
@@ -168,7 +168,8 @@ def run_mode(mode: str, args, env: dict, work: Path) -> list[dict]:
         rows = []
         for clients in args.concurrency:
             load(url, clients, min(3.0, args.duration), args.max_tokens)  # warm-up, not reported
-            rows.append({"mode": mode, "clients": clients, **load(url, clients, args.duration, args.max_tokens)})
+            report = load(url, clients, args.duration, args.max_tokens)
+            rows.append({"mode": mode, "clients": clients, "round": round_, **report})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         return rows
     finally:
@@ -177,6 +178,27 @@ def run_mode(mode: str, args, env: dict, work: Path) -> list[dict]:
             proc.wait(30)
         else:
             _flagscale(*overrides, *(["serve=tiny_ray"] if mode == "ray" else []), "action=stop", env=env)
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per mode and client count: requests and errors summed over the rounds, the rest their medians."""
+    out = []
+    for mode, clients in dict.fromkeys((r["mode"], r["clients"]) for r in results):
+        rows = [r for r in results if r["mode"] == mode and r["clients"] == clients]
+        med = {
+            k: round(statistics.median(r[k] for r in rows), 2)
+            for k in ("tokens_per_s", "requests_per_s", "p50_ms", "p99_ms")
+        }
+        out.append(
+            {
+                "mode": mode,
+                "clients": clients,
+                "requests": sum(r["requests"] for r in rows),
+                "errors": sum(r["errors"] for r in rows),
+                **med,
+            }
+        )
+    return out
 
 
 def _row(results: list[dict], mode: str, clients: int) -> dict | None:
@@ -201,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx-size", type=int, default=2048)
     parser.add_argument("--ray-replicas", type=int, default=1)
     parser.add_argument("--modes", default="llama-server,direct,ray")
+    parser.add_argument("--rounds", type=int, default=1, help="run the modes in turn this many times; medians")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     args.model = args.model.resolve()
@@ -208,27 +231,39 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        for mode in args.modes.split(","):
-            results += run_mode(mode, args, env, Path(tmp))
+        for round_ in range(args.rounds):  # in turn: a neighbour's burst of load hits every mode alike
+            for mode in args.modes.split(","):
+                results += run_mode(mode, args, env, Path(tmp) / str(round_), round_)
+    summary = summarize(results)
     print(
-        f"\n{'/'.join(map(str, args.concurrency))} clients x {args.duration:.0f} s, max_tokens={args.max_tokens}, "
+        f"\n{'/'.join(map(str, args.concurrency))} clients x {args.duration:.0f} s x {args.rounds} round(s) "
+        f"(medians), max_tokens={args.max_tokens}, "
         f"threads={args.threads}, parallel={args.parallel}, ray replicas={args.ray_replicas}, "
         f"model={args.model.name}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n"
     )
     print("| mode | clients | requests | errors | tokens/s | req/s | p50 ms | p99 ms | vs llama-server | vs direct |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in summary:
         print(
             f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | "
-            f"{r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {_ratio(results, r, 'llama-server')} | "
-            f"{_ratio(results, r, 'direct')} |"
+            f"{r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {_ratio(summary, r, 'llama-server')} | "
+            f"{_ratio(summary, r, 'direct')} |"
         )
     for clients in args.concurrency:
-        ray, direct = (_row(results, m, clients) for m in ("ray", "direct"))
+        ray, direct = (_row(summary, m, clients) for m in ("ray", "direct"))
         if ray and direct:
+            rounds = [
+                (r["tokens_per_s"] / d["tokens_per_s"], r["p50_ms"] - d["p50_ms"])
+                for r, d in zip(
+                    *([x for x in results if x["mode"] == m and x["clients"] == clients] for m in ("ray", "direct")),
+                    strict=True,
+                )
+            ]
             print(
                 f"\n{clients} clients: Ray mode / direct tokens/s {ray['tokens_per_s'] / direct['tokens_per_s']:.3f}x, "
-                f"added p50 {ray['p50_ms'] - direct['p50_ms']:+.2f} ms"
+                f"added p50 {ray['p50_ms'] - direct['p50_ms']:+.2f} ms (per round: "
+                + ", ".join(f"{t:.3f}x {d:+.2f} ms" for t, d in rounds)
+                + ")"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
