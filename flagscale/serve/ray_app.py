@@ -267,8 +267,13 @@ class Controller:
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug, not a replica's failure: say so
+            print(f"controller task failed: {task.exception()!r}", file=sys.stderr, flush=True)
 
     # ---- lifecycle of one replica
     async def launch(self, pool: Pool) -> bool:
