@@ -78,6 +78,45 @@ def train_bench(work: Path, iterations: int, warmup: int) -> None:
     )
     tuned = history(work / "tuned")
     report_train(sweep, tuned, sweep_s, tuned_s)
+    if tuned["best"] != sweep["best"]:
+        side_by_side(work, iterations, warmup, env)
+
+
+def side_by_side(work: Path, iterations: int, warmup: int, env: dict[str, str], rounds: int = 3) -> None:
+    """The two best.yaml files (the sweep's and the tuner's), each run as written by `flagscale train`,
+    alternately, `rounds` times: single measurements on a shared machine are noisy, and the sweep's best is the
+    luckiest of many."""
+    import statistics
+
+    results: dict[str, list[float]] = {"sweep": [], "tuned": []}
+    for i in range(rounds):
+        for name in results:
+            folder = work / f"ab-{name}-{i}"
+            overrides = [
+                f"experiment.exp_dir={folder}",
+                "train.system.checkpoint.save=null",
+                f"train.model.train_iters={iterations}",
+                "action=run",
+            ]
+            flagscale(
+                "train",
+                str(work / name / "auto_tune"),
+                "--config-name",
+                "best",
+                "--foreground",
+                *overrides,
+                env=env,
+                cwd=work,
+            )
+            lines = (folder / "logs" / "metrics.jsonl").read_text().splitlines()
+            speeds = [r["tokens_per_sec"] for r in map(json.loads, lines) if r["iteration"] > warmup]
+            results[name].append(statistics.median(speeds))
+    sweep, tuned = statistics.median(results["sweep"]), statistics.median(results["tuned"])
+    print(
+        f"\nside by side, best.yaml run {rounds}x each, alternately (median tokens/s): sweep's best {sweep:.0f} "
+        f"{[round(v) for v in results['sweep']]}, tuner's pick {tuned:.0f} {[round(v) for v in results['tuned']]}: "
+        f"pick / sweep's best = {tuned / sweep:.3f}"
+    )
 
 
 def report_train(sweep: dict, tuned: dict, sweep_s: float, tuned_s: float) -> None:
@@ -153,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--slo-ms", type=float, default=1000.0)
+    parser.add_argument("--side-by-side", action="store_true", help="only rerun the two best.yaml of --work")
     args = parser.parse_args(argv)
+    if args.side_by_side:
+        side_by_side(args.work, args.iterations, args.warmup, {**os.environ, "OMP_NUM_THREADS": "1"})
+        return 0
     both = not (args.train or args.serve)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     work.mkdir(parents=True, exist_ok=True)
