@@ -45,7 +45,7 @@ def serve_cmd(
     ),
     config_name: str = typer.Option("serve", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
 ) -> None:
-    """Serve models with an OpenAI-compatible API (llama.cpp, vLLM, SGLang; direct or Ray Serve)."""
+    """Serve models with an OpenAI-compatible API (llama.cpp, vLLM, SGLang; direct or on Ray)."""
     with reported():
         from flagscale.serve import main as serve_main
         from flagscale.serve.oneclick import compose_for

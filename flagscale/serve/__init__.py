@@ -1,4 +1,4 @@
-"""`flagscale serve`: OpenAI-compatible endpoints from llama.cpp, vLLM or SGLang, direct or behind Ray Serve.
+"""`flagscale serve`: OpenAI-compatible endpoints from llama.cpp, vLLM or SGLang, direct or on Ray replicas.
 
 `main(cfg)` takes the composed Hydra config (see flagscale.serve.settings for its schema) and does
 `action=run|dryrun|stop|status|auto_tune`. Heavy modules (ray, httpx) load only in the paths that need them.

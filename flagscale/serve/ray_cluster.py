@@ -52,7 +52,7 @@ def _ray_cli() -> str:
     if found:
         return os.path.abspath(found)
     raise LaunchError(
-        f"Ray is not installed for {sys.executable} (no `ray` beside it or on PATH): pip install 'ray[serve]'"
+        f"Ray is not installed for {sys.executable} (no `ray` beside it or on PATH): pip install 'flagscale[serve]'"
     )
 
 

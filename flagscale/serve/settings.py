@@ -266,7 +266,7 @@ def from_config(cfg: Any) -> ServeSettings:
     if hostfile and deploy != "ray":
         raise ConfigError("experiment.runner.hostfile joins Ray worker nodes: it needs runner.deploy=ray")
     if deploy == "direct" and any(m.replicas > 1 for m in models):
-        raise ConfigError("replicas > 1 needs Ray Serve: set experiment.runner.deploy=ray (or auto)")
+        raise ConfigError("replicas > 1 needs Ray mode: set experiment.runner.deploy=ray (or auto)")
     exp_name = str(exp.get("exp_name") or "serve")
     run_dir = Path(str(exp.get("exp_dir") or Path("outputs") / exp_name)).expanduser().resolve()
     envs = tuple(sorted((str(k), str(v)) for k, v in (exp.get("envs") or {}).items()))
