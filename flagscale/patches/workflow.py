@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagscale.errors import ApplyError, ConfigError, FlagScaleError, GitError, RebaseConflict
+from flagscale.errors import ConfigError, FlagScaleError, GitError
 from flagscale.patches.apply import plan_patches, write_plan
 from flagscale.patches.patchfile import Patch, read_patch
 from flagscale.patches.series import read_series, series_for, series_header, write_series
@@ -226,73 +226,7 @@ def _write_series(folders: dict[str, Path], outputs: list[tuple[str, str, bytes]
 
 
 # ------------------------------------------------------------------------------------------- rebase
-@dataclass(frozen=True)
-class PatchReport:
-    series: str
-    name: str
-    status: str  # clean | offset | merged | conflict | skipped
-    detail: str = ""
-
-
-def rebase(
-    project: Project,
-    backend: str,
-    to_version: str,
-    sha256: str | None = None,
-    source: str | None = None,
-    old_source: str = "auto",
-    cache: Cache | None = None,
-) -> list[PatchReport]:
-    """Replay every series of `backend` onto a new pin with a 3-way merge; write only if all succeed."""
-    old = Target.of(project, backend, None, old_source, cache)
-    old_pin = old.pin
-    new_pin = _new_pin(old_pin, to_version, sha256)
-    old_src = materialize(old)
-    new_src = materialize(old.with_pin(new_pin, source or "sdist"))
-    devices = [d for d in project.devices if read_series(project.device_series_dir(d, old_pin.backend), "").names]
-    report: list[PatchReport] = []
-    outputs: list[tuple[str, str, bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="flagscale-rebase-") as tmp:
-        repo = Path(tmp) / "repo"
-        repo.mkdir()
-        old_base = _base_repo(old_src, repo)
-        new_base = _import_tree(repo, new_src, old_base)
-        for device in [None, *devices]:
-            # Device series sit on top of the common one: replay it again under each device, reporting it once.
-            labelled = load_series_patches(project, old_pin.backend, device)
-            g.git(repo, "checkout", "-q", "--detach", old_base)
-            g.git(repo, "reset", "-q", "--hard", old_base)
-            old_commits = _commit_patches(repo, labelled, old_pin, old_pin.backend, device)
-            g.git(repo, "checkout", "-q", "--detach", new_base)
-            results = _replay(repo, list(zip(labelled, old_commits, strict=False)), new_pin)
-            for (label, patch), (status, detail, data) in zip(labelled, results, strict=False):
-                if device and label == "common":
-                    continue
-                report.append(PatchReport(label, patch.name, status, detail))
-                if data is not None:
-                    outputs.append((label, patch.name, data))
-    if any(r.status in ("conflict", "skipped") for r in report):
-        conflicts = sum(r.status == "conflict" for r in report)
-        raise RebaseConflict(
-            f"{conflicts} patch(es) conflict with {new_pin.label}; nothing was written. "
-            "Resolve them in a checkout of the new pin, then rebase again",
-            report,
-        )
-    for label, name, data in outputs:
-        folder = (
-            project.common_series_dir(old_pin.backend)
-            if label == "common"
-            else project.device_series_dir(label.split(":", 1)[1], old_pin.backend)
-        )
-        path = folder / name
-        if path.read_bytes() != data:
-            tmp_file = path.with_name(f".{name}.tmp")
-            tmp_file.write_bytes(data)
-            os.replace(tmp_file, path)
-    write_pin(project, new_pin)
-    return report
-
-
+# The rebase itself lives in flagscale.patches.rebase; these helpers are shared with it.
 def _new_pin(pin: Pin, version: str, sha256: str | None) -> Pin:
     """The pin moved to `version`; its sha256 comes from the user or from the index (verified on download)."""
     if sha256 is None:
@@ -331,61 +265,6 @@ def _base_repo_files(src: Source, dest: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((Path(dirpath) / name).read_bytes())
             os.chmod(target, 0o755 if os.stat(Path(dirpath) / name).st_mode & 0o100 else 0o644)
-
-
-def _replay(repo: Path, items: list[tuple[tuple[str, Patch], str]], new_pin: Pin):
-    """Cherry-pick each patch commit onto HEAD: (status, detail, refreshed patch bytes or None)."""
-    results: list[tuple[str, str, bytes | None]] = []
-    blocked = False
-    for (_label, patch), commit in items:
-        if blocked:
-            results.append(("skipped", "after a conflicting patch", None))
-            continue
-        try:
-            plan = plan_patches(repo, [patch], pin_label=new_pin.label)
-            offsets = plan.offsets()
-            status = "offset" if offsets else "clean"
-            detail = ", ".join(f"{o.path} hunk {o.hunk} {o.offset:+d}" for o in offsets)
-        except ApplyError:
-            status, detail = "merged", "3-way merge"
-        picked = g.git(repo, "cherry-pick", "--allow-empty", "--no-commit", commit, check=False, env=g.BOT_IDENTITY)
-        if picked.returncode != 0:
-            detail = _conflict_detail(repo)
-            g.git(repo, "cherry-pick", "--abort", check=False)
-            g.git(repo, "reset", "-q", "--hard", "HEAD")
-            results.append(("conflict", detail, None))
-            blocked = True
-            continue
-        message = g.out(repo, "log", "-1", "--format=%B", commit)
-        author = g.out(repo, "log", "-1", "--format=%an%x00%ae%x00%aD", commit).split("\0")
-        env = {
-            **g.BOT_IDENTITY,
-            "GIT_AUTHOR_NAME": author[0],
-            "GIT_AUTHOR_EMAIL": author[1],
-            "GIT_AUTHOR_DATE": author[2].strip(),
-            "GIT_COMMITTER_DATE": author[2].strip(),
-        }
-        new_commit = g.commit_all(repo, message, env=env)
-        results.append((status, detail, _strip_trailer(g.format_patch(repo, new_commit))))
-    return results
-
-
-def _conflict_detail(repo: Path) -> str:
-    files = g.out(repo, "diff", "--name-only", "--diff-filter=U").split()
-    parts = []
-    for name in files:
-        try:
-            lines = (repo / name).read_text(errors="replace").splitlines()
-        except OSError:
-            parts.append(name)
-            continue
-        starts = [i + 1 for i, line in enumerate(lines) if line.startswith("<<<<<<< ")]
-        parts.append(
-            f"{name} (conflict at line{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))})"
-            if starts
-            else name
-        )
-    return "; ".join(parts) or "cherry-pick failed"
 
 
 def write_pin(project: Project, pin: Pin) -> None:
@@ -464,3 +343,21 @@ def _series_ok(project: Project, backend: str, device: str | None) -> bool:
         return True
     except FlagScaleError:
         return False
+
+
+def rebase(project: Project, backend: str, to_version: str, *args, **kwargs) -> list:
+    """The rebase as a list of per-patch reports; raises RebaseConflict (nothing written) unless it completed.
+
+    Kept for callers of the first API; `flagscale.patches.rebase.rebase` returns the full RebaseResult.
+    """
+    from flagscale.errors import RebaseConflict
+    from flagscale.patches.rebase import rebase as full_rebase
+
+    result = full_rebase(project, backend, to_version, *args, **kwargs)
+    if not result.complete:
+        raise RebaseConflict(
+            f"{len(result.conflicts)} patch(es) conflict with {result.new_pin.label} and "
+            f"{len(result.upstreamed)} are already in it; nothing was written",
+            list(result.report),
+        )
+    return list(result.report)
