@@ -28,6 +28,7 @@ from flagscale.patches.apply import copy_tree
 from flagscale.patches.tree import PatchedTree, patched_tree
 from flagscale.upstream.cache import remove_tree
 from flagscale.upstream.target import Target
+from flagscale.wheels.compiler_cache import compiler_cache_env
 from flagscale.wheels.provenance import PROVENANCE_FILE, BackendProvenance, to_bytes, upstream_record
 from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel, source_date_epoch
 
@@ -169,7 +170,12 @@ def build_backend_wheel(
         raw = tmp / "raw"
         logfile = (log_dir or target.cache.root / "logs") / f"{target.backend}-{target.device or 'none'}-{key[:12]}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        built = _run_upstream_build(work, raw, python, planned.settings, logfile, target.backend, progress)
+        flags = {"env": planned.settings.environ(), "config_settings": dict(planned.settings.config_settings)}
+
+        def with_ccache(env: dict[str, str]) -> dict[str, str]:  # not in the key: ccache gives the same objects
+            return compiler_cache_env(env, target.cache.root, target.backend, target.device, flags, work)
+
+        built = _run_upstream_build(work, raw, python, planned.settings, logfile, target.backend, progress, with_ccache)
         version = _with_label(_wheel_version(built), planned.label)
         rewrite_wheel(
             built, tmp, WheelEdit(version=version, dist_info_files={PROVENANCE_FILE: to_bytes(planned.provenance)})
@@ -242,6 +248,7 @@ def _run_upstream_build(
     logfile: Path,
     backend: str,
     progress: Callable[[str], None] | None = None,
+    launch_env: Callable[[dict[str, str]], dict[str, str]] | None = None,
 ) -> Path:
     from pyproject_hooks import BuildBackendHookCaller
 
@@ -250,6 +257,7 @@ def _run_upstream_build(
     # Upstream setup scripts run `python3 -m ...` (megatron's pybind11 lookup): make that the build's python.
     path = os.pathsep.join([os.path.dirname(python), os.environ.get("PATH", "")])
     env = {**settings.environ(), "SOURCE_DATE_EPOCH": str(source_date_epoch()), "PATH": path}
+    env = launch_env(env) if launch_env else env
 
     def runner(cmd: Sequence[str], cwd: str | None = None, extra_environ=None) -> None:
         # Drop the hook variables of the frontend that runs *us* (python -m build, a newer pip): an inherited
