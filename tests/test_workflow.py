@@ -1,16 +1,15 @@
-"""checkout / export / rebase / check on a synthetic upstream made by the tests (real git throughout)."""
+"""checkout / export / check on a synthetic upstream made by the tests (real git throughout)."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import TOY_BASE, git, make_patch, write_tree
 
-from flagscale.errors import ConfigError, RebaseConflict
+from flagscale.errors import ConfigError
 from flagscale.patches.series import read_series
-from flagscale.patches.workflow import check, checkout, export, rebase
+from flagscale.patches.workflow import check, checkout, export
 
 REPO_BASE = {f"python/{k}": v for k, v in TOY_BASE.items() if k != "PKG-INFO"}
 
@@ -150,48 +149,3 @@ def test_check_table_covers_every_cell_and_fails_on_a_broken_patch(toy_series, t
     results = {r.device: r for r in check(toy_series, source=str(toy_upstream), cache=cache)}
     assert results["npu"].status == "FAIL" and results[None].status == "ok"
     assert "0001-npu-accel.patch" in results["npu"].detail and "python/toy/accel.py" in results["npu"].detail
-
-
-def _new_release(tmp_path: Path, edit) -> Path:
-    files = dict(TOY_BASE)
-    edit(files)
-    return write_tree(tmp_path / "toy-1.1", files)
-
-
-def test_rebase_clean_offset_and_merged(toy_series, toy_upstream, cache, tmp_path):
-    def edit(files):
-        files["PKG-INFO"] = files["PKG-INFO"].replace("1.0", "1.1")
-        files["toy/__init__.py"] = "header 1\nheader 2\n" + files["toy/__init__.py"]  # shifts patch 1 by +2
-
-    new = _new_release(tmp_path, edit)
-    report = rebase(
-        toy_series, "toy", "1.1", sha256="1" * 64, source=str(new), old_source=str(toy_upstream), cache=cache
-    )
-    assert [(r.series, r.name, r.status) for r in report] == [
-        ("common", "0001-spell-out-five.patch", "offset"),
-        ("common", "0002-device-accessor.patch", "clean"),
-        ("device:npu", "0001-npu-accel.patch", "clean"),
-    ]
-    pins = tomllib.loads((toy_series.root / "third_party/upstreams.toml").read_text())
-    assert pins["toy"]["sdist"]["version"] == "1.1" and pins["toy"]["tag"] == "v1.1"
-    assert pins["toy"]["sdist"]["sha256"] == "1" * 64
-    refreshed = (toy_series.common_series_dir("toy") / "0001-spell-out-five.patch").read_bytes()
-    assert b"@@ -4,7 +4,7 @@" in refreshed or b"@@ -5," in refreshed  # hunk moved with the new header lines
-    # The refreshed series applies to the new pin without offsets.
-    toy_series.__dict__.pop("pins", None)
-    results = check(toy_series, source=str(new), cache=cache)
-    assert {r.status for r in results} == {"ok"}
-
-
-def test_rebase_conflict_reports_per_patch_and_writes_nothing(toy_series, toy_upstream, cache, tmp_path):
-    before = snapshot(toy_series.root)
-    new = _new_release(
-        tmp_path, lambda f: f.update({"toy/__init__.py": f["toy/__init__.py"].replace("line 5\n", "LINE 5\n")})
-    )
-    with pytest.raises(RebaseConflict) as info:
-        rebase(toy_series, "toy", "1.1", sha256="1" * 64, source=str(new), old_source=str(toy_upstream), cache=cache)
-    statuses = {(r.series, r.name): r for r in info.value.report}
-    conflict = statuses[("common", "0001-spell-out-five.patch")]
-    assert conflict.status == "conflict" and "python/toy/__init__.py" in conflict.detail and "line" in conflict.detail
-    assert statuses[("common", "0002-device-accessor.patch")].status == "clean"  # tried, not skipped
-    assert snapshot(toy_series.root) == before  # series and pin untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -18,6 +19,9 @@ from flagscale.cli.app import (
     project,
     reported,
 )
+
+if TYPE_CHECKING:
+    from flagscale.patches.rebase import RebaseResult
 
 
 @patch_app.command("checkout")
@@ -53,21 +57,89 @@ def patch_export(backend: str, repo: Path, device: str | None = DeviceOpt, root:
 
 @patch_app.command("rebase")
 def patch_rebase(
-    backend: str,
-    to: str = typer.Option(..., "--to", help="New release version of the pin's sdist."),
-    sha256: str | None = typer.Option(None, help="Expected sha256 of the new sdist."),
+    backend: str | None = typer.Argument(None, help="Backend to rebase (omit with --continue / --abort)."),
+    to: str | None = typer.Option(None, "--to", help="New release version of the pin's sdist."),
+    sha256: str | None = typer.Option(None, help="Expected sha256 of the new sdist (default: the index's)."),
     source: str | None = typer.Option(None, "--source", help="Local tree of the new pin."),
     old_source: str = typer.Option("auto", "--old-source", help="Source of the current pin."),
+    workspace: Path | None = typer.Option(
+        None, "--workspace", help="Keep the rebase here: a git repo of the new pin, stopped at the first conflict."
+    ),
+    drop_upstreamed: bool = typer.Option(
+        False, "--drop-upstreamed", help="Remove patches the new release already contains from their series."
+    ),
+    resume: Path | None = typer.Option(None, "--continue", help="Go on with the rebase in this workspace."),
+    abort: Path | None = typer.Option(None, "--abort", help="Give up the rebase in this workspace (removes it)."),
     root: Path | None = RootOpt,
 ) -> None:
-    """Replay every series of BACKEND onto a new pin (3-way merge); write patches and pin only on success."""
-    from flagscale.cli.render import print_rebase_report
-    from flagscale.patches.workflow import rebase
+    """Rebase every series of BACKEND onto release --to; write patches and pin only when every patch went through.
+
+    Every patch is tried and reported (clean, offset, merged (strategy), conflict with file, lines and both
+    sides, already-upstream, dependent-on-conflict). With --workspace, resolve the conflict in progress there,
+    `git add` (or commit), and run `--continue DIR`; `--abort DIR` leaves everything as it was.
+    """
+    from flagscale.patches.rebase import abort_rebase, continue_rebase, rebase
 
     with reported():
-        report = rebase(project(root), backend, to, sha256, source, old_source)
-        print_rebase_report(report)
-        typer.echo(f"rebased {len(report)} patch(es) onto {to}; third_party/upstreams.toml updated")
+        if abort is not None:
+            if resume is not None or backend or to:
+                raise typer.BadParameter("--abort DIR takes no backend, --to or --continue")
+            abort_rebase(abort)
+            typer.echo(f"removed {abort}; nothing was written")
+            return
+        if resume is not None:
+            if backend or to:
+                raise typer.BadParameter("--continue DIR takes no backend or --to (they are in the workspace)")
+            _conclude(continue_rebase(resume, drop_upstreamed or None))
+            return
+        if not backend or not to:
+            raise typer.BadParameter("name the backend and --to VERSION (or --continue DIR / --abort DIR)")
+        proj = project(root)
+        result = rebase(
+            proj,
+            backend,
+            to,
+            sha256,
+            source,
+            old_source,
+            workspace=workspace,
+            drop_upstreamed=drop_upstreamed,
+        )
+        _conclude(result)
+
+
+def _conclude(result: RebaseResult) -> None:
+    """Print a finished rebase, or raise RebaseConflict (its report is printed) saying what to do next."""
+    from flagscale.cli.render import print_rebase_report
+    from flagscale.errors import RebaseConflict
+
+    release = f"{result.new_pin.sdist.name} {result.new_pin.sdist.version}"
+    if result.written:
+        print_rebase_report(result.report)
+        for row in result.upstreamed:
+            typer.echo(f"dropped {row.series}/{row.name}: already in {row.absorbed_by}")
+        typer.echo(f"{result.summary}\nrebased onto {release}: series and third_party/upstreams.toml written")
+        return
+    if result.workspace is not None and result.in_progress:
+        message = (
+            f"{result.summary}. Stopped at {result.in_progress} in {result.workspace}: resolve the diff3 conflict "
+            f"markers there, `git add` the files (or commit), then `flagscale patch rebase --continue "
+            f"{result.workspace}` (`--abort {result.workspace}` gives up); nothing was written"
+        )
+    elif result.conflicts:
+        message = (
+            f"{result.summary}. {len(result.conflicts)} patch(es) need a hand on {release}; nothing was written. "
+            "Rebase again with --workspace DIR to resolve them there"
+        )
+    else:
+        where = (
+            f"--continue {result.workspace} --drop-upstreamed" if result.workspace else "again with --drop-upstreamed"
+        )
+        message = (
+            f"{result.summary}. {len(result.upstreamed)} patch(es) are already in {release}; nothing was written. "
+            f"Run {where} to remove them from their series"
+        )
+    raise RebaseConflict(message, list(result.report))
 
 
 @patch_app.command("check")

@@ -9,12 +9,20 @@ from flagscale.cli.app import console
 
 if TYPE_CHECKING:
     from flagscale.hardware.registry import Device
-    from flagscale.patches.workflow import CellResult, PatchReport
+    from flagscale.patches.rebase import PatchReport
+    from flagscale.patches.workflow import CellResult
     from flagscale.upstream.cache import Cache
     from flagscale.upstream.project import Project
     from flagscale.wheels.doctor import Report
 
-_REBASE_COLOUR = {"clean": "green", "offset": "yellow", "merged": "yellow", "conflict": "red", "skipped": "red"}
+_REBASE_COLOUR = {
+    "clean": "green",
+    "offset": "green",
+    "merged": "yellow",
+    "already-upstream": "cyan",
+    "conflict": "red",
+    "dependent-on-conflict": "magenta",
+}
 _CHECK_COLOUR = {"ok": "green", "offset": "yellow", "FAIL": "red"}
 
 
@@ -47,14 +55,29 @@ def print_upstream_status(project: Project, cache: Cache) -> None:
 
 
 def print_rebase_report(report: Sequence[PatchReport]) -> None:
+    """The per-patch table, then every conflict region with both sides."""
     if not report:
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("series", "patch", "result", "detail")
     for row in report:
-        table.add_row(row.series, row.name, f"[{_REBASE_COLOUR[row.status]}]{row.status}[/]", row.detail)
-    console().print(table)
+        detail = row.detail
+        if row.absorbed_by:
+            detail = f"already in {row.absorbed_by}"
+        table.add_row(row.series, row.name, f"[{_REBASE_COLOUR[row.status]}]{row.result}[/]", escape(detail))
+    out = console()
+    out.print(table)
+    for row in report:
+        if row.status != "conflict":
+            continue
+        for conflict in row.conflicts:
+            out.print(f"[red]conflict[/] {row.series}/{row.name}: {escape(conflict.where)}")
+            for side, text in (("new release", conflict.upstream), ("patch", conflict.patch)):
+                out.print(f"  {side}:")
+                for line in (text or "(nothing)").splitlines() or [""]:
+                    out.print(f"    {escape(line)}", soft_wrap=True)
 
 
 def print_check_results(results: Iterable[CellResult]) -> None:

@@ -7,7 +7,7 @@ the patches before it that went through:
 2. already upstream: the patch reverse-applies to the new release, or a 3-way merge of it adds
    nothing (`already-upstream`; `drop_upstreamed` removes it from its series);
 3. automatic merges, each accepted only if the refreshed patch passes the strict engine on the new
-   release, gives exactly the merged files, and the merged Python files still compile:
+   release, gives exactly the merged files, and merged Python files that compiled still compile:
    git's 3-way merge with the myers, patience, histogram and minimal diff algorithms, then Debian's
    word-level `wiggle` when it is installed (`merged`, with the strategy);
 4. otherwise `conflict`, with the file, the line range and both sides of every conflict region.
@@ -123,6 +123,7 @@ class RebaseResult:
     wiggle: bool  # whether wiggle was there to try
     workspace: Path | None = None
     written: bool = False  # series and pin written to the project
+    in_progress: str | None = None  # "<series>/<patch>" left with conflict markers in the workspace
 
     @property
     def conflicts(self) -> list[PatchReport]:
@@ -131,6 +132,18 @@ class RebaseResult:
     @property
     def upstreamed(self) -> list[PatchReport]:
         return [r for r in self.report if r.status == "already-upstream"]
+
+    @property
+    def summary(self) -> str:
+        """One line: counts per result and the share that went through with no human touch."""
+        counts: dict[str, int] = {}
+        for row in self.report:
+            key = "merged" if row.status == "merged" else row.status
+            counts[key] = counts.get(key, 0) + 1
+        parts = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
+        auto = sum(r.automatic for r in self.report)
+        share = f"{auto}/{len(self.report)} ({100 * auto // max(len(self.report), 1)}%)"
+        return f"{len(self.report)} patch(es): {parts}; {share} with no human touch"
 
     @property
     def complete(self) -> bool:
@@ -202,6 +215,9 @@ def rebase(
                 state.report = [asdict(r) for r in report]
             state.finished = result.written
             state.save(repo)
+            if not result.complete:
+                return _workspace_result(state, old_pin, new_pin, replayer, workspace)
+            g.git(repo, "checkout", "-q", state.stacks[0].branch)
             return _with(result, workspace=workspace)
     return result
 
@@ -381,6 +397,13 @@ class _Replayer:
                 if outcome is not None:
                     return outcome
             self._reset(head)
+        # git calls changes on adjacent lines a conflict; when one side only adds lines next to what
+        # the other changed, both changes are independent and can be kept.
+        if not self._cherry_pick(commit, "myers") and self._resolve_adjacent():
+            outcome = self._accept(commit, head, "adjacent insertion")
+            if outcome is not None:
+                return outcome
+        self._reset(head)
         if self.wiggle is not None:
             if self._wiggle(commit, head):
                 outcome = self._accept(commit, head, "wiggle")
@@ -391,7 +414,8 @@ class _Replayer:
         self._cherry_pick(commit, "myers")
         conflicts = tuple(_conflicts(self.repo))
         self._reset(head)
-        tried = ", ".join(f"3-way {a}" for a in MERGE_ALGORITHMS) + (", wiggle" if self.wiggle else "")
+        tried = ", ".join(f"3-way {a}" for a in MERGE_ALGORITHMS) + ", adjacent insertion"
+        tried += ", wiggle" if self.wiggle else " (wiggle is not installed)"
         detail = "; ".join(c.where for c in conflicts) + f" (tried {tried})"
         return _Outcome("conflict", detail, conflicts=conflicts)
 
@@ -400,6 +424,20 @@ class _Replayer:
         if algorithm != "myers":
             args += ["--strategy=recursive", f"-Xdiff-algorithm={algorithm}"]
         return g.git(self.repo, *args, commit, check=False, env=g.BOT_IDENTITY).returncode == 0
+
+    def _resolve_adjacent(self) -> bool:
+        """Resolve every conflict region of the merge in progress as an adjacent insertion, or none."""
+        status = g.out(self.repo, "status", "--porcelain=v1", "--untracked-files=no").splitlines()
+        unmerged = [line[3:] for line in status if line[:2] in ("DD", "AU", "UD", "UA", "DU", "AA", "UU")]
+        if any(line[:2] != "UU" for line in status if line[3:] in unmerged):
+            return False
+        resolved = {path: resolve_adjacent((self.repo / path).read_bytes()) for path in unmerged}
+        if not unmerged or any(v is None for v in resolved.values()):
+            return False
+        for path, data in resolved.items():
+            (self.repo / path).write_bytes(data or b"")
+            g.git(self.repo, "add", "--", path)
+        return True
 
     def _wiggle(self, commit: str, head: str) -> bool:
         """Word-level merge of every file the patch changes: (release, old, patched) -> file."""
@@ -464,6 +502,46 @@ def _commit_like(repo: Path, commit: str) -> str:
     return g.commit_all(repo, message, env=env)
 
 
+def resolve_adjacent(text: bytes) -> bytes | None:
+    """Resolve diff3 conflict regions where one side only added lines before and/or after the base
+    lines the other side changed (base = pre + base + post -> pre + other side + post); None if any
+    region is not like that. With an empty base both sides insert at one place: order unknown, None."""
+    out: list[bytes] = []
+    region: dict[str, list[bytes]] | None = None
+    section = ""
+    for line in text.splitlines(keepends=True):
+        if line.startswith(b"<<<<<<< "):
+            region, section = {"upstream": [], "base": [], "patch": []}, "upstream"
+        elif region is not None and line.startswith(b"||||||| "):
+            section = "base"
+        elif region is not None and line.rstrip(b"\r\n") == b"=======":
+            section = "patch"
+        elif region is not None and line.startswith(b">>>>>>> "):
+            merged = _adjacent(region["upstream"], region["base"], region["patch"])
+            if merged is None:
+                return None
+            out += merged
+            region = None
+        elif region is not None:
+            region[section].append(line)
+        else:
+            out.append(line)
+    return None if region is not None else b"".join(out)
+
+
+def _adjacent(upstream: list[bytes], base: list[bytes], patch: list[bytes]) -> list[bytes] | None:
+    if upstream == patch:
+        return upstream
+    if not base:
+        return None
+    for inserted, other in ((patch, upstream), (upstream, patch)):
+        n = len(base)
+        for at in range(len(inserted) - n + 1):
+            if inserted[at : at + n] == base:
+                return inserted[:at] + other + inserted[at + n :]
+    return None
+
+
 def _blob(repo: Path, commit: str, path: str) -> bytes | None:
     shown = g.git(repo, "show", f"{commit}:{path}", check=False)
     return shown.stdout if shown.returncode == 0 else None
@@ -471,7 +549,7 @@ def _blob(repo: Path, commit: str, path: str) -> bytes | None:
 
 def _verify(repo: Path, base: str, new: str, pin_label: str) -> str:
     """Why the merged commit `new` on `base` is not acceptable ('' if it is): its patch must pass the
-    strict engine on `base` and give exactly the merged files, and merged Python must compile."""
+    strict engine on `base` and give exactly the merged files, and merged Python that compiled must still compile."""
     from flagscale.patches.apply import plan_patches
 
     try:
@@ -492,12 +570,21 @@ def _verify(repo: Path, base: str, new: str, pin_label: str) -> str:
     for path, final in plan.finals.items():
         if final.content != _blob(repo, new, path):
             return f"the refreshed patch does not give the merged {path}"
-        if final.content is not None and path.endswith(".py"):
-            try:
-                compile(final.content, path, "exec", dont_inherit=True)
-            except (SyntaxError, ValueError) as exc:
-                return f"merged {path} does not compile: {exc}"
+        original = plan.originals[path].content
+        if final.content is not None and path.endswith(".py") and _compiles(original or b"", path) is None:
+            problem = _compiles(final.content, path)
+            if problem:
+                return f"merged {path} does not compile: {problem}"
     return ""
+
+
+def _compiles(source: bytes, path: str) -> str | None:
+    """None if `source` compiles, else why not: our build check for merged Python."""
+    try:
+        compile(source, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def _conflicts(repo: Path) -> Iterator[Conflict]:
@@ -746,6 +833,7 @@ def _workspace_result(state: _State, old_pin: Pin, new_pin: Pin, replayer: _Repl
     report = tuple(
         PatchReport(**{**r, "conflicts": tuple(Conflict(**c) for c in r["conflicts"])}) for r in state.report
     )
+    stopped = next((s for s in state.stacks if s.stopped is not None), None)
     return RebaseResult(
         state.backend,
         old_pin,
@@ -755,6 +843,9 @@ def _workspace_result(state: _State, old_pin: Pin, new_pin: Pin, replayer: _Repl
         state.drop_upstreamed,
         replayer.wiggle is not None,
         workspace,
+        in_progress=f"{stopped.label}/{stopped.patches[stopped.stopped][0]}"
+        if stopped and stopped.stopped is not None
+        else None,
     )
 
 
