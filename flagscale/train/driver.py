@@ -105,14 +105,15 @@ def gpt_model(t: TrainSettings, vocab_size: int, config):
     )
 
 
-def build_model(t: TrainSettings, vocab_size: int):
-    """GPTModel (+ Float16Module for bf16/fp16) wrapped in Megatron DDP, and its TransformerConfig."""
+def build_model(t: TrainSettings, vocab_size: int, **config_overrides):
+    """GPTModel (+ Float16Module for bf16/fp16) wrapped in Megatron DDP, and its TransformerConfig
+    (`config_overrides`: a hetero mesh's layout)."""
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
     s = t.system
-    config = transformer_config(t)
+    config = transformer_config(t, **config_overrides)
     model = gpt_model(t, vocab_size, config)
     if t.model.lora is not None:  # base weights frozen before DDP and the optimizer see them
         from flagscale.train import lora
@@ -197,9 +198,10 @@ def vocabulary(t: TrainSettings, tokenizer_vocab: int, recorded: dict | None, so
     size wins when this layout can split it: any TP can then start from a checkpoint made in another."""
     from flagscale.errors import ConfigError
     from flagscale.train import families
+    from flagscale.train.hetero import padding_tp
     from flagscale.train.tokenizer import padded_vocab_size
 
-    m, tp = t.model, t.system.tensor_model_parallel_size
+    m, tp = t.model, padding_tp(t)
     vocab = m.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
         raise ConfigError(f"train.model.vocab_size={vocab} is below the tokenizer's vocabulary ({tokenizer_vocab})")
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from flagscale.train import checkpoint
+    from flagscale.train import checkpoint, hetero
     from flagscale.train.data import Batches, build_train_dataset
     from flagscale.train.metrics import MemoryRecord, MetricsLog, memory_gib
     from flagscale.train.tokenizer import build_tokenizer
@@ -287,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     else:  # run by hand, without torchrun: one process
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=s.tensor_model_parallel_size,
-        pipeline_model_parallel_size=s.pipeline_model_parallel_size,
-        expert_model_parallel_size=s.expert_model_parallel_size,
-    )
+    hetero_rt = None
+    if s.hetero is not None:  # meshes of their own layouts (flagscale/train/hetero.py)
+        hetero_rt = hetero.initialize(t, rank)
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=s.tensor_model_parallel_size,
+            pipeline_model_parallel_size=s.pipeline_model_parallel_size,
+            expert_model_parallel_size=s.expert_model_parallel_size,
+        )
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     last_stage = parallel_state.is_pipeline_last_stage()
     reporter = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
@@ -302,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             f"flagscale train: megatron-core {megatron.core.__version__} ({Path(megatron.core.__file__).parent}), "
             f"device {device_type}, backend {dist.get_backend()}, world size {world_size} "
-            f"(TP={s.tensor_model_parallel_size} PP={s.pipeline_model_parallel_size} DP={dp}), "
-            f"precision {s.precision}"
+            + (
+                f"(hetero: {hetero_rt.describe()}), "
+                if hetero_rt
+                else f"(TP={s.tensor_model_parallel_size} PP={s.pipeline_model_parallel_size} DP={dp}), "
+            )
+            + f"precision {s.precision}"
         )
 
     torch.manual_seed(s.seed)  # the same on every rank: CPU-initialized weights equal across layouts
@@ -322,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             "dp_rank": dp_rank,
         },
     )  # the resident memory before the model: the baseline of the measured peak
-    model, config = build_model(t, padded)
+    model, config = build_model(t, padded, **(hetero_rt.config_overrides() if hetero_rt else {}))
     config.no_sync_func = model.no_sync  # as Megatron-LM: the schedule reduces DP grads via these hooks
     config.finalize_model_grads_func = finalize_model_grads
     optimizer, scheduler = build_optimizer(t, model)
+    if hetero_rt:
+        hetero.adjust_optimizer(optimizer, hetero_rt)
 
     start_iter = 0
     if load_from and weights_only:
@@ -344,9 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     info = model_info(t, vocab, padded, recorded)
 
     dataset = build_train_dataset(t, tokenizer, exp_dir / "cache" / "data")
-    batches = Batches(dataset, m.global_batch_size, m.micro_batch_size, dp, dp_rank)
-    num_micro = m.global_batch_size // (dp * m.micro_batch_size)
+    mbs = hetero_rt.micro_batch_size if hetero_rt else m.micro_batch_size
+    batches: hetero.Batches | Batches = (
+        hetero.Batches(dataset, m.global_batch_size, hetero_rt)
+        if hetero_rt
+        else Batches(dataset, m.global_batch_size, mbs, dp, dp_rank)
+    )
+    num_micro = m.global_batch_size // (dp * mbs)
     forward_backward = get_forward_backward_func()
+    schedule_arguments = hetero.schedule_arguments(hetero_rt, config) if hetero_rt else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -368,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         log.info(
             f"training iterations {start_iter + 1}..{m.train_iters}, {num_micro} micro-batch(es) of "
-            f"{m.micro_batch_size} per step per DP rank, global batch {m.global_batch_size}"
+            f"{mbs} per step per DP rank, global batch {m.global_batch_size}"
         )
     for it in range(start_iter, m.train_iters):
         t0 = time.perf_counter()
@@ -380,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             model=[model],
             num_microbatches=num_micro,
             seq_length=m.seq_length,
-            micro_batch_size=m.micro_batch_size,
+            micro_batch_size=mbs,
             forward_only=False,
+            **schedule_arguments,
         )
         ok, grad_norm, _ = optimizer.step()
         if ok:

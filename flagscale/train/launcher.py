@@ -28,7 +28,7 @@ from flagscale.runner.environment import device_environment
 from flagscale.runner.hostfile import Node, read_hostfile
 from flagscale.runner.ssh import check_options as check_ssh_options
 from flagscale.runner.ssh import ssh_command as ssh_argv
-from flagscale.train import hf_start
+from flagscale.train import hetero, hf_start
 from flagscale.train.settings import ExperimentSettings, TrainSettings, as_dict, experiment_settings, train_settings
 from flagscale.train.shapes import stage_parameters, total_parameters
 from flagscale.train.tokenizer import ByteTokenizer
@@ -274,6 +274,8 @@ def plan(plain: dict) -> LaunchPlan:
     # checkpoint.hf_model: the architecture and tokenizer come from the folder (imported at run, not here)
     train = _resolve_paths(train_settings(hf_start.merge(plain["train"])), exp_dir)
     train.check(world_size)
+    if train.system.hetero is not None:  # the hostfile's type= against the meshes
+        hetero.check_nodes(train, list(base.nodes), exp.runner.nproc_per_node, exp.runner.hostfile)
     _check_inputs(train)
     device_env = device_environment(exp.runner.device, exp.runner.visible_devices)
     if train.system.precision == "fp16" and device_env.get("MEGATRON_DEVICE_TYPE") == "cpu":
@@ -292,9 +294,18 @@ def plan(plain: dict) -> LaunchPlan:
         cmd = torchrun_command(
             python, exp, node.rank, len(base.nodes), node.nproc, master_addr, master_port, config_file
         )
-        text = launch_script(exp, node, len(base.nodes), exp_dir, node_environment(exp, node, device_env), cmd)
+        env = node_environment(exp, node, _node_device_env(train, exp, node, device_env))
+        text = launch_script(exp, node, len(base.nodes), exp_dir, env, cmd)
         nodes.append(replace(node, script_text=text))
     return LaunchPlan(exp, exp_dir, python, tuple(nodes), train, config_file, world_size)
+
+
+def _node_device_env(train: TrainSettings, exp: ExperimentSettings, node: NodePlan, job_env: dict[str, str]):
+    """The device environment of a node: its hetero mesh's device manifest when the mesh names one."""
+    if train.system.hetero is None:
+        return job_env
+    mesh = hetero.mesh_of_node(train, node.rank, exp.runner.nproc_per_node)
+    return job_env if mesh.device is None else device_environment(mesh.device, exp.runner.visible_devices)
 
 
 # ------------------------------------------------------------------------------------ ssh and agent
@@ -421,7 +432,11 @@ def dryrun_header(
     rank and the HF import the run starts from (`made_when`: when a missing one is made)."""
     print(f"# flagscale train (dry run): {title}", file=out)
     print(f"# driver config -> {config_file}", file=out)
-    for line in parameter_lines(train) + memory_lines(train, world_size):
+    if train.system.hetero is not None:  # every mesh, its ranks and layout
+        lines = hetero.dryrun_lines(train) + ["parameters and memory per rank: not modelled for hetero layouts yet"]
+    else:
+        lines = parameter_lines(train) + memory_lines(train, world_size)
+    for line in lines:
         print(f"# {line}", file=out)
     imported = hf_start.import_path(train)
     if imported is not None:

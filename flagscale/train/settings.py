@@ -20,6 +20,7 @@ from typing import Any, Literal
 from flagscale.errors import ConfigError
 from flagscale.runner.slurm import SlurmSettings
 from flagscale.settings import convert, nonempty, plain, setting
+from flagscale.train.hetero import HeteroSettings
 
 
 # Per-field checks: `convert` reports their ValueError as `<dotted key>=<value>: <message>`.
@@ -262,6 +263,8 @@ class SystemSettings:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
     deterministic: bool = False  # torch.use_deterministic_algorithms: reproducible, and slower on GPUs
+    # heterogeneous training: ordered meshes with their own TP/DP/PP (flagscale/train/hetero.py, docs/hetero.md)
+    hetero: HeteroSettings | None = None
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
 
@@ -277,6 +280,11 @@ class TrainSettings:
     def check(self, world_size: int, where: str = "train") -> None:
         """The combinations no single field can catch; `world_size` is nnodes x nproc_per_node."""
         s, m = self.system, self.model
+        if s.hetero is not None:  # the meshes set the layout: their own rules
+            from flagscale.train import hetero
+
+            hetero.check(self, world_size, where)
+            return
         tp, pp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size
         if world_size % (tp * pp):
             raise ConfigError(
