@@ -6,6 +6,13 @@ one run with the runs interleaved; plus `flagscale --help` start-up.
     .venv/bin/python benchmarks/bench_build.py [--runs 3]
 
 Targets (issue #3): warm no-change rebuild <= 1.1x the plain upstream build; `flagscale --help` <= 0.3 s.
+
+    .venv/bin/python benchmarks/bench_build.py --part llama.cpp
+
+The cpu llama.cpp wheel (`flagscale build --backend llama.cpp --device cpu`) built cold (an empty FlagScale
+cache, so an empty compiler cache too; the sdist is seeded, not timed), then rebuilt in the same run after a
+one-line code change to a llama.cpp patch (on a scratch copy of the checkout): with ccache the rebuild
+compiles only what the patch touches. Target (issue #16): rebuild <= 0.25x the cold build.
 """
 
 from __future__ import annotations
@@ -39,10 +46,68 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> float:
     return elapsed
 
 
+# The one-line change: 0002's handler reports the parse error with a prefix (server.cpp, a real code change).
+LLAMA_PATCH = "0002-server-answer-400-not-500-to-a-request-body-that-is.patch"
+LLAMA_OLD_LINE = b"+            message = e.what();\n"
+LLAMA_NEW_LINE = b'+            message = std::string("invalid request body: ") + e.what();\n'
+
+
+def llama_cpp_rebuild() -> None:
+    """Cold build, then a rebuild after a one-line patch change, with the same FlagScale (and ccache) cache."""
+    from flagscale.upstream.bump import stage_project
+    from flagscale.wheels.compiler_cache import DISABLE_ENV
+
+    if shutil.which("ccache") is None:
+        sys.exit("ccache is not installed (apt-get install ccache): this benchmark measures the rebuild through it")
+    work = Path(tempfile.mkdtemp(prefix="flagscale-bench-llama-"))
+    copy = stage_project(Project(ROOT), work / "checkout")
+    pin = copy.pins.resolve("llama.cpp")
+    sdist = fetch_sdist(pin, Cache())  # downloaded once (not timed)
+    cache = work / "cache"
+    (cache / "sdists" / pin.sdist.sha256).mkdir(parents=True)
+    shutil.copy2(sdist, cache / "sdists" / pin.sdist.sha256 / sdist.name)
+    env = {**os.environ, "FLAGSCALE_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop(DISABLE_ENV, None)
+    cmd = [str(Path(sys.executable).parent / "flagscale"), "build", "--backend", "llama.cpp", "--device", "cpu"]
+    cmd += ["--source", "sdist", "--root", str(copy.root)]
+    cold = timed([*cmd, "--out", str(work / "cold")], env)
+    print(f"cold build: {cold:.1f} s", flush=True)
+    patch = copy.common_series_dir("llama.cpp") / LLAMA_PATCH
+    data = patch.read_bytes()
+    assert data.count(LLAMA_OLD_LINE) == 1, f"{LLAMA_PATCH} changed: pick another line"
+    patch.write_bytes(data.replace(LLAMA_OLD_LINE, LLAMA_NEW_LINE))
+    rebuild = timed([*cmd, "--out", str(work / "rebuild")], env)
+    print(f"rebuild after a one-line change to {LLAMA_PATCH}: {rebuild:.1f} s", flush=True)
+    (stats_dir,) = (cache / "ccache").iterdir()
+    stats = subprocess.run(
+        ["ccache", "--print-stats"], env={**env, "CCACHE_DIR": str(stats_dir)}, capture_output=True, text=True
+    ).stdout
+    counts = {k: int(v) for k, v in (line.split("\t") for line in stats.splitlines()) if v.isdigit()}
+    hits = counts.get("direct_cache_hit", 0) + counts.get("preprocessed_cache_hit", 0)
+    wheels = sorted(p.name for p in (work / "rebuild").glob("llama_cpp_python-*.whl"))
+    assert wheels and wheels != sorted(p.name for p in (work / "cold").glob("llama_cpp_python-*.whl"))
+    ratio = rebuild / cold
+    print("\n| llama.cpp cpu wheel | seconds | ratio to cold | target |\n|---|---|---|---|")
+    print(f"| cold build (empty FlagScale and compiler cache) | {cold:.1f} | 1.00x | |")
+    verdict = "PASS" if ratio <= 0.25 else "FAIL (target <= 0.25x)"
+    print(f"| rebuild after a one-line change to {LLAMA_PATCH} | {rebuild:.1f} | {ratio:.2f}x | {verdict} |")
+    print(f"\nccache ({stats_dir.name}): {hits} hits, {counts.get('cache_miss', 0)} misses over both builds")
+    print(f"{os.cpu_count()} cores; Python {platform.python_version()}")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    raw = {"cold_s": cold, "rebuild_s": rebuild, "ratio": ratio, "ccache": counts, "wheels": wheels}
+    (results / "build-llama-cpp.raw.json").write_text(json.dumps(raw, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--part", choices=["megatron", "llama.cpp"], default="megatron")
     args = parser.parse_args()
+    if args.part == "llama.cpp":
+        llama_cpp_rebuild()
+        return
     project = Project(ROOT)
     pin = project.pins.resolve("megatron")
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-build-"))

@@ -125,3 +125,19 @@ def test_a_failing_smoke_test_leaves_the_checkout_unchanged_and_says_why(tmp_pat
     report = (tmp_path / "reports" / f"bump-megatron-{OLDER}.md").read_text()
     assert "**Not bumped**" in report and "## smoke: FAILED" in report
     assert "## build: ok" in report and "| device:cpu | 0003-break-the-import.patch | clean |" in report
+
+
+@pytest.mark.integration
+def test_llama_cpp_smoke_test_completes_from_a_gguf_with_the_new_wheel(tmp_path):
+    """The llama.cpp smoke step on the cpu wheel the llama.cpp tests build (cached): import + 8 tokens."""
+    from llama_cpp_support import backend_wheel, tiny_gguf, work_root
+
+    from flagscale.upstream.bump import _smoke
+
+    project = copy_project(tmp_path / "checkout")
+    cache = Cache(real_cache_dir() / "build-cache")
+    args = (project, project, "llama.cpp", backend_wheel(), tmp_path, sys.executable, tiny_gguf(work_root()), cache)
+    stage = _smoke(*args, lambda _m: None)
+    assert stage.ok, "\n".join(stage.details)
+    assert stage.summary == "import and a completion of 8 tokens from tiny.gguf"
+    assert any("completion_tokens" in line for line in stage.details)

@@ -410,21 +410,28 @@ def _smoke_complete(
     cache: Cache,
     cmds: list[_Cmd],
 ) -> Stage:
-    """A completion from a GGUF with the new wheel's llama-completion (a tiny one converted by the new pin)."""
+    """A completion from a GGUF through the new wheel's bindings (a tiny one converted by the new pin)."""
     if gguf is None:
         made = _tiny_gguf(staged, env, tmp, python, cache, cmds)
         if isinstance(made, Stage):
             return made
         gguf = made
-    tool = site / "bin" / "llama-completion"
-    if not tool.is_file():
-        return Stage("smoke", False, f"the wheel has no bin/llama-completion ({site / 'bin'})", _lines(cmds))
-    argv = [str(tool), "-m", str(gguf), "-p", "Hello", "-n", "8", "--temp", "0", "-no-cnv", "--no-warmup"]
-    completed = _cmd(argv, env, tmp)
+    # The wheel's own bindings (its libllama): llama-completion exits early at random when stdin is not a tty.
+    code = (
+        "import json, sys, llama_cpp\n"
+        "m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, seed=0, verbose=False)\n"
+        "print(json.dumps(m.create_completion('Hello', max_tokens=8, temperature=0.0)))\n"
+    )
+    completed = _cmd([python, "-c", code, str(gguf)], env, tmp)
     cmds.append(completed)
-    if completed.returncode != 0:
-        return Stage("smoke", False, f"llama-completion failed: {_last_line(completed.output)}", _lines(cmds))
-    return Stage("smoke", True, f"import and an 8-token completion from {gguf.name}", _lines(cmds))
+    try:
+        tokens = json.loads(completed.output.strip().splitlines()[-1])["usage"]["completion_tokens"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        tokens = 0
+    if completed.returncode != 0 or not tokens:
+        why = f"exit {completed.returncode}, {tokens} completion tokens"
+        return Stage("smoke", False, f"the completion failed ({why}): {_last_line(completed.output)}", _lines(cmds))
+    return Stage("smoke", True, f"import and a completion of {tokens} tokens from {gguf.name}", _lines(cmds))
 
 
 def _tiny_gguf(staged: Project, env: dict[str, str], tmp: Path, python: str, cache: Cache, cmds: list[_Cmd]):
@@ -451,7 +458,8 @@ def _tiny_gguf(staged: Project, env: dict[str, str], tmp: Path, python: str, cac
 
 def _cmd(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> _Cmd:
     try:
-        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        # errors=replace: a random model's tokens need not be UTF-8
+        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         return _Cmd(tuple(argv), -1, f"timed out after {timeout:.0f} s")
     except OSError as exc:
