@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import TOY_BASE, git, make_patch, write_tree
+from conftest import TOY_BASE, copy_project, git, make_patch, write_tree
 from test_workflow import REPO_BASE, add_series, snapshot, toy_series  # noqa: F401 (toy_series: a fixture)
 from typer.testing import CliRunner
 
@@ -17,6 +17,7 @@ from flagscale.errors import ConfigError
 from flagscale.patches.rebase import abort_rebase, continue_rebase, rebase
 from flagscale.patches.series import read_series
 from flagscale.patches.workflow import check, export
+from flagscale.upstream.project import Project
 
 SHA = "1" * 64
 WIGGLE = shutil.which("wiggle") is not None
@@ -248,3 +249,61 @@ def test_abort_leaves_everything_as_before(toy_series, toy_upstream, cache, tmp_
     assert not ws.exists() and snapshot(toy_series.root) == before  # byte for byte
     with pytest.raises(ConfigError, match="not a rebase workspace"):
         abort_rebase(tmp_path)
+
+
+# ----------------------------------------------------------------------------------- a real release
+MEGATRON_0170 = ("0.17.0", "ff66c206ed164bc602ff00310388605fac41f284262176e17246a9e94163b205")
+
+
+def take_release_side(path: Path) -> None:
+    """Resolve every diff3 region of `path` to the new release's side (the patch gives up those lines)."""
+    out, section = [], None
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("<<<<<<< "):
+            section = "release"
+        elif section and line.startswith(("||||||| ", "=======")):
+            section = "other"
+        elif section and line.startswith(">>>>>>> "):
+            section = None
+        elif section in (None, "release"):
+            out.append(line)
+    path.write_text("".join(out))
+
+
+def resolve_in_progress(ws: Path) -> None:
+    unmerged = git(ws, "diff", "--name-only", "--diff-filter=U").stdout.split()
+    assert unmerged
+    for rel in unmerged:
+        take_release_side(ws / rel)
+    git(ws, "add", *unmerged)
+
+
+@pytest.mark.integration
+def test_real_release_workspace_round_trip(real_cache, tmp_path):
+    """FlagScale's megatron series onto megatron-core 0.17.0: two patches conflict for real. Resolve them in
+    the workspace, --continue finishes and every cell applies to 0.17.0; --abort restores every byte."""
+    project = copy_project(tmp_path / "project")
+    before = snapshot(project.root)
+    version, sha = MEGATRON_0170
+
+    def start(ws: Path):
+        project.__dict__.pop("pins", None)
+        return rebase(project, "megatron", version, sha, old_source="sdist", cache=real_cache, workspace=ws)
+
+    first = start(tmp_path / "ws1")
+    assert {r.status for r in first.report} <= {"clean", "offset", "merged", "conflict"}  # nothing skipped
+    assert first.in_progress and all(c.upstream or c.patch for r in first.conflicts for c in r.conflicts)
+    abort_rebase(tmp_path / "ws1")
+    assert not (tmp_path / "ws1").exists() and snapshot(project.root) == before
+
+    ws = tmp_path / "ws2"
+    result = start(ws)
+    stops = []
+    while result.in_progress:
+        stops.append(result.in_progress)
+        resolve_in_progress(ws)
+        result = continue_rebase(ws)
+    assert len(stops) == len(first.conflicts) >= 1 and stops[0] == first.in_progress
+    assert result.written and Project(project.root).pins.resolve("megatron").sdist.version == version
+    results = check(Project(project.root), "megatron", source="sdist", cache=real_cache)
+    assert results and all(r.status == "ok" for r in results), results

@@ -188,7 +188,8 @@ def rebase(
         g.git(repo, "config", "merge.conflictStyle", "diff3")
         new_base = _import_tree(repo, new_src, old_base)
         stacks = [_old_stack(project, repo, old_pin, old_base, None)]
-        stacks += [_old_stack(project, repo, old_pin, old_base, d) for d in devices]
+        old_common = stacks[0].patches[-1][1] if stacks[0].patches else old_base
+        stacks += [_old_stack(project, repo, old_pin, old_common, d) for d in devices]
         state = _State(
             project=str(project.root),
             backend=old_pin.backend,
@@ -329,16 +330,16 @@ def _repo_dir(workspace: Path | None) -> Iterator[Path]:
         raise
 
 
-def _old_stack(project: Project, repo: Path, pin: Pin, old_base: str, device: str | None) -> _Stack:
-    """Commit the series on the old release, each on the commits before it (devices on the common series)."""
+def _old_stack(project: Project, repo: Path, pin: Pin, parent: str, device: str | None) -> _Stack:
+    """Commit one series on the old release: common on its base, a device's on the common series."""
     from flagscale.patches.workflow import _commit_patches
 
-    labelled = load_series_patches(project, pin.backend, device)
-    g.git(repo, "checkout", "-q", "--detach", old_base)
-    commits = _commit_patches(repo, labelled, pin, pin.backend, device)
     label = f"device:{device}" if device else "common"
+    labelled = [(lab, p) for lab, p in load_series_patches(project, pin.backend, device) if lab == label]
+    g.git(repo, "checkout", "-q", "--detach", parent)
+    commits = _commit_patches(repo, labelled, pin, pin.backend, device)
     g.git(repo, "update-ref", f"refs/flagscale/old/{label.replace(':', '/')}", "HEAD")
-    own = [(p.name, c) for (lab, p), c in zip(labelled, commits, strict=True) if lab == label]
+    own = [(p.name, c) for (_, p), c in zip(labelled, commits, strict=True)]
     return _Stack(label, device, f"device/{device}" if device else "main", own)
 
 
@@ -537,9 +538,28 @@ def _adjacent(upstream: list[bytes], base: list[bytes], patch: list[bytes]) -> l
     for inserted, other in ((patch, upstream), (upstream, patch)):
         n = len(base)
         for at in range(len(inserted) - n + 1):
-            if inserted[at : at + n] == base:
+            if inserted[at : at + n] == base:  # lines added around the base: around the other side's change
                 return inserted[:at] + other + inserted[at + n :]
+        # Lines added among the base lines, which the other side only deleted from: keep the added
+        # lines and leave out the deleted ones.
+        in_inserted, kept = _matches(base, inserted), _matches(other, base)
+        if in_inserted is not None and kept is not None:
+            return [line for line, at in zip(inserted, in_inserted, strict=True) if at is None or kept[at] is not None]
     return None
+
+
+def _matches(short: list[bytes], long: list[bytes]) -> list[int | None] | None:
+    """For each line of `long`, the index of the `short` line it is (greedily), or None for an added line;
+    None when `short` is not a subsequence of `long`."""
+    out: list[int | None] = []
+    i = 0
+    for line in long:
+        if i < len(short) and line == short[i]:
+            out.append(i)
+            i += 1
+        else:
+            out.append(None)
+    return out if i == len(short) else None
 
 
 def _blob(repo: Path, commit: str, path: str) -> bytes | None:
