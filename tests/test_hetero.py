@@ -93,6 +93,7 @@ RULES = [
     ((A, B), {}, {"tensor_model_parallel_size": 2}, 4, r"tensor_model_parallel_size=2: with system.hetero the meshes"),
     ((A, B), {}, {"sequence_parallel": True}, 4, r"system.sequence_parallel: not supported with system.hetero yet"),
     ((A, B), {}, {"use_distributed_optimizer": True}, 4, r"use_distributed_optimizer: not supported"),
+    ((A, B), {}, {"checkpoint": {"hf_model": "/hf/llama"}}, 4, r"checkpoint.hf_model: not supported"),
 ]
 
 
@@ -275,7 +276,7 @@ def _hydra(value) -> str:
     return "null" if value is None else str(value)
 
 
-def _train(venv, name: str, system: dict) -> list[float]:
+def _train(venv, name: str, system: dict, checkpoint: dict | None = None) -> list[float]:
     """`flagscale train` of the tiny llama on 4 local processes; the per-iteration losses."""
     from conftest import REPO_ROOT
 
@@ -290,7 +291,7 @@ def _train(venv, name: str, system: dict) -> list[float]:
             f"experiment.exp_dir={exp}",
             "experiment.runner.nproc_per_node=4",
             f"train.data.data_path={venv.corpus()}",
-            "train.system.checkpoint.save=null",
+            *(f"++train.system.checkpoint.{k}={_hydra(v)}" for k, v in (checkpoint or {"save": None}).items()),
             *model,
             *(f"++train.system.{k}={_hydra(v)}" for k, v in system.items()),
         ],
@@ -302,7 +303,7 @@ def _train(venv, name: str, system: dict) -> list[float]:
 
 
 def _same(reference: list[float], curve: list[float]) -> float:
-    assert len(curve) == len(reference) == 20
+    assert len(curve) == len(reference) == 20, (reference, curve)
     worst = max(abs(a - b) for a, b in zip(reference, curve, strict=True))
     assert worst <= 1e-5, (worst, reference, curve)
     return worst
@@ -316,12 +317,23 @@ def _local(*meshes) -> list[dict]:
 def test_meshes_of_other_tp_and_dp_train_as_the_homogeneous_pipeline(venv):
     """Mesh A (TP=2, DP=1, micro-batch 2) holds layers 0-1, mesh B (TP=1, DP=2, micro-batch 1) layers 2-3: the
     losses of TP=2 PP=2 on megatron's own path. Gradient clipping is active (norms above 1): the grad norm is
-    summed across the meshes."""
+    summed across the meshes. The hetero run saves at iteration 10; resumed from there in the hetero layout, it
+    repeats iterations 11-20 exactly."""
+    import shutil
+
     reference = _train(venv, "reference", {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2})
-    curve = _train(venv, "tp-dp", {"hetero": {"meshes": _local(A, B)}})
+    saved = venv.work / "hetero-checkpoints"
+    system = {"hetero": {"meshes": _local(A, B)}}
+    curve = _train(venv, "tp-dp", system, {"save": str(saved), "save_interval": 10})
     worst = _same(reference, curve)
     print(f"\nhetero TP2/DP1 | TP1/DP2 vs TP2 PP2: max |loss difference| {worst:.1e} over 20 iterations")
     assert reference[-1] < 0.8 * reference[0]
+
+    at_10 = venv.work / "hetero-at-10"  # the checkpoint of iteration 10 alone, as a run killed after it left it
+    shutil.copytree(saved / "iter_0000010", at_10 / "iter_0000010")
+    (at_10 / "latest_checkpointed_iteration.txt").write_text("10\n")
+    resumed = _train(venv, "tp-dp-resumed", system, {"load": str(at_10), "save": None})
+    assert resumed == curve[10:], (resumed, curve[10:])
 
 
 @pytest.mark.integration

@@ -58,9 +58,13 @@ def latest_iteration(root: str | Path | None) -> int | None:
         return None
 
 
-def parallel_layout() -> dict[str, int]:
+def parallel_layout() -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
+    from flagscale.train import hetero
+
+    if (rt := hetero.active()) is not None:  # meshes of other layouts: the same on every rank, RNG shards by rank
+        return {"hetero": rt.describe(), "world": rt.layout.world_size}
     return {
         "TP": ps.get_tensor_model_parallel_world_size(),
         "PP": ps.get_pipeline_model_parallel_world_size(),
@@ -68,7 +72,7 @@ def parallel_layout() -> dict[str, int]:
     }
 
 
-def _describe(layout: dict[str, int]) -> str:
+def _describe(layout: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in layout.items())
 
 
@@ -84,7 +88,7 @@ def _device_rng() -> Any:
         return torch.cuda if torch.cuda.is_available() else None
 
 
-def _rng_shard(layout: dict[str, int]) -> Any:
+def _rng_shard(layout: dict[str, Any]) -> Any:
     """This rank's RNG states as its own shard of the (PP, TP, DP) grid."""
     import numpy as np
     import torch
@@ -100,6 +104,10 @@ def _rng_shard(layout: dict[str, int]) -> Any:
     }
     if (device := _device_rng()) is not None:
         state["device"] = device.get_rng_state()
+    if "world" in layout:  # hetero: one shard per global rank
+        import torch.distributed as dist
+
+        return ShardedObject(RNG, state, (layout["world"],), (dist.get_rank(),), replica_id=0)
     return ShardedObject(
         RNG,
         state,
@@ -123,7 +131,11 @@ def _set_rng(state: dict[str, Any]) -> None:
 
 
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool, rng: bool = True) -> dict:
+    from flagscale.train import hetero
+
     model_sd = model.module.sharded_state_dict()
+    if hetero.active() is not None:  # layers split over other TP sizes per mesh: one key per layer
+        model_sd = hetero.unstack_layers(model_sd)
     layout = parallel_layout()
     state = {
         "model": model_sd,

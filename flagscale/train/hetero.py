@@ -287,7 +287,7 @@ def _check_unsupported(t, where: str) -> None:
         (s.use_distributed_optimizer, "use_distributed_optimizer", "false"),
         (s.precision == "fp16", "precision=fp16", "fp32 or bf16"),
         (s.recompute_granularity == "full", "recompute_granularity=full", "selective or null"),
-        (bool(s.checkpoint.save or s.checkpoint.load or s.checkpoint.hf_model), "checkpoint", "save/load null"),
+        (bool(s.checkpoint.hf_model), "checkpoint.hf_model", "a checkpoint made by flagscale checkpoint import"),
     )
     for broken, what, instead in refused:
         if broken:
@@ -416,7 +416,17 @@ def initialize(t, rank: int) -> Runtime:
     # ones the layout decides are replaced by the meshes' own.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     _mesh_groups(lay, runtime)
+    global _ACTIVE
+    _ACTIVE = runtime
     return runtime
+
+
+_ACTIVE: Runtime | None = None  # the process's layout when its meshes differ (megatron's groups are set for it)
+
+
+def active() -> Runtime | None:
+    """This process's hetero layout when its meshes differ, else None (homogeneous, or meshes all alike)."""
+    return _ACTIVE
 
 
 def _new_group(ranks: list[int]):
@@ -652,3 +662,42 @@ class Batches:
         mbs, per_micro = self.rt.mesh.mbs, self.rt.layout.samples_per_microbatch
         for first in range(iteration * self.global_batch, (iteration + 1) * self.global_batch, per_micro):
             yield from self._plain.microbatches((first + self.rt.dp_rank * mbs) // mbs)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def unstack_layers(state):
+    """A model's sharded state dict with every transformer layer under its own keys.
+
+    megatron.core saves the layers of a block as one tensor per parameter name with a leading layer axis, so all
+    layers must be split alike over TP; in a hetero job they are not (mesh A's layers over 2 TP ranks, mesh B's
+    over 1). Each layer's slice of that axis becomes its own tensor (`decoder.layers.<i>.<name>`), which may be split
+    as its mesh splits it. The optimizer's states follow (they are keyed after the model's)."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def unstacked(value):
+        if isinstance(value, ShardedTensor) and value.prepend_axis_num >= 1 and ".layers." in value.key:
+            layer = value.global_offset[0]
+            head, _, tail = value.key.partition(".layers.")
+            return replace(
+                value,
+                key=f"{head}.layers.{layer}.{tail}",
+                global_shape=value.global_shape[1:],
+                global_offset=value.global_offset[1:],
+                axis_fragmentations=value.axis_fragmentations[1:],
+                prepend_axis_num=value.prepend_axis_num - 1,
+            )
+        if isinstance(value, ShardedTensorFactory):
+            build = value.build_fn
+            return replace(value, build_fn=lambda *args: walk(build(*args)))
+        return value
+
+    def walk(value):
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return unstacked(value)
+
+    return walk(state)
