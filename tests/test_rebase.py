@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from flagscale.cli import app
 from flagscale.errors import ConfigError
-from flagscale.patches.rebase import abort_rebase, continue_rebase, rebase
+from flagscale.patches.rebase import abort_rebase, continue_rebase, rebase, resolve_adjacent
 from flagscale.patches.series import read_series
 from flagscale.patches.workflow import check, export
 from flagscale.upstream.project import Project
@@ -164,6 +164,24 @@ def test_already_upstream_is_reported_and_dropped_on_request(toy_series, toy_ups
     assert read_series(common, "common").names == ("0002-device-accessor.patch",)
     toy_series.__dict__.pop("pins", None)
     assert {r.status for r in check(toy_series, source=str(new), cache=cache)} == {"ok"}
+
+
+def diff3(release: str, base: str, patch: str) -> bytes:
+    return f"a\n<<<<<<< HEAD\n{release}||||||| base\n{base}=======\n{patch}>>>>>>> patch\nz\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("release", "base", "patch", "merged"),
+    [
+        ("", "import old\n", "import ours\nimport old\n", "a\nimport ours\nz\n"),  # insert next to a removal
+        ("x = 2\n", "x = 1\n", "x = 1\n# ours\n", "a\nx = 2\n# ours\nz\n"),  # insert after a change
+        ("", "from u import log\n\n", "from u import log\nimport ours\n\n", "a\nimport ours\nz\n"),  # among
+        ("y\n", "", "x\n", None),  # both insert at one place: order unknown
+        ("x = 2\n", "x = 1\n", "x = 3\n", None),  # both change one line
+    ],
+)
+def test_adjacent_insertion_regions(release, base, patch, merged):
+    assert resolve_adjacent(diff3(release, base, patch)) == (merged.encode() if merged else None)
 
 
 def _two_conflicts(project, tmp_path: Path) -> Path:

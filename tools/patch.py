@@ -3,7 +3,11 @@
 
 tools/patch.py checkout megatron /tmp/mc      # pinned upstream + one commit per patch
 tools/patch.py export megatron /tmp/mc        # commits -> patches/megatron/ (only changed files)
-tools/patch.py rebase megatron --to 0.16.2    # replay onto a new pin (3-way), report per patch
+tools/patch.py rebase megatron --to 0.17.0    # try every patch on a new release, report each one
+tools/patch.py rebase megatron --to 0.17.0 --workspace /tmp/rb [--drop-upstreamed]
+                                              # ... and stop at the first conflict there, in progress
+tools/patch.py rebase --continue /tmp/rb      # after resolving (git add or commit): next conflict or finish
+tools/patch.py rebase --abort /tmp/rb         # give up: removes the workspace, nothing was written
 tools/patch.py check                          # does every (device, backend) cell apply?
 """
 
