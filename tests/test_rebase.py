@@ -97,6 +97,26 @@ def test_every_patch_is_tried_after_a_conflict(toy_series, toy_upstream, cache, 
     assert snapshot(toy_series.root) == before  # series and pin untouched
 
 
+def test_device_patch_on_a_conflicting_common_patch(toy_series, toy_upstream, cache, tmp_path):  # noqa: F811
+    # 0002 rewrites device() and adds accel.py, which the npu patch changes; 1.1 changes the same line of device().
+    new = new_release(tmp_path, lambda f: replace_line(f, "toy/device.py", "'cuda'", "'xpu'"))
+    result = toy_rebase(toy_series, toy_upstream, new, cache)
+    assert statuses(result) == {
+        ("common", "0001-spell-out-five.patch"): "clean",
+        ("common", "0002-device-accessor.patch"): "conflict",
+        ("device:npu", "0001-npu-accel.patch"): "dependent-on-conflict",
+    }
+    (region,) = result.report[1].conflicts
+    assert (region.path, region.upstream, region.patch) == (
+        "python/toy/device.py",
+        "    return 'xpu'",
+        "    return accel()",
+    )
+    npu = result.report[2]
+    assert npu.depends_on == "common/0002-device-accessor.patch"
+    assert "python/toy/accel.py" in npu.detail  # without 0002 its file does not exist: said, not skipped
+
+
 def _strategy_series(project, tmp_path: Path) -> None:
     """Three patches that strict apply refuses on the new release, each for a different merge to fix."""
     three_way = make_patch(  # its context line 2 changes upstream: a 3-way merge is enough

@@ -114,6 +114,10 @@ def _conclude(result: RebaseResult) -> None:
     from flagscale.errors import RebaseConflict
 
     release = f"{result.new_pin.sdist.name} {result.new_pin.sdist.version}"
+    if not result.wiggle:
+        console(stderr=True).print(
+            "note: wiggle is not installed, so word-level merges were not tried (apt-get install wiggle)"
+        )
     if result.written:
         print_rebase_report(result.report)
         for row in result.upstreamed:
