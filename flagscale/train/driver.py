@@ -449,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info(f"saved checkpoint {path}")
     if metrics:
         metrics.close()
+    if "p2p_communicator" in schedule_arguments:  # where a hetero step's time goes (benchmarks/bench_hetero.py)
+        border = schedule_arguments["p2p_communicator"]
+        log.info(f"hetero borders: {border.exchanges} exchanges, {border.seconds:.3f} s waiting on them")
     heartbeat.beat(m.train_iters, phase="done", force=True)
     dist.barrier()
     if rank == 0:

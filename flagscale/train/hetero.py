@@ -309,8 +309,8 @@ def check_nodes(t, nodes: list, nproc_per_node: int, hostfile: str | None) -> No
         return
     if hostfile is None:
         raise ConfigError(
-            "train.system.hetero.meshes: device_type names hostfile types; a local job has no hostfile "
-            "(set experiment.runner.hostfile, or leave device_type unset)"
+            "train.system.hetero.meshes: device_type names hostfile types, and this job has none (local or Slurm): "
+            "set experiment.runner.hostfile with launcher ssh, or leave device_type unset"
         )
     for mesh in lay.meshes:
         first_node, offset = divmod(mesh.first_rank, nproc_per_node)
@@ -543,6 +543,7 @@ class Communicator:
         self.rt, self.config = rt, config
         self.pp_group = StageGroup(rt.stage, rt.layout.stages)
         self.dtype = config.pipeline_dtype
+        self.seconds, self.exchanges = 0.0, 0  # time spent at the borders (the driver logs it at the end)
 
     # ---- the slices: [(peer rank, first sample, past the last sample) relative to this rank's own samples]
     def _pieces(self, mine: Mesh, my_stage: int, other: Mesh, other_stage: int, sending: bool):
@@ -569,9 +570,12 @@ class Communicator:
     def _ops(self, send: tuple | None, recv: tuple | None):
         """Post the sends and receives of one step; returns the received tensor (or None) once all completed.
         send: (tensor, step); recv: (shape, step, scale)."""
+        import time
+
         import torch
         import torch.distributed as dist
 
+        started = time.perf_counter()
         rt, reqs, parts = self.rt, [], []
         if send is not None:
             tensor, step = send
@@ -588,6 +592,8 @@ class Communicator:
         for req in reqs:
             if req is not None:
                 req.wait()
+        self.seconds += time.perf_counter() - started
+        self.exchanges += 1
         if recv is None:
             return None
         received = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
