@@ -8,8 +8,9 @@ the patches before it that went through:
    nothing (`already-upstream`; `drop_upstreamed` removes it from its series);
 3. automatic merges, each accepted only if the refreshed patch passes the strict engine on the new
    release, gives exactly the merged files, and merged Python files that compiled still compile:
-   git's 3-way merge with the myers, patience, histogram and minimal diff algorithms, then Debian's
-   word-level `wiggle` when it is installed (`merged`, with the strategy);
+   git's 3-way merge with the myers, patience, histogram and minimal diff algorithms; "adjacent
+   insertion" (one side only added lines next to or among lines the other changed, which git calls a
+   conflict); then Debian's word-level `wiggle` when it is installed (`merged`, with the strategy);
 4. otherwise `conflict`, with the file, the line range and both sides of every conflict region.
 
 A patch that touches a file of a conflicting patch (or of a patch that depends on one) is still tried
@@ -34,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flagscale.errors import ApplyError, ConfigError, GitError, PatchError
+from flagscale.errors import ApplyError, ConfigError, PatchError
 from flagscale.patches.patchfile import Patch, parse_patch
 from flagscale.patches.series import read_series
 from flagscale.patches.tree import load_series_patches
@@ -885,7 +886,6 @@ def _write_checkout_state(repo: Path, state: _State, pin: Pin) -> None:
 __all__ = [
     "STATUSES",
     "Conflict",
-    "GitError",
     "PatchReport",
     "RebaseResult",
     "abort_rebase",
