@@ -4,6 +4,7 @@ patch series, device manifests) that `flagscale install` and `flagscale doctor` 
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from flagscale.wheels.backend_wheel import (
     device_settings,
     local_segment,
 )
+from flagscale.wheels.flit_build import dist_info_of
 from flagscale.wheels.provenance import PROVENANCE_FILE, DeviceProvenance, PinnedBackend, to_bytes
 from flagscale.wheels.wheelfile import WheelEdit, rewrite_wheel
 
@@ -40,6 +42,11 @@ class BuildSettings:
 
     def targets(self, project: Project) -> list[Target]:
         return [Target.of(project, b, self.device, self.upstream_source) for b in self.backends]
+
+
+def device_version(settings: BuildSettings) -> str | None:
+    """The FlagScale wheel's version for a device build (`0.1.0+cpu`); None: the plain wheel's own."""
+    return f"{__version__}+{local_segment(settings.device)}" if settings.device else None
 
 
 def backend_build_requires(settings: BuildSettings) -> list[str]:
@@ -60,12 +67,24 @@ def device_provenance(settings: BuildSettings, wheels: list[BackendWheel], requi
     return DeviceProvenance(settings.device, pinned, tuple(requires), settings.upstream_source)
 
 
+# What FlagScale's own commands need beside a backend at run time, on every device: `flagscale train`
+# (megatron-core's distributed checkpoint writer imports psutil). The [train] extra adds TensorBoard.
+BACKEND_RUNTIME_REQUIRES: dict[str, tuple[str, ...]] = {"megatron": ("psutil>=5.9",)}
+
+
 def runtime_requires(project: Project, device: str | None, wheels: list[BackendWheel]) -> list[str]:
-    """The device's runtime requirements for the backends built (torch, a platform plugin, ...)."""
+    """The runtime requirements of the backends built: the device's (torch, a platform plugin, ...) and
+    FlagScale's own for each backend."""
     if not device:
         return []
     dev = resolve_device(project, device)
-    return list(dict.fromkeys(r for w in wheels for r in dev.runtime_requires_for(w.backend)))
+    return list(
+        dict.fromkeys(
+            r
+            for w in wheels
+            for r in (*dev.runtime_requires_for(w.backend), *BACKEND_RUNTIME_REQUIRES.get(w.backend, ()))
+        )
+    )
 
 
 def project_data(project: Project) -> dict[str, bytes]:
@@ -80,6 +99,24 @@ def project_data(project: Project) -> dict[str, bytes]:
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # a frontend shows the build hooks' stderr (pip with -v)
+
+
+def prepare_metadata(
+    settings: BuildSettings, metadata_directory: str, flit_build: Callable[[str], str], *, editable: bool = False
+) -> str:
+    """PEP 517 prepare_metadata: the .dist-info of the very wheel build_distribution makes (built here; the
+    backend wheels are cached, so the build_wheel call that follows is cheap and byte-identical)."""
+    with tempfile.TemporaryDirectory(prefix="flagscale-metadata-") as tmp:
+        name = build_distribution(settings, tmp, flit_build, editable=editable)
+        return dist_info_of(Path(tmp) / name, Path(metadata_directory))
+
+
+def direct_reference(wheel: BackendWheel) -> str:
+    """`name @ file:///…whl`, limited to the Python the wheel was built for (`cp311`): a resolver that locks
+    for every Python the project supports (uv sync) then needs the wheel only where it can install."""
+    python = re.match(r"^cp(\d)(\d+)$", wheel.path.name.split("-")[-3])
+    marker = f' ; python_version == "{python[1]}.{python[2]}"' if python else ""
+    return f"{wheel.distribution} @ {wheel.path.as_uri()}{marker}"
 
 
 def build_distribution(
@@ -97,12 +134,12 @@ def build_distribution(
     """
     project = Project.find()
     wheels = [build_backend_wheel(target, progress=_to_stderr) for target in settings.targets(project)]
-    pin = requirement or (lambda w: f"{w.distribution} @ {w.path.as_uri()}")
+    pin = requirement or direct_reference
     runtime = runtime_requires(project, settings.device, wheels)
     with tempfile.TemporaryDirectory(prefix="flagscale-wheel-") as tmp:
         name = flit_build(tmp)
         edit = WheelEdit(
-            version=f"{__version__}+{local_segment(settings.device)}" if settings.device else None,
+            version=device_version(settings),
             add_requires=tuple(pin(w) for w in wheels) + tuple(runtime),
             dist_info_files={PROVENANCE_FILE: to_bytes(device_provenance(settings, wheels, runtime))},
             files={} if editable else project_data(project),

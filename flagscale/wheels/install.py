@@ -133,15 +133,12 @@ def build_wheelhouse(
         written.append(out / wheel.path.name)
     step("building the flagscale wheel")
     settings = BuildSettings(device, tuple(project.pins.resolve(b).backend for b in backends), source)
-    from flit_core import buildapi
+    from functools import partial
 
-    cwd = os.getcwd()
-    os.chdir(project.root)  # flit reads pyproject.toml from the current folder
-    try:
-        name = build_distribution(
-            settings, str(out), buildapi.build_wheel, requirement=lambda w: f"{w.distribution}=={w.version}"
-        )
-    finally:
-        os.chdir(cwd)
+    from flagscale.wheels.flit_build import flit_wheel
+
+    name = build_distribution(
+        settings, str(out), partial(flit_wheel, project.root), requirement=lambda w: f"{w.distribution}=={w.version}"
+    )
     written.append(out / name)
     return written
