@@ -18,8 +18,8 @@ Nothing heavy is imported at module level: settings, validation and the dry run 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from flagscale.errors import ConfigError
 from flagscale.settings import setting
@@ -358,20 +358,6 @@ def dryrun_lines(t) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- runtime
-class StageGroup:
-    """The pipeline as megatron's schedule and model ask about it (rank(), size()): this rank's stage among all
-    stages of all meshes. No collective runs on it; neighbouring stages talk through `Communicator`."""
-
-    def __init__(self, stage: int, stages: int) -> None:
-        self.stage, self.stages = stage, stages
-
-    def rank(self) -> int:
-        return self.stage
-
-    def size(self) -> int:
-        return self.stages
-
-
 @dataclass(frozen=True)
 class Runtime:
     """This rank's place in the layout, once the process groups exist."""
@@ -382,6 +368,7 @@ class Runtime:
     stage: int
     dp_rank: int
     tp_rank: int
+    border_group: Any = None  # the world over gloo: what crosses stage borders (cross_mesh gloo)
 
     @property
     def micro_batch_size(self) -> int:
@@ -412,10 +399,17 @@ def initialize(t, rank: int) -> Runtime:
             tensor_model_parallel_size=mesh.tp, pipeline_model_parallel_size=lay.stages
         )
         return runtime
-    # Every global megatron keeps gets a valid group first (TP=PP=1: groups of one, DP over the world), then the
-    # ones the layout decides are replaced by the meshes' own.
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    _mesh_groups(lay, runtime)
+    if not hasattr(parallel_state, "initialize_hetero_model_parallel"):
+        raise ConfigError(
+            "train.system.hetero: this megatron-core has no heterogeneous process groups (FlagScale's megatron patch "
+            "0011-hetero-process-groups): install the backend from this checkout (flagscale install --backend megatron)"
+        )
+    import torch.distributed as dist
+
+    place = parallel_state.initialize_hetero_model_parallel([(m.tp, m.dp, m.pp) for m in lay.meshes])
+    assert (place["stage"], place["dp_rank"], place["tp_rank"]) == (stage, dp_rank, tp_rank), place
+    border = dist.new_group(list(range(lay.world_size)), backend="gloo")  # every rank, once, in the same order
+    runtime = replace(runtime, border_group=border)
     global _ACTIVE
     _ACTIVE = runtime
     return runtime
@@ -427,76 +421,6 @@ _ACTIVE: Runtime | None = None  # the process's layout when its meshes differ (m
 def active() -> Runtime | None:
     """This process's hetero layout when its meshes differ, else None (homogeneous, or meshes all alike)."""
     return _ACTIVE
-
-
-def _new_group(ranks: list[int]):
-    import torch.distributed as dist
-
-    return dist.new_group(ranks, backend="gloo") if len(ranks) > 1 else dist.new_group(ranks)
-
-
-def _mesh_groups(lay: Layout, rt: Runtime) -> None:
-    """The meshes' TP, DP and TP x DP groups (every rank creates every group, in the same order), set as megatron's
-    globals; the pipeline is a StageGroup; grad-norm statistics run over the world (see `adjust_optimizer`)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    mine: dict[str, tuple[list[int], object]] = {}
-    for mesh in lay.meshes:
-        for stage in range(mesh.first_stage, mesh.first_stage + mesh.pp):
-            for d in range(mesh.dp):
-                ranks = [mesh.rank(stage, d, t) for t in range(mesh.tp)]
-                group = _new_group(ranks)
-                if rt.rank in ranks:
-                    mine["tp"] = (ranks, group)
-            for t in range(mesh.tp):
-                ranks = [mesh.rank(stage, d, t) for d in range(mesh.dp)]
-                group = _new_group(ranks)
-                if rt.rank in ranks:
-                    mine["dp"] = (ranks, group)
-            ranks = [mesh.rank(stage, d, t) for d in range(mesh.dp) for t in range(mesh.tp)]
-            group = _new_group(ranks)
-            if rt.rank in ranks:
-                mine["tp_dp"] = (ranks, group)
-    first, last = lay.meshes[0], lay.meshes[-1]
-    if (first.tp, first.dp) == (last.tp, last.dp):  # tied embeddings: the same shard on the first and last stage
-        for d in range(first.dp):
-            for t in range(first.tp):
-                ranks = sorted({first.rank(0, d, t), last.rank(lay.stages - 1, d, t)})
-                group = _new_group(ranks)
-                if rt.rank in ranks:
-                    mine["embd"] = (ranks, group)
-    tp_ranks, tp = mine["tp"]
-    dp_ranks, dp = mine["dp"]
-    tp_dp = mine["tp_dp"][1]
-    ps._TENSOR_MODEL_PARALLEL_GROUP = ps._EXPERT_TENSOR_PARALLEL_GROUP = tp
-    ps._TENSOR_AND_CONTEXT_PARALLEL_GROUP = tp
-    ps._TENSOR_MODEL_PARALLEL_GLOBAL_RANKS = tp_ranks
-    for name in (
-        "_DATA_PARALLEL_GROUP",
-        "_DATA_PARALLEL_GROUP_GLOO",
-        "_DATA_PARALLEL_GROUP_WITH_CP",
-        "_DATA_PARALLEL_GROUP_WITH_CP_GLOO",
-        "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP",
-        "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO",
-        "_EXPERT_DATA_PARALLEL_GROUP",
-        "_EXPERT_DATA_PARALLEL_GROUP_GLOO",
-        "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP",
-        "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP_GLOO",
-        "_INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP",
-    ):
-        setattr(ps, name, dp)
-    ps._DATA_PARALLEL_GLOBAL_RANKS = ps._DATA_PARALLEL_GLOBAL_RANKS_WITH_CP = dp_ranks
-    ps._TENSOR_AND_DATA_PARALLEL_GROUP = ps._TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP = tp_dp
-    ps._EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP = tp
-    # model-parallel statistics (grad norm) over every mesh: adjust_optimizer counts one DP replica of each
-    ps._MODEL_PARALLEL_GROUP = dist.group.WORLD
-    ps._MODEL_PARALLEL_GLOBAL_RANKS = list(range(lay.world_size))
-    ps._PIPELINE_MODEL_PARALLEL_GROUP = StageGroup(rt.stage, lay.stages)
-    ps._EMBEDDING_GROUP = mine["embd"][1] if "embd" in mine else None
-    ps._EMBEDDING_GLOBAL_RANKS = mine["embd"][0] if "embd" in mine else None
-    ps.set_pipeline_model_parallel_world_size(lay.stages)
-    ps.set_pipeline_model_parallel_rank(rt.stage)
 
 
 def adjust_optimizer(optimizer, rt: Runtime) -> None:
@@ -526,7 +450,10 @@ def schedule_arguments(rt: Runtime, config) -> dict:
     groups.embd = ps.get_embedding_group(check_initialized=False)
     groups.pos_embd = None
     groups.dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
-    return {"p2p_communicator": Communicator(rt, config), "pg_collection": groups}
+    from megatron.core import device_utils
+
+    communicator = Communicator(rt, config, groups.pp, device_utils.current_device())
+    return {"p2p_communicator": communicator, "pg_collection": groups}
 
 
 class Communicator:
@@ -539,10 +466,10 @@ class Communicator:
 
     virtual_pipeline_model_parallel_size = None
 
-    def __init__(self, rt: Runtime, config) -> None:
+    def __init__(self, rt: Runtime, config, pp_group=None, device=None) -> None:
         self.rt, self.config = rt, config
-        self.pp_group = StageGroup(rt.stage, rt.layout.stages)
-        self.dtype = config.pipeline_dtype
+        self.pp_group = pp_group  # megatron's HeteroPipelineGroup: rank() is the stage, size() the stages
+        self.dtype, self.device = config.pipeline_dtype, device
         self.seconds, self.exchanges = 0.0, 0  # time spent at the borders (the driver logs it at the end)
 
     # ---- the slices: [(peer rank, first sample, past the last sample) relative to this rank's own samples]
@@ -581,13 +508,14 @@ class Communicator:
             tensor, step = send
             other, stage = self._neighbour(step)
             for peer, lo, hi in self._pieces(rt.mesh, rt.stage, other, stage, sending=True):
-                reqs.append(dist.isend(tensor[:, lo:hi].contiguous(), peer))
+                piece = tensor[:, lo:hi].to("cpu").contiguous()  # gloo: through host memory
+                reqs.append(dist.isend(piece, peer, group=rt.border_group))
         if recv is not None:
             shape, step, _ = recv
             other, stage = self._neighbour(step)
             for peer, lo, hi in self._pieces(rt.mesh, rt.stage, other, stage, sending=False):
                 buffer = torch.empty((shape[0], hi - lo, *shape[2:]), dtype=self.dtype)
-                reqs.append(dist.irecv(buffer, peer))
+                reqs.append(dist.irecv(buffer, peer, group=rt.border_group))
                 parts.append(buffer)
         for req in reqs:
             if req is not None:
@@ -597,6 +525,7 @@ class Communicator:
         if recv is None:
             return None
         received = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        received = received.to(self.device) if self.device is not None else received
         scale = recv[2]
         return received * scale if scale != 1 else received
 
