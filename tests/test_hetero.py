@@ -58,6 +58,9 @@ def test_meshes_parse_into_frozen_settings_in_pipeline_order():
     lay = hetero.train_layout(t)
     assert [list(m.ranks) for m in lay.meshes] == [[0, 1], [2, 3]]
     assert lay.split == (2, 2) and lay.samples_per_microbatch == 2 and not lay.uniform
+    alike = {**A, "device_type": None}
+    assert hetero.train_layout(settings((alike, alike))).uniform  # megatron's own groups and p2p
+    assert not hetero.train_layout(settings(({**alike, "device": "cpu"}, alike))).uniform  # other chips: gloo borders
     assert lay.meshes[1].coordinates(3) == (1, 1, 0)  # stage 1, DP rank 1, TP rank 0
     assert hetero.padding_tp(t) == 2
     t.check(4)

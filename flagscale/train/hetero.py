@@ -121,9 +121,10 @@ class Layout:
 
     @property
     def uniform(self) -> bool:
-        """Every mesh has the same TP, DP and micro-batch: megatron's own groups and p2p fit."""
+        """Every mesh has the same TP, DP, micro-batch and device manifest: megatron's own groups and p2p fit (meshes
+        of different devices keep the gloo borders, whatever their layouts)."""
         first = self.meshes[0]
-        return all((m.tp, m.dp, m.mbs) == (first.tp, first.dp, first.mbs) for m in self.meshes)
+        return all((m.tp, m.dp, m.mbs, m.device) == (first.tp, first.dp, first.mbs, first.device) for m in self.meshes)
 
     def mesh_of_rank(self, rank: int) -> Mesh:
         return next(m for m in self.meshes if rank in m.ranks)
