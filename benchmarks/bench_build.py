@@ -9,10 +9,10 @@ Targets (issue #3): warm no-change rebuild <= 1.1x the plain upstream build; `fl
 
     .venv/bin/python benchmarks/bench_build.py --part llama.cpp
 
-The cpu llama.cpp wheel (`flagscale build --backend llama.cpp --device cpu`) built cold (an empty FlagScale
-cache, so an empty compiler cache too; the sdist is seeded, not timed), then rebuilt in the same run after a
-one-line code change to a llama.cpp patch (on a scratch copy of the checkout): with ccache the rebuild
-compiles only what the patch touches. Target (issue #16): rebuild <= 0.25x the cold build.
+The cpu llama.cpp backend wheel (as `flagscale install|build --backend llama.cpp` builds it) built cold
+(an empty FlagScale cache, so an empty compiler cache too; the sdist is seeded, not timed), then rebuilt in
+the same run after a one-line code change to a llama.cpp patch (on a scratch copy of the checkout): with
+ccache the rebuild compiles only what the patch touches. Target (issue #16): rebuild <= 0.25x the cold build.
 """
 
 from __future__ import annotations
@@ -68,15 +68,25 @@ def llama_cpp_rebuild() -> None:
     shutil.copy2(sdist, cache / "sdists" / pin.sdist.sha256 / sdist.name)
     env = {**os.environ, "FLAGSCALE_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     env.pop(DISABLE_ENV, None)
-    cmd = [str(Path(sys.executable).parent / "flagscale"), "build", "--backend", "llama.cpp", "--device", "cpu"]
-    cmd += ["--source", "sdist", "--root", str(copy.root)]
-    cold = timed([*cmd, "--out", str(work / "cold")], env)
+    # What `flagscale install|build` and `pip install . -C backend=llama.cpp` run for the backend wheel.
+    code = (
+        "import shutil, sys\n"
+        "from pathlib import Path\n"
+        "from flagscale.upstream.project import Project\n"
+        "from flagscale.upstream.target import Target\n"
+        "from flagscale.wheels.install import build_in_isolation\n"
+        "wheel = build_in_isolation(Target.of(Project(Path(sys.argv[1])), 'llama.cpp', 'cpu', 'sdist'))\n"
+        "Path(sys.argv[2]).mkdir()\n"
+        "shutil.copy2(wheel.path, sys.argv[2])\n"
+    )
+    cmd = [sys.executable, "-c", code, str(copy.root)]
+    cold = timed([*cmd, str(work / "cold")], env)
     print(f"cold build: {cold:.1f} s", flush=True)
     patch = copy.common_series_dir("llama.cpp") / LLAMA_PATCH
     data = patch.read_bytes()
     assert data.count(LLAMA_OLD_LINE) == 1, f"{LLAMA_PATCH} changed: pick another line"
     patch.write_bytes(data.replace(LLAMA_OLD_LINE, LLAMA_NEW_LINE))
-    rebuild = timed([*cmd, "--out", str(work / "rebuild")], env)
+    rebuild = timed([*cmd, str(work / "rebuild")], env)
     print(f"rebuild after a one-line change to {LLAMA_PATCH}: {rebuild:.1f} s", flush=True)
     (stats_dir,) = (cache / "ccache").iterdir()
     stats = subprocess.run(

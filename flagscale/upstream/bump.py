@@ -117,8 +117,8 @@ def bump(
     written: tuple[Path, ...] = ()
     left: Path | None = None
     with tempfile.TemporaryDirectory(prefix="flagscale-bump-") as tmp:
+        snapshot = _files(project, pin.backend)  # before staging: a change from now on stops the write-back
         staged = stage_project(project, Path(tmp) / "project")
-        snapshot = _snapshot(project, pin.backend)
         rebased, left = _rebase(
             project, staged, pin.backend, release, old_source, cache, workspace, drop_upstreamed, say
         )
@@ -166,10 +166,6 @@ def _files(project: Project, backend: str) -> dict[Path, bytes]:
                 if path.is_file():
                     out[path.relative_to(project.root)] = path.read_bytes()
     return out
-
-
-def _snapshot(project: Project, backend: str) -> dict[Path, bytes]:
-    return _files(project, backend)
 
 
 def _write_back(project: Project, staged: Project, backend: str, snapshot: dict[Path, bytes]) -> tuple[Path, ...]:
