@@ -194,6 +194,24 @@ def test_dryrun_shows_every_mesh_its_ranks_and_layout(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+def test_dryrun_counts_the_parameters_of_every_stage_as_its_mesh_splits_them(tmp_path):
+    """Meshes all at TP=2 count what the homogeneous TP=2 PP=2 count does (flagscale.train.shapes, checked against
+    megatron's build in tests/test_shapes.py); mesh B at TP=1 holds twice the per-rank layer and output parameters."""
+    from flagscale.train.shapes import layer_parameters, stage_parameters
+
+    alike = {**A, "device_type": None}
+    same = hetero.parameter_lines(settings((alike, alike)), 384)
+    for stage in stage_parameters(settings((alike, alike)).model, 384, 2, 2):
+        assert f"  stage {stage.stage}: {stage.total:,} on each of its 2 TP rank(s)" in "\n".join(same)
+    lines = hetero.parameter_lines(settings(), 384)
+    m = settings().model
+    head = 64 + 384 * 64  # the final RMSNorm, the whole output layer on TP=1
+    assert lines[2] == (
+        f"  stage 1: {2 * layer_parameters(m, 1) + head:,} on each of its 1 TP rank(s) = embedding 0 + 2 layer(s) x "
+        f"{layer_parameters(m, 1):,} + final norm and output layer {head:,}"
+    )
+
+
 @pytest.fixture
 def two_cpu_devices(tmp_path, monkeypatch):
     """A FlagScale project with two test devices that both run on the CPU, each with its own visible-devices
@@ -331,6 +349,14 @@ def test_meshes_of_other_tp_and_dp_train_as_the_homogeneous_pipeline(venv):
     worst = _same(reference, curve)
     print(f"\nhetero TP2/DP1 | TP1/DP2 vs TP2 PP2: max |loss difference| {worst:.1e} over 20 iterations")
     assert reference[-1] < 0.8 * reference[0]
+    # the dry run's parameter counts are what every rank built (its memory record: fp32 bytes)
+    lines = hetero.parameter_lines(settings(), 384)[1:]
+    counts = [int(line.split(":")[1].split()[0].replace(",", "")) for line in lines]
+    built = {
+        int(f.stem[4:]): json.loads(f.read_text())["parameters"] // 4
+        for f in (venv.work / "hetero-tp-dp" / "logs" / "memory").glob("rank*.json")
+    }
+    assert built == {0: counts[0], 1: counts[0], 2: counts[1], 3: counts[1]}, (built, counts)
 
     at_10 = venv.work / "hetero-at-10"  # the checkpoint of iteration 10 alone, as a run killed after it left it
     shutil.copytree(saved / "iter_0000010", at_10 / "iter_0000010")

@@ -358,6 +358,34 @@ def dryrun_lines(t) -> list[str]:
     return lines
 
 
+def parameter_lines(t, vocab_size: int | None) -> list[str]:
+    """action=dryrun: the parameters per rank of every stage, as its mesh splits them (flagscale.train.shapes'
+    counts, the vocabulary padded for every mesh's TP)."""
+    from flagscale.train.shapes import _norm, layer_parameters
+    from flagscale.train.tokenizer import padded_vocab_size
+
+    if vocab_size is None:
+        return ["parameters per rank: set train.model.vocab_size to count them (the hf tokenizer loads on the nodes)"]
+    m, lay = t.model, train_layout(t)
+    padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, padding_tp(t))
+    positions = (m.max_position_embeddings or m.seq_length) * m.hidden_size
+    lines = [f"parameters per rank ({m.family}, vocabulary {vocab_size} padded to {padded}; DP ranks hold copies):"]
+    for stage, layers in enumerate(lay.split):
+        tp = lay.mesh_of_stage(stage).tp
+        rows = padded // tp * m.hidden_size
+        embedding = rows + (positions if m.position_embedding_type == "learned_absolute" else 0) if stage == 0 else 0
+        head = 0
+        if stage == lay.stages - 1:
+            head = _norm(m, m.hidden_size) + (0 if m.share_embeddings_and_output_weights and stage == 0 else rows)
+        per_layer = layer_parameters(m, tp)
+        total = embedding + layers * per_layer + head
+        lines.append(
+            f"  stage {stage}: {total:,} on each of its {tp} TP rank(s) = embedding {embedding:,} + {layers} layer(s)"
+            f" x {per_layer:,} + final norm and output layer {head:,}"
+        )
+    return lines
+
+
 # -------------------------------------------------------------------------------------------- runtime
 @dataclass(frozen=True)
 class Runtime:

@@ -433,7 +433,8 @@ def dryrun_header(
     print(f"# flagscale train (dry run): {title}", file=out)
     print(f"# driver config -> {config_file}", file=out)
     if train.system.hetero is not None:  # every mesh, its ranks and layout
-        lines = hetero.dryrun_lines(train) + ["parameters and memory per rank: not modelled for hetero layouts yet"]
+        lines = hetero.dryrun_lines(train) + hetero.parameter_lines(train, _vocabulary(train))
+        lines.append("memory per rank: the memory model does not cover hetero layouts yet")
     else:
         lines = parameter_lines(train) + memory_lines(train, world_size)
     for line in lines:
