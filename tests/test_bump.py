@@ -141,3 +141,24 @@ def test_llama_cpp_smoke_test_completes_from_a_gguf_with_the_new_wheel(tmp_path)
     assert stage.ok, "\n".join(stage.details)
     assert stage.summary == "import and a completion of 8 tokens from tiny.gguf"
     assert any("completion_tokens" in line for line in stage.details)
+
+
+@pytest.mark.integration
+def test_a_conflicting_rebase_leaves_its_workspace_and_the_checkout_unchanged(tmp_path):
+    """megatron-core 0.17.0 changed lines two of our patches touch: the bump stops after the rebase."""
+    from flagscale.patches.rebase import abort_rebase
+
+    project = _checkout(tmp_path / "checkout")
+    before = _tree_bytes(project.root)
+    cache = Cache(real_cache_dir() / "build-cache")
+    result = bump(project, "megatron", "0.17.0", old_source="sdist", cache=cache, report_dir=tmp_path / "reports")
+    assert not result.ok and [s.name for s in result.stages] == ["rebase"]
+    assert result.reason.startswith("rebase failed: 2 patch(es) did not go through (0007-moe-device-neutral.patch")
+    assert result.workspace == tmp_path / "reports" / "bump-megatron-0.17.0-workspace"
+    assert (result.workspace / ".git").is_dir() and f"--continue {result.workspace}" in result.reason
+    assert _tree_bytes(project.root) == before and result.written == ()
+    report = result.report.read_text()
+    assert "Conflict of common/0009-mla-with-local-attention.patch at `megatron/core/transformer/" in report
+    assert "Not run (an earlier step failed): check, build, smoke." in report
+    abort_rebase(result.workspace)
+    assert not result.workspace.exists() and _tree_bytes(project.root) == before

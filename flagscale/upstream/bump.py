@@ -234,7 +234,7 @@ def _rebase(
         return Stage("rebase", False, str(exc)), None
     table = _patch_table(result.report)
     if result.conflicts:
-        where = "; ".join(f"{r.name}: {', '.join(c.where for c in r.conflicts) or r.status}" for r in result.conflicts)
+        where = "; ".join(f"{r.name}: {_regions(r)}" for r in result.conflicts)
         why = (
             f"{len(result.conflicts)} patch(es) did not go through ({where}); resolve them in {workspace} "
             f"and run `flagscale patch rebase --continue {workspace}`, or `--abort` it"
@@ -254,6 +254,14 @@ def _rebase(
         counts[r.result] = counts.get(r.result, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return Stage("rebase", True, f"{len(result.report)} patch(es): {summary}", table), None
+
+
+def _regions(r) -> str:
+    """`2 conflict regions in 1 file`, or the status of a patch stacked on a conflicting one."""
+    if not r.conflicts:
+        return r.status + (f" on {r.depends_on}" if getattr(r, "depends_on", None) else "")
+    files = len({c.path for c in r.conflicts})
+    return f"{len(r.conflicts)} conflict region(s) in {files} file(s)"
 
 
 def _patch_table(report: Sequence) -> tuple[str, ...]:
