@@ -3,9 +3,10 @@
 Without megatron: the settings, every validation rule (one line naming the mesh and the rule, before launch), the
 dry run (every mesh, its ranks and layout; each node's own device environment from its mesh's manifest) and the
 re-slicing of pipeline micro-batches at a border. With the patched megatron-core (integration, the venv of
-tests/megatron_env.py, world size 4 over gloo): the tiny llama with mesh A (TP=2, DP=1) and mesh B (TP=1, DP=2)
-gives the losses of the homogeneous PP=2 run, iteration by iteration within 1e-5; likewise meshes differing in DP
-only with an uneven layer split (against the same split on megatron's own path).
+tests/megatron_env.py, world size 4 over gloo): the tiny llama with mesh A (TP=2, DP=1) and mesh B (TP=1, DP=2), on
+two "nodes" of two device types with their own environments, gives the losses of the homogeneous PP=2 run, iteration
+by iteration within 1e-5, and resumes from its checkpoint exactly; likewise meshes differing in DP only with an
+uneven layer split (against the same split on megatron's own path).
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def test_two_device_types_map_to_their_meshes_with_their_own_environment(tmp_pat
         tmp_path,
         meshes,
         hostfile="node-a slots=2 type=typea\nnode-b slots=2 type=typeb\n",
-        runner={"nproc_per_node": 2, "device": "cpua", "visible_devices": "0,1"},
+        runner={"nproc_per_node": 2, "device": "cpua", "visible_devices": "0,1", "rdzv_backend": "static"},
         device_type_envs={"typea": {"MESH_NAME": "A"}, "typeb": {"MESH_NAME": "B"}},
     )
     first, second = (node.script_text for node in p.nodes)
@@ -267,7 +268,12 @@ def test_two_device_types_map_to_their_meshes_with_their_own_environment(tmp_pat
 )
 def test_the_hostfile_types_must_match_the_meshes(tmp_path, hostfile, nproc, message):
     with pytest.raises(ConfigError, match=message):
-        _plan(tmp_path, hostfile=hostfile, runner={"nproc_per_node": nproc})
+        _plan(tmp_path, hostfile=hostfile, runner={"nproc_per_node": nproc, "rdzv_backend": "static"})
+
+
+def test_device_types_on_several_nodes_need_the_static_rendezvous(tmp_path):
+    with pytest.raises(ConfigError, match="rdzv_backend=c10d: meshes of device types need node ranks in hostfile"):
+        _plan(tmp_path, hostfile="node-a slots=2 type=A\nnode-b slots=2 type=B\n", runner={"nproc_per_node": 2})
 
 
 def test_device_types_need_a_hostfile(tmp_path):
@@ -334,33 +340,91 @@ def _local(*meshes) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "device_type"} for m in meshes]
 
 
+def _two_nodes(venv, root, checkpoint: dict):
+    """The ssh launcher's job for a hostfile of two device types, on two "nodes" of this machine (127.0.0.1 and
+    localhost): launcher.plan and its files as action=run writes them, then each node's script as its node agent
+    runs it, side by side. Node 0 (type typea, mesh A, device manifest cpua) and node 1 (typeb, mesh B, cpub)."""
+    import subprocess
+
+    from megatron_env import free_port, run_env
+
+    from flagscale.train import launcher
+
+    exp = venv.work / "hetero-two-nodes"
+    (root / "hosts").write_text("127.0.0.1 slots=2 type=typea\nlocalhost slots=2 type=typeb\n")
+    meshes = [{**A, "device_type": "typea", "device": "cpua"}, {**B, "device_type": "typeb", "device": "cpub"}]
+    show = "env | grep -E '^(CPU._VISIBLE_DEVICES|MESH_NAME|MEGATRON_DEVICE_TYPE)=' | sort > env-$MESH_NAME.txt"
+    plain = {
+        "experiment": {
+            "exp_name": "hetero-two-nodes",
+            "exp_dir": str(exp),
+            "runner": {
+                "nnodes": 2,
+                "nproc_per_node": 2,
+                "hostfile": str(root / "hosts"),
+                "python": str(venv.python),
+                "master_port": free_port(),
+                "rdzv_backend": "static",
+                "device": "cpua",
+                "visible_devices": "0,1",
+            },
+            "envs": {"OMP_NUM_THREADS": 1, "PYTHONWARNINGS": "ignore"},
+            "device_type_envs": {"typea": {"MESH_NAME": "A"}, "typeb": {"MESH_NAME": "B"}},
+            "cmds": {"before_start": show},
+        },
+        "train": {
+            "model": TRAIN,
+            "system": {"deterministic": True, "checkpoint": checkpoint, "hetero": {"meshes": meshes}},
+            "data": {"data_path": str(venv.corpus())},
+        },
+    }
+    p = launcher.plan(plain)
+    launcher._write_files(p)
+    nodes = [
+        subprocess.Popen(["bash", str(n.script)], env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for n in p.nodes
+    ]
+    outputs = [node.communicate(timeout=600)[0].decode(errors="replace") for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return exp
+
+
 @pytest.mark.integration
-def test_meshes_of_other_tp_and_dp_train_as_the_homogeneous_pipeline(venv):
-    """Mesh A (TP=2, DP=1, micro-batch 2) holds layers 0-1, mesh B (TP=1, DP=2, micro-batch 1) layers 2-3: the
-    losses of TP=2 PP=2 on megatron's own path. Gradient clipping is active (norms above 1): the grad norm is
-    summed across the meshes. The hetero run saves at iteration 10; resumed from there in the hetero layout, it
-    repeats iterations 11-20 exactly."""
+def test_meshes_of_other_tp_and_dp_and_devices_train_as_the_homogeneous_pipeline(venv, tmp_path, two_cpu_devices):
+    """Mesh A (TP=2, DP=1, micro-batch 2) holds layers 0-1 on a node of type typea (device cpua), mesh B (TP=1, DP=2,
+    micro-batch 1) layers 2-3 on a node of type typeb (device cpub), each node with its own device environment: the
+    losses of TP=2 PP=2 on megatron's own path. Gradient clipping is active (norms above 1): the grad norm is summed
+    across the meshes. The hetero run saves at iteration 10; resumed from there in the hetero layout, it repeats
+    iterations 11-20 exactly."""
     import shutil
 
     reference = _train(venv, "reference", {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2})
     saved = venv.work / "hetero-checkpoints"
-    system = {"hetero": {"meshes": _local(A, B)}}
-    curve = _train(venv, "tp-dp", system, {"save": str(saved), "save_interval": 10})
+    exp = _two_nodes(venv, tmp_path, {"save": str(saved), "save_interval": 10})
+    curve = [json.loads(line)["loss"] for line in (exp / "logs" / "metrics.jsonl").read_text().splitlines()]
     worst = _same(reference, curve)
-    print(f"\nhetero TP2/DP1 | TP1/DP2 vs TP2 PP2: max |loss difference| {worst:.1e} over 20 iterations")
+    print(
+        f"\nhetero TP2/DP1 | TP1/DP2 on two device types vs TP2 PP2: max |loss difference| {worst:.1e}, 20 iterations"
+    )
     assert reference[-1] < 0.8 * reference[0]
+    # every node ran its mesh's ranks with its own device manifest and type variables
+    assert sorted(f.name for f in (exp / "logs" / "node0").glob("rank*.log")) == ["rank0.log", "rank1.log"]
+    assert sorted(f.name for f in (exp / "logs" / "node1").glob("rank*.log")) == ["rank2.log", "rank3.log"]
+    assert (exp / "env-A.txt").read_text() == "CPUA_VISIBLE_DEVICES=0,1\nMEGATRON_DEVICE_TYPE=cpu\nMESH_NAME=A\n"
+    assert (exp / "env-B.txt").read_text() == "CPUB_VISIBLE_DEVICES=0,1\nMEGATRON_DEVICE_TYPE=cpu\nMESH_NAME=B\n"
     # the dry run's parameter counts are what every rank built (its memory record: fp32 bytes)
     lines = hetero.parameter_lines(settings(), 384)[1:]
     counts = [int(line.split(":")[1].split()[0].replace(",", "")) for line in lines]
     built = {
         int(f.stem[4:]): json.loads(f.read_text())["parameters"] // 4
-        for f in (venv.work / "hetero-tp-dp" / "logs" / "memory").glob("rank*.json")
+        for f in (exp / "logs" / "memory").glob("rank*.json")
     }
     assert built == {0: counts[0], 1: counts[0], 2: counts[1], 3: counts[1]}, (built, counts)
 
     at_10 = venv.work / "hetero-at-10"  # the checkpoint of iteration 10 alone, as a run killed after it left it
     shutil.copytree(saved / "iter_0000010", at_10 / "iter_0000010")
     (at_10 / "latest_checkpointed_iteration.txt").write_text("10\n")
+    system = {"hetero": {"meshes": _local(A, B)}}  # the same layout on one node
     resumed = _train(venv, "tp-dp-resumed", system, {"load": str(at_10), "save": None})
     assert resumed == curve[10:], (resumed, curve[10:])
 

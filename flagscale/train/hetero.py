@@ -302,9 +302,9 @@ def _check_unsupported(t, where: str) -> None:
         )
 
 
-def check_nodes(t, nodes: list, nproc_per_node: int, hostfile: str | None) -> None:
+def check_nodes(t, nodes: list, nproc_per_node: int, hostfile: str | None, rdzv_backend: str = "static") -> None:
     """The hostfile's `type=` against the meshes: every mesh with a device_type covers whole nodes of that type,
-    listed in mesh order (torchrun numbers ranks node by node)."""
+    listed in mesh order (torchrun numbers ranks node by node, in hostfile order with the static rendezvous)."""
     lay = train_layout(t)
     if not any(mesh.device_type for mesh in lay.meshes):
         return
@@ -312,6 +312,11 @@ def check_nodes(t, nodes: list, nproc_per_node: int, hostfile: str | None) -> No
         raise ConfigError(
             "train.system.hetero.meshes: device_type names hostfile types, and this job has none (local or Slurm): "
             "set experiment.runner.hostfile with launcher ssh, or leave device_type unset"
+        )
+    if len(nodes) > 1 and rdzv_backend != "static":
+        raise ConfigError(
+            f"experiment.runner.rdzv_backend={rdzv_backend}: meshes of device types need node ranks in hostfile "
+            "order, which only the static rendezvous gives (c10d ranks nodes as they join); set it to static"
         )
     for mesh in lay.meshes:
         first_node, offset = divmod(mesh.first_rank, nproc_per_node)
@@ -412,7 +417,7 @@ class Runtime:
         )
 
     def describe(self) -> str:
-        return ", ".join(f"{m.name} TP={m.tp} DP={m.dp} PP={m.pp}" for m in self.layout.meshes)
+        return ", ".join(f"mesh {m.index} TP={m.tp} DP={m.dp} PP={m.pp}" for m in self.layout.meshes)
 
 
 def initialize(t, rank: int) -> Runtime:

@@ -275,7 +275,8 @@ def plan(plain: dict) -> LaunchPlan:
     train = _resolve_paths(train_settings(hf_start.merge(plain["train"])), exp_dir)
     train.check(world_size)
     if train.system.hetero is not None:  # the hostfile's type= against the meshes
-        hetero.check_nodes(train, list(base.nodes), exp.runner.nproc_per_node, exp.runner.hostfile)
+        r = exp.runner
+        hetero.check_nodes(train, list(base.nodes), r.nproc_per_node, r.hostfile, r.rdzv_backend)
     _check_inputs(train)
     device_env = device_environment(exp.runner.device, exp.runner.visible_devices)
     if train.system.precision == "fp16" and device_env.get("MEGATRON_DEVICE_TYPE") == "cpu":
