@@ -158,6 +158,18 @@ def test_every_sample_of_a_micro_batch_crosses_a_border_once_to_every_tp_rank(me
     assert _communicator(t, first.first_rank)._grad_scale() == first.dp / second.dp
 
 
+def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(monkeypatch):
+    saved_hetero = {"hetero": "mesh 0 TP=2 DP=1 PP=1, mesh 1 TP=1 DP=2 PP=1", "world": 4}
+    saved_plain = {"TP": 2, "PP": 2, "DP": 1}
+    hetero.check_checkpoint(saved_plain, "/ckpt")  # meshes all alike: megatron's layout, stacked layers
+    with pytest.raises(ConfigError, match="saved by a hetero run with meshes of different layouts"):
+        hetero.check_checkpoint(saved_hetero, "/ckpt")
+    monkeypatch.setattr(hetero, "_ACTIVE", _communicator(settings(), 0).rt)  # this run's meshes differ
+    hetero.check_checkpoint(saved_hetero, "/ckpt")
+    with pytest.raises(ConfigError, match="/ckpt has stacked layers"):
+        hetero.check_checkpoint(saved_plain, "/ckpt")
+
+
 # ------------------------------------------------------------------------------ dry run and devices
 def _plan(tmp_path, meshes=(A, B), hostfile: str | None = None, **experiment):
     from flagscale.train import launcher

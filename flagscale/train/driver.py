@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer(t.data.tokenizer.type, t.data.tokenizer.path)
     ckpt = s.checkpoint
     load_from, weights_only = checkpoint_source(t)
-    recorded = checkpoint.model_info(checkpoint.common_state(load_from)) if load_from else None
+    common = checkpoint.common_state(load_from) if load_from else None
+    recorded = checkpoint.model_info(common) if common is not None else None
+    if common is not None and s.hetero is not None:  # per-layer keys (hetero) or stacked layers: only the own kind
+        hetero.check_checkpoint(common.get(checkpoint.LAYOUT), load_from)
     vocab, padded = vocabulary(t, tokenizer.vocab_size, recorded, load_from)
     memory = MemoryRecord(
         exp_dir,

@@ -634,6 +634,22 @@ class Batches:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+def check_checkpoint(saved_layout, source) -> None:
+    """A run whose meshes differ reads checkpoints with per-layer keys (saved by such a run), any other run
+    checkpoints with stacked layers: one line saying which, not a missing-key error from deep in megatron."""
+    per_layer = isinstance(saved_layout, dict) and "hetero" in saved_layout
+    if per_layer and active() is None:
+        raise ConfigError(
+            f"checkpoint {source} was saved by a hetero run with meshes of different layouts (one key per layer); "
+            "this run's meshes are all alike: load it with such meshes (docs/hetero.md, checkpoints)"
+        )
+    if not per_layer and active() is not None:
+        raise ConfigError(
+            f"checkpoint {source} has stacked layers (a homogeneous run's, or an import's); a hetero run with "
+            "meshes of different layouts loads only its own kind (docs/hetero.md, checkpoints)"
+        )
+
+
 def unstack_layers(state):
     """A model's sharded state dict with every transformer layer under its own keys.
 
