@@ -182,7 +182,7 @@ def padding_tp(t) -> int:
 # ------------------------------------------------------------------------------------------- validation
 def check(t, world_size: int, where: str = "train") -> None:
     """Every rule of a hetero job that the settings alone decide; one line naming the mesh and the rule."""
-    s, m, h = t.system, t.model, t.system.hetero
+    m, h = t.model, t.system.hetero
     key = f"{where}.system.hetero"
     _check_unsupported(t, where)
     lay = layout(h, m.num_layers, m.micro_batch_size)
@@ -218,7 +218,6 @@ def check(t, world_size: int, where: str = "train") -> None:
         raise ConfigError(
             f"{where}.model.max_position_embeddings={m.max_position_embeddings} is below seq_length={m.seq_length}"
         )
-    del s
 
 
 def _check_mesh(t, mesh: Mesh, per_micro: int, key: str) -> None:
