@@ -167,3 +167,15 @@ def test_a_conflicting_rebase_leaves_its_workspace_and_the_checkout_unchanged(tm
     assert "Not run (an earlier step failed): check, build, smoke." in report
     abort_rebase(result.workspace)
     assert not result.workspace.exists() and _tree_bytes(project.root) == before
+
+
+def test_an_unknown_release_names_the_newest_ones_in_version_order():
+    from flagscale.upstream.index import _by_version
+
+    assert _by_version(["0.9.0", "0.16.1", "0.16.0rc0.dev1", "0.2.0", "weird"]) == [
+        "weird",
+        "0.2.0",
+        "0.9.0",
+        "0.16.0rc0.dev1",
+        "0.16.1",
+    ]

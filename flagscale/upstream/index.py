@@ -76,7 +76,7 @@ def find_sdist(project: str, version: str, index_url: str | None = None) -> Rele
         ) from None
     files = document.get("releases", {}).get(version)
     if files is None:
-        known = ", ".join(sorted(document.get("releases", {}))[-8:])
+        known = ", ".join(_by_version(document.get("releases", {}))[-8:])
         raise FetchError(f"{project} {version} is not on {index_url} (recent versions: {known})")
     for entry in files:
         if entry.get("packagetype") == "sdist":
@@ -89,6 +89,19 @@ def find_sdist(project: str, version: str, index_url: str | None = None) -> Rele
                 entry.get("size"),
             )
     raise FetchError(f"{project} {version} has no sdist on {index_url}; pass a local source with --source PATH")
+
+
+def _by_version(versions) -> list[str]:
+    """Oldest first in version order (as strings, 0.9.0 sorts after 0.16.1); unparsable ones first."""
+    from packaging.version import InvalidVersion, Version
+
+    parsed, other = [], []
+    for v in versions:
+        try:
+            parsed.append((Version(v), v))
+        except InvalidVersion:
+            other.append(v)
+    return sorted(other) + [v for _, v in sorted(parsed)]
 
 
 def download(url: str, dest: Path, expected_sha256: str, progress=None) -> None:
