@@ -7,7 +7,7 @@ What is measured (see benchmarks/README.md for the long version):
 
   (a) ours, in-process   read + parse the patch files, plan_patches, write_plan in place on a fresh
                          writable copy of the pristine sdist tree (time.perf_counter). This is the
-                         number the "ours <= 1.2x git apply" target refers to.
+                         number the "ours <= 1.0x git apply" target refers to.
   (b) git apply          one `git apply p1 p2 ...` subprocess, cwd at the root of another fresh copy.
   (c) ours, subprocess   `python -c "<read+parse, plan, write>"` on a third copy: (a) plus interpreter
                          start-up and imports, i.e. what a command-line tool built on the engine pays.
@@ -51,7 +51,7 @@ from flagscale.upstream.project import Project  # noqa: E402
 from flagscale.upstream.sources import materialize  # noqa: E402
 from flagscale.upstream.target import Target  # noqa: E402
 
-RATIO_TARGET = 1.2
+RATIO_TARGET = 1.0  # issue 16: apply at git's speed (it was 1.2 before)
 CACHE_HIT_TARGET_S = 0.1
 RESULTS = ROOT / "benchmarks" / "results" / "apply.raw.json"
 
@@ -208,6 +208,7 @@ def bench_apply(
         t_copy = time.perf_counter()
         for dest in (a, b, c):
             writable_copy(pristine, dest)
+        os.sync()  # the copies' writeback happens here, not inside the next timed region of either tool
         t_copy = time.perf_counter() - t_copy
         # Alternate which of the two goes first to cancel drift (page cache, CPU frequency, neighbours).
         if run % 2 == 0:

@@ -860,7 +860,8 @@ def test_write_plan_rolls_back_on_os_error(tmp_path):
     assert [f.path for f in patch.files] == ["a_gone/only.py", "b_new/deep/n.py", "c.py", "d.py", "e.py"]
     root = make_tree(tmp_path / "tree", base)
     plan = plan_patches(root, [patch])
-    (root / ".d.py.fs-tmp").mkdir()  # the temp name write_plan uses for d.py: open() fails
+    os.link(root / "d.py", tmp_path / "d-elsewhere.py")  # linked: d.py gets a new inode, written beside it ...
+    (root / ".d.py.fs-tmp").mkdir()  # ... under this temp name, where open() fails
     before = snapshot(root)
     with pytest.raises(ApplyError) as info:
         write_plan(plan, root)
@@ -881,11 +882,37 @@ def test_write_plan_rollback_of_first_file(tmp_path):
     base = {"a.py": b"a\n", "b.py": b"b\n"}
     root = make_tree(tmp_path / "tree", base)
     plan = plan_patches(root, [parse(real_patch(tmp_path / "gen", base, {"a.py": b"A\n", "b.py": b"B\n"}))])
+    os.link(root / "b.py", tmp_path / "b-elsewhere.py")
     (root / ".b.py.fs-tmp").mkdir()
     with pytest.raises(ApplyError, match="restored"):
         write_plan(plan, root)
     assert (root / "a.py").read_bytes() == b"a\n" and (root / "b.py").read_bytes() == b"b\n"
     assert not (root / ".a.py.fs-tmp").exists()
+
+
+def test_write_plan_rewrites_own_files_in_place_and_never_writes_through_a_link(tmp_path):
+    base = {"own.py": b"o1\no2\n", "linked.py": b"l1\nl2\n", "mode.sh": b"#!/bin/sh\n"}
+    root = make_tree(tmp_path / "tree", base)
+    os.link(root / "linked.py", tmp_path / "partner.py")
+    inodes = {p: os.stat(root / p).st_ino for p in base}
+    data = real_patch(
+        tmp_path / "gen",
+        base,
+        {"own.py": b"o1\n", "linked.py": b"l1\nL2\nl3\n", "new/n.py": b"n\n"},
+        modes={"mode.sh": 0o755},
+    )
+    write_plan(plan_patches(root, [parse(data)]), root)
+    assert content_view(root) == {
+        "own.py": (b"o1\n", False),  # shorter: cut at the new end
+        "linked.py": (b"l1\nL2\nl3\n", False),
+        "mode.sh": (b"#!/bin/sh\n", True),
+        "new/n.py": (b"n\n", False),
+    }
+    assert os.stat(root / "own.py").st_ino == inodes["own.py"]  # in place: no inode to allocate
+    assert os.stat(root / "mode.sh").st_ino == inodes["mode.sh"]
+    assert os.stat(root / "linked.py").st_ino != inodes["linked.py"]  # a new inode ...
+    assert (tmp_path / "partner.py").read_bytes() == b"l1\nl2\n"  # ... so the other link is untouched
+    assert not list(root.rglob("*.fs-tmp"))
 
 
 # --- 6. apply_to_new_tree with hard links ----------------------------------------------------------
