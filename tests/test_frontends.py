@@ -150,19 +150,6 @@ def test_prepare_metadata_is_the_plain_wheels_dist_info(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_prepare_metadata_agrees_with_the_device_wheel(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAGSCALE_CACHE_DIR", str(build_cache_dir()))
-    monkeypatch.chdir(REPO_ROOT)
-    settings = {"device": "cpu", "backend": "megatron"}
-    name = prepare_metadata_for_build_wheel(str(tmp_path / "md"), settings)
-    wheel = tmp_path / "w" / build_wheel(str(tmp_path / "w"), settings)
-    assert name == "flagscale-0.1.0+cpu.dist-info"
-    built = dist_info(wheel)
-    for path in (tmp_path / "md" / name).iterdir():
-        assert path.read_bytes() == built[path.name], path.name
-
-
-@pytest.mark.integration
 def test_pip_install_then_flagscale_train(tmp_path, env, real_project):
     """The README's set-up: a plain `pip install . -C device=cpu -C backend=megatron`, then a few steps."""
     python = fresh_venv(tmp_path / "venv", env)
@@ -240,3 +227,19 @@ def test_uv_sync_follows_the_settings(tmp_path, env, real_project):
     assert CPU_TORCH in planned.stdout + planned.stderr and "nvidia" not in planned.stdout + planned.stderr
     uv("sync", "--python", sys.executable, *MEGATRON_CPU, env=sync_env, cwd=project)
     assert_cpu_megatron_cell(python, sync_env, real_project)
+
+
+@pytest.mark.integration
+def test_prepare_metadata_agrees_with_the_device_wheel(tmp_path, monkeypatch):
+    """In-process hooks, after the frontends above built the backend wheel into the build cache."""
+    for var in ("FLAGSCALE_DEVICE", "FLAGSCALE_BACKEND", "FLAGSCALE_UPSTREAM_SOURCE", "FLAGSCALE_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FLAGSCALE_CACHE_DIR", str(build_cache_dir()))
+    monkeypatch.chdir(REPO_ROOT)
+    settings = {"device": "cpu", "backend": "megatron"}
+    name = prepare_metadata_for_build_wheel(str(tmp_path / "md"), settings)
+    wheel = tmp_path / "w" / build_wheel(str(tmp_path / "w"), settings)
+    assert name == "flagscale-0.1.0+cpu.dist-info"
+    built = dist_info(wheel)
+    for path in (tmp_path / "md" / name).iterdir():
+        assert path.read_bytes() == built[path.name], path.name
