@@ -61,10 +61,11 @@ def test_clean_offset_writes_patches_and_pin(toy_series, toy_upstream, cache, tm
     assert {r.status for r in check(toy_series, source=str(new), cache=cache)} == {"ok"}
 
 
-def test_every_patch_is_tried_after_a_conflict(toy_series, toy_upstream, cache, tmp_path):  # noqa: F811
-    common = toy_series.common_series_dir("toy")
+def _stack_spell_out_thirty(project, tmp_path: Path) -> None:
+    """A third common patch stacked on 0001's file (made on top of 0001's result)."""
+    common = project.common_series_dir("toy")
     after_p1 = {**REPO_BASE, "python/toy/__init__.py": TOY_BASE["toy/__init__.py"].replace("line 5\n", "line five\n")}
-    stacked = make_patch(
+    third = make_patch(
         after_p1,
         {"python/toy/__init__.py": after_p1["python/toy/__init__.py"].replace("line 30\n", "line thirty\n")},
         tmp_path,
@@ -75,9 +76,13 @@ def test_every_patch_is_tried_after_a_conflict(toy_series, toy_upstream, cache, 
         {
             "0001-spell-out-five.patch": (common / "0001-spell-out-five.patch").read_bytes(),
             "0002-device-accessor.patch": (common / "0002-device-accessor.patch").read_bytes(),
-            "0003-spell-out-thirty.patch": stacked,
+            "0003-spell-out-thirty.patch": third,
         },
     )
+
+
+def test_every_patch_is_tried_after_a_conflict(toy_series, toy_upstream, cache, tmp_path):  # noqa: F811
+    _stack_spell_out_thirty(toy_series, tmp_path)
     before = snapshot(toy_series.root)
     new = new_release(tmp_path, lambda f: replace_line(f, "toy/__init__.py", "line 5\n", "line V\n"))
     result = toy_rebase(toy_series, toy_upstream, new, cache)
@@ -206,22 +211,7 @@ def test_adjacent_insertion_regions(release, base, patch, merged):
 
 def _two_conflicts(project, tmp_path: Path) -> Path:
     """Patch 1 and 3 conflict with the release; 2 touches another file; the npu patch is on top."""
-    common = project.common_series_dir("toy")
-    after_p1 = {**REPO_BASE, "python/toy/__init__.py": TOY_BASE["toy/__init__.py"].replace("line 5\n", "line five\n")}
-    third = make_patch(
-        after_p1,
-        {"python/toy/__init__.py": after_p1["python/toy/__init__.py"].replace("line 30\n", "line thirty\n")},
-        tmp_path,
-        subject="toy: spell out thirty",
-    )
-    add_series(
-        common,
-        {
-            "0001-spell-out-five.patch": (common / "0001-spell-out-five.patch").read_bytes(),
-            "0002-device-accessor.patch": (common / "0002-device-accessor.patch").read_bytes(),
-            "0003-spell-out-thirty.patch": third,
-        },
-    )
+    _stack_spell_out_thirty(project, tmp_path)
 
     def edit(files):
         # the same word as the patches: no merge (not even wiggle's word merge) can keep both
