@@ -282,3 +282,11 @@ def flagscale_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-m", "flagscale.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def mm_env():
+    """Issue 14's Hugging Face 5.x venv (tests/multimodal_env.py): installed once, cached between runs."""
+    from multimodal_env import multimodal_env
+
+    return multimodal_env()
