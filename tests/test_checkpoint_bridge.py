@@ -504,6 +504,8 @@ def test_train_starts_from_an_import_and_its_checkpoint_exports(venv, models, im
     refused = train()  # weights only: a resume needs finetune
     assert refused.returncode != 0
     assert "holds model weights only" in refused.stdout + refused.stderr
+    # a configuration error is not restarted (a restart would repeat it): one attempt, no backoff
+    assert "a restart would repeat this config error" in refused.stdout and "restarting in" not in refused.stdout
     other = train("++train.system.checkpoint.finetune=true", "train.model.hidden_size=128")
     assert "holds another model: hidden_size=64 (this run: 128)" in other.stdout + other.stderr
     shutil.rmtree(exp)

@@ -63,6 +63,11 @@ def _rank_error(line: str) -> str:
         ("RuntimeError: CUDA error: an illegal memory access was encountered", "device_error"),
         ("FileNotFoundError: [Errno 2] No such file or directory: '/data/corpus_text_document.bin'", "missing_file"),
         ("ValueError: micro batch size must divide the global batch", "traceback"),
+        (
+            "flagscale.errors.ConfigError: checkpoint /ckpt/iter_0000000 holds model weights only (as `flagscale "
+            "checkpoint import` writes them): set train.system.checkpoint.finetune=true to start training from them",
+            "config",
+        ),
     ],
 )
 def test_signatures_from_the_failed_rank_log(tmp_path: Path, error: str, kind: str):

@@ -5,7 +5,8 @@
   iteration 10, and every loss logged after the restart equals the uninterrupted run's exactly (dropout on:
   the checkpoint's RNG state matters);
 * hang: rank 1 is SIGSTOPped; the hang is found within hang_timeout + 10 s and diagnosed (rank 1, its
-  iteration), the job restarts and ends with the uninterrupted run's final loss;
+  iteration), the job restarts (its start-up bounded by start_timeout, not the short hang_timeout) and ends with
+  the uninterrupted run's final loss;
 * give up: a job that fails every time (its entrypoint is missing) ends `failed` after max_restarts, each
   diagnosis (a missing file) in the status record;
 * the status record matches the run (state, iteration, loss, restarts) and `action=status --json` prints it;
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.integration
 CONF = REPO_ROOT / "examples" / "tiny_gpt" / "conf"
 ITERS = 20
 SAVE_EVERY = 5
-HANG_TIMEOUT = 40  # start-up (imports, rendezvous) must fit in it on 2 busy cores: no heartbeat yet
+HANG_TIMEOUT = 12  # in training (an iteration takes ~0.1 s); start-up has START_TIMEOUT
+START_TIMEOUT = 180  # imports, rendezvous and the checkpoint load on 2 busy cores
 # Dropout on: an exact resume needs the checkpoint's RNG state. Micro-batches of 1 make an iteration long
 # enough (~0.1 s here) that a kill seen at iteration 12 lands before the save of iteration 15.
 COMMON = (
@@ -164,7 +166,12 @@ def test_crash_restarts_from_the_last_checkpoint_with_the_same_losses(env, refer
 
 def test_hang_is_detected_diagnosed_and_restarted(env, reference):
     name, exp = "hang", env.work / "hang"
-    started = train(env, name, f"experiment.runner.fault_tolerance.hang_timeout={HANG_TIMEOUT}")
+    started = train(
+        env,
+        name,
+        f"experiment.runner.fault_tolerance.hang_timeout={HANG_TIMEOUT}",
+        f"experiment.runner.fault_tolerance.start_timeout={START_TIMEOUT}",
+    )
     assert started.returncode == 0, started.stderr
     pid, stopped_at = _signal_when(exp, 1, 7, signal.SIGSTOP)
     try:

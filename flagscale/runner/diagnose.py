@@ -4,6 +4,7 @@
 rank's log; `diagnose_hang` looks at the ranks' last heartbeats. Both give a `Diagnosis` with the kind, the
 rank, node, iteration and log where it was seen, and a message for people. Signatures, first match wins:
 
+    config              a FlagScale configuration error raised in a rank (ConfigError): restarting cannot fix it
     oom                 CUDA/NPU/HIP out of memory, torch.OutOfMemoryError, std::bad_alloc
     collective_timeout  NCCL/HCCL/gloo watchdog or collective timeouts
     rendezvous          torchrun's rendezvous errors, a store that cannot be reached
@@ -27,6 +28,7 @@ TAIL_BYTES = 256 * 1024  # the end of a log holds the failure; a multi-GB log is
 
 # (kind, pattern, what it means): checked in this order on each log.
 SIGNATURES: tuple[tuple[str, str, str], ...] = (
+    ("config", r"flagscale\.errors\.(Config|Settings)Error: ", "a configuration error"),
     (
         "oom",
         r"(CUDA|NPU|HIP|XPU|MLU)?\s*out of memory|OutOfMemoryError|std::bad_alloc|Cannot allocate memory",
@@ -185,7 +187,9 @@ def diagnose_crash(
 
 # When several nodes failed, these kinds name the cause; the others (a peer's lost connection, a collective
 # that timed out waiting for a dead rank) are usually what the cause did to the other nodes.
-ROOT_CAUSES = ("signal", "oom", "device_error", "missing_file")
+ROOT_CAUSES = ("config", "signal", "oom", "device_error", "missing_file")
+# Faults that a restart would only repeat: the job ends failed at once.
+NOT_RESTARTABLE = ("config",)
 
 
 def most_likely(found: list[Diagnosis]) -> Diagnosis:
@@ -202,9 +206,12 @@ def process_state(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2 :].split()[0]
 
 
-def diagnose_hang(heartbeats: list[dict], idle: dict[int, float], hang_timeout: float, local_host: str) -> Diagnosis:
-    """No progress for hang_timeout: the rank behind (lowest iteration, then the longest idle) is the suspect;
-    a rank of this host stopped by a signal (state T) is named as such."""
+def diagnose_hang(
+    heartbeats: list[dict], idle: dict[int, float], hang_timeout: float, local_host: str, setting: str = "hang_timeout"
+) -> Diagnosis:
+    """No progress for hang_timeout (the value of `setting`: start_timeout before training): the rank behind (lowest
+    iteration, then the longest idle) is the suspect; a rank of this host stopped by a signal (state T) is named
+    as such."""
     if not heartbeats:
         return Diagnosis(
             kind="hang",
@@ -222,7 +229,7 @@ def diagnose_hang(heartbeats: list[dict], idle: dict[int, float], hang_timeout: 
         event="hang",
         message=f"rank {rank} on {node} (pid {suspect.get('pid')}){state} at iteration {it}: "
         f"no heartbeat progress for {max(idle.values(), default=hang_timeout):.0f} s "
-        f"(hang_timeout {hang_timeout:g} s), phase {suspect.get('phase')}",
+        f"({setting} {hang_timeout:g} s), phase {suspect.get('phase')}",
         rank=rank,
         node=node,
         iteration=it,

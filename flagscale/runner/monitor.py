@@ -24,10 +24,12 @@ tasks, then SIGKILL after stop_timeout); `--kill-on-bad-exit` makes one node's f
 `read_status(D)` gives the status record for `action=status`.
 
 The policy: a *crash* is a node (torchrun) ending non-zero; a *hang* is a rank whose heartbeat made no progress
-for `hang_timeout` s (or no heartbeat at all that long after a start). Each gets a diagnosis
+for `hang_timeout` s, or for `start_timeout` s (default: hang_timeout) before its first training iteration (no
+heartbeat at all that long after a start counts too). Each gets a diagnosis
 (flagscale.runner.diagnose); the job's processes are stopped, the monitor waits `restart_backoff` s (doubled
 after each restart, at most 300 s) and starts the job again: the driver resumes from the latest complete
-checkpoint. After `max_restarts` restarts the next fault ends the job `failed`.
+checkpoint. After `max_restarts` restarts the next fault ends the job `failed`; a configuration error raised in
+a rank (diagnosis `config`) ends it `failed` at once, as a restart would only repeat it.
 
 The status record, `D/run/status.json`, is rewritten (atomically) at every poll (0.5 s; 2 s over ssh):
 state (starting | running | restarting | finished | failed | stopped), nodes, ranks, iteration, last loss,
@@ -49,7 +51,14 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from flagscale.runner import heartbeat, process, reap
-from flagscale.runner.diagnose import Diagnosis, diagnose_crash, diagnose_hang, most_likely, process_state
+from flagscale.runner.diagnose import (
+    NOT_RESTARTABLE,
+    Diagnosis,
+    diagnose_crash,
+    diagnose_hang,
+    most_likely,
+    process_state,
+)
 
 STATUS_FILE = Path("run") / "status.json"
 MONITOR_NAME = "monitor"
@@ -58,11 +67,19 @@ ACTIVE = ("starting", "running", "restarting")
 SETTLE = 10.0  # seconds the other nodes get to end after one failed, before the diagnosis
 
 
+STARTUP_PHASES = ("init", "start")  # a rank's heartbeat phases before its first training iteration
+
+
 @dataclass(frozen=True)
 class Policy:
     max_restarts: int = 3
     hang_timeout: float = 1800.0
     restart_backoff: float = 10.0
+    start_timeout: float | None = None  # None: hang_timeout
+
+    @property
+    def startup(self) -> float:
+        return self.hang_timeout if self.start_timeout is None else self.start_timeout
 
     def backoff(self, restarts_so_far: int) -> float:
         return min(self.restart_backoff * 2**restarts_so_far, MAX_BACKOFF)
@@ -306,11 +323,19 @@ class Monitor:
             if states and all(s == "finished" for s in states.values()):
                 return "finished"
             idle = {r: now - when for r, (key, when) in seen.items() if key[1] != "done"}
+            limits = {
+                r: self.policy.startup if key[1] in STARTUP_PHASES else self.policy.hang_timeout
+                for r, (key, when) in seen.items()
+            }
+            overdue = [limits[r] for r, seconds in idle.items() if seconds > limits[r]]
             expected = self.record.world_size or len(beats)
-            waiting_for_start = len(seen) < expected
-            worst = max([*idle.values(), now - started if waiting_for_start else 0.0], default=0.0)
-            if worst > self.policy.hang_timeout:
-                return diagnose_hang(beats, idle, self.policy.hang_timeout, socket.gethostname())
+            if len(seen) < expected and now - started > self.policy.startup:
+                overdue.append(self.policy.startup)  # a rank never wrote a heartbeat
+            if overdue:
+                limit = min(overdue)
+                starting = limit == self.policy.startup != self.policy.hang_timeout
+                setting = "start_timeout" if starting else "hang_timeout"
+                return diagnose_hang(beats, idle, limit, socket.gethostname(), setting=setting)
             time.sleep(self.poll)
 
     # ---- the policy
@@ -341,6 +366,13 @@ class Monitor:
             assert isinstance(outcome, Diagnosis)
             rec.diagnoses.append({**outcome.as_dict(), "attempt": rec.restarts + 1})
             self.say(f"[flagscale] {outcome.event}: {outcome.message}")
+            if outcome.kind in NOT_RESTARTABLE:
+                rec.state = "failed"
+                self._publish()
+                self.say(
+                    f"[flagscale] failed: a restart would repeat this {outcome.kind} error; fix it, then start again"
+                )
+                return 1
             if rec.restarts >= self.policy.max_restarts:
                 rec.state = "failed"
                 self._publish()
@@ -403,6 +435,7 @@ def _policy(ft: dict, args: argparse.Namespace) -> Policy:
         "max_restarts": settings.max_restarts if args.max_restarts is None else args.max_restarts,
         "hang_timeout": settings.hang_timeout if args.hang_timeout is None else args.hang_timeout,
         "restart_backoff": settings.restart_backoff if args.restart_backoff is None else args.restart_backoff,
+        "start_timeout": settings.start_timeout,
     }
     # the same checks as the YAML's, for the command-line overrides
     convert(FaultToleranceSettings, values, "fault_tolerance", from_yaml=True)

@@ -499,9 +499,12 @@ class FaultToleranceSettings:
     """`experiment.runner.fault_tolerance`: what the job monitor (flagscale.runner.monitor) does on a fault."""
 
     max_restarts: int = setting(3, check=_not_negative)  # restarts after a crash or hang; then the job is failed
-    # No heartbeat progress for this long is a hang. Generous by default: it also covers start-up (rendezvous,
-    # checkpoint load) and a checkpoint save, which on a large job take minutes.
+    # No heartbeat progress for this long is a hang. Generous by default: it also covers a checkpoint save, which
+    # on a large job takes minutes, and start-up unless start_timeout is set.
     hang_timeout: float = setting(1800.0, check=_positive_number)
+    # Start-up (imports, rendezvous, model build, checkpoint load: until a rank's first training heartbeat) may
+    # take this long; None: hang_timeout. Lets a short hang_timeout catch hangs in training quickly.
+    start_timeout: float | None = setting(None, check=_positive_number)
     restart_backoff: float = setting(10.0, check=_non_negative_number)  # seconds; doubles per restart, max 300 s
     heartbeat_interval: float = setting(1.0, check=_non_negative_number)  # min seconds between a rank's heartbeats
 
