@@ -90,4 +90,6 @@ def test_run_py_reports_config_errors_in_one_line(conf):
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: experiment.task.type=bogus: use one of train, infer, serve"]
+    assert result.stderr.strip().splitlines() == [
+        "error: experiment.task.type=bogus: use one of train, infer, serve, compress"
+    ]

@@ -5,7 +5,7 @@ upstream.py  upstream status | fetch
 patch.py     patch checkout | export | rebase | check | lint | apply  (= tools/patch.py)
 wheels.py    install | build | doctor
 hardware.py  devices | ci matrix
-tasks.py     train | serve | infer
+tasks.py     train | serve | infer | compress
 render.py    the tables they print
 """
 

@@ -1,4 +1,4 @@
-"""`flagscale train | serve | infer`: compose the Hydra config and hand it to the task (flagscale.runner.task)."""
+"""`flagscale train | serve | infer | compress`: compose the Hydra config and hand it to the task (runner.task)."""
 
 from __future__ import annotations
 
@@ -70,4 +70,23 @@ def infer_cmd(
         from flagscale.serve.oneclick import compose_for
 
         code = infer_main(compose_for(config, config_name, list(overrides or []), task="infer"))
+    raise typer.Exit(code)
+
+
+@app.command("compress", context_settings=TaskArgs)
+def compress_cmd(
+    config: str = typer.Argument(
+        ..., help="Experiment: a conf folder, a YAML file, or a model name under examples/ (e.g. tiny_llama)."
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Hydra overrides: action=run|dryrun, compress=w4a16, compress.scheme=Q8_0, ..."
+    ),
+    config_name: str = typer.Option("compress", "--config-name", "-c", help="Experiment YAML (without .yaml)."),
+) -> None:
+    """Quantize an HF causal LM (llm-compressor W8A8/W4A16/FP8, GGUF Q8_0/Q4_K_M) and report size and perplexity."""
+    with reported():
+        from flagscale.compress import main as compress_main
+        from flagscale.serve.oneclick import compose_for
+
+        code = compress_main(compose_for(config, config_name, list(overrides or []), task="compress"))
     raise typer.Exit(code)

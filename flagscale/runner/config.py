@@ -15,7 +15,7 @@ from flagscale.errors import ConfigError
 from flagscale.settings import closest, nearest
 
 ACTIONS = ("run", "dryrun", "stop", "status", "auto_tune")
-TASKS = ("train", "infer", "serve")
+TASKS = ("train", "infer", "serve", "compress")
 
 
 def compose(config_dir: Path | str, config_name: str, overrides: Sequence[str] = ()):
@@ -62,11 +62,11 @@ def action_of(cfg) -> str:
 
 
 def task_type(cfg) -> str:
-    """`experiment.task.type`: which of train, infer, serve runs this config."""
+    """`experiment.task.type`: which of train, infer, serve, compress runs this config."""
     try:
         task = str(cfg.experiment.task.type)
     except Exception:  # omegaconf raises several kinds for a missing node
-        raise ConfigError("the config has no experiment.task.type: set it to train, infer or serve") from None
+        raise ConfigError("the config has no experiment.task.type: set it to train, infer, serve or compress") from None
     if task not in TASKS:
         raise ConfigError(f"experiment.task.type={task}: use one of {', '.join(TASKS)}{nearest(task, TASKS)}")
     return task
