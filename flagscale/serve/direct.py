@@ -33,8 +33,7 @@ def commands(settings: ServeSettings, check: bool = True) -> list[EngineCommand]
 
 
 def front_url(settings: ServeSettings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    return settings.front_url
 
 
 def front_command(settings: ServeSettings) -> list[str]:

@@ -3,9 +3,10 @@
 `engine_args` keys are snake_case as in FlagScale task YAMLs and map onto the engine's own flags
 (`ctx_size: 512` -> `--ctx-size 512`; `true` -> `--flag`; `false` -> `--no-flag` where the engine has
 one, else nothing; a list repeats its values after one flag). Unknown keys are refused before anything
-starts, checked against the flags the installed engine itself defines: llama-server's `--help`, and the
+starts, checked against the flags the installed engine itself defines: llama-server's `--help`, the
 argument dataclasses in the installed vLLM / SGLang sources (read, not imported: importing them pulls
-torch and a GPU runtime).
+torch and a GPU runtime), and the engine args of FlagScale's own transformers / diffusers server
+(flagscale.serve.hf_engine, run with this Python).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from flagscale.errors import ConfigError, LaunchError
 from flagscale.runner.environment import visible_devices_environment
-from flagscale.serve.settings import ModelSpec, ServeSettings
+from flagscale.serve.settings import MEDIA_ENGINES, ModelSpec, ServeSettings
 from flagscale.settings import closest
 
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
@@ -171,6 +172,8 @@ def command_for(
             str(port),
             *to_flags(args, known, where),
         ]
+    elif spec.engine in MEDIA_ENGINES:
+        cmd = _hf_engine(spec, settings, model, host, port, args, check, where)
     elif spec.engine == "vllm":
         known = python_engine_flags("vllm") if check else None
         cmd = [
@@ -205,6 +208,49 @@ def command_for(
     connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{connect}:{port}"
     return EngineCommand(name or spec.name, tuple(cmd), tuple(sorted(env.items())), f"{base}/health", base)
+
+
+def _hf_engine(
+    spec: ModelSpec, settings: ServeSettings, model: str, host: str, port: int, args: dict, check: bool, where: str
+) -> list[str]:
+    """flagscale.serve.hf_engine on this Python (the environment with the `multimodal` extra)."""
+    from flagscale.infer import hf_models
+    from flagscale.serve import hf_engine
+
+    if check:  # the folder is the kind the engine loads: one line now, not a traceback in the engine's log
+        if not Path(model).is_dir():
+            raise ConfigError(f"{where}.model={model}: no such model folder ({spec.engine} serves a local folder)")
+        if spec.engine == "diffusers":
+            hf_models.check_pipeline_folder(model, args.get("pipeline"))
+        elif not (Path(model) / "config.json").is_file():
+            raise ConfigError(f"{where}.model={model}: no config.json, not a transformers model folder")
+    known = hf_engine.engine_flags(spec.engine) if check else None
+    dirs = ["--media-dirs", *settings.media_dirs] if settings.media_dirs else []
+    return [
+        sys.executable,
+        "-m",
+        "flagscale.serve.hf_engine",
+        "--engine",
+        spec.engine,
+        "--model",
+        model,
+        "--served-model-name",
+        spec.name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--media-dir",
+        str(settings.media_dir),
+        "--media-url",
+        settings.media_url,
+        "--max-image-bytes",
+        str(settings.max_image_bytes),
+        "--max-image-pixels",
+        str(settings.max_image_pixels),
+        *dirs,
+        *to_flags(args, known, where),
+    ]
 
 
 def _console_script(name: str) -> str:

@@ -12,7 +12,7 @@ Experiment YAML (`examples/tiny_llama/conf/serve.yaml`)::
 Task YAML (`conf/serve/tiny.yaml`): a list of models (or one mapping)::
 
     - serve_id: tiny                    # the model name clients send ("model": "tiny")
-      engine: llama.cpp                 # llama.cpp | vllm | sglang (default: experiment.task.backend)
+      engine: llama.cpp                 # llama.cpp | vllm | sglang | transformers | diffusers
       engine_args: {model: /path/tiny.gguf, threads: 1, ctx_size: 512}   # snake_case -> --ctx-size
       gguf: {outtype: auto, quantize: null}   # llama.cpp given an HF folder as model: how it becomes a GGUF
       replicas: 1
@@ -33,14 +33,24 @@ from typing import Any, Literal
 from flagscale.errors import ConfigError
 from flagscale.settings import at_least, convert, plain, setting
 
-ENGINES = ("llama.cpp", "vllm", "sglang")
+ENGINES = ("llama.cpp", "vllm", "sglang", "transformers", "diffusers")
 ENGINE_ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}
+# Engines FlagScale runs itself (flagscale.serve.hf_engine, on the Hugging Face libraries): images in and out.
+MEDIA_ENGINES = ("transformers", "diffusers")
 # The runner owns these: an engine arg of the same meaning would contradict runner.host/port or serve_id.
 RUNNER_OWNED = {
     "host": "experiment.runner.host",
     "port": "experiment.runner.port",
     "alias": "serve_id",
     "served_model_name": "serve_id",
+}
+# ... and of the media engines (flagscale.serve.hf_engine): the front door's image limits, where url-mode images go
+MEDIA_OWNED = {
+    "media_dir": "experiment.exp_dir (images go to <exp_dir>/media)",
+    "media_url": "experiment.runner.host/port (the front door serves <exp_dir>/media)",
+    "max_image_bytes": "experiment.runner.max_image_bytes",
+    "max_image_pixels": "experiment.runner.max_image_pixels",
+    "media_dirs": "experiment.runner.media_dirs",
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 GGUF_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py's --outtype (auto: the source's)
@@ -65,6 +75,17 @@ def _api_keys(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(k, str) and k.strip() for k in value):
         raise ValueError("expected a list of API keys (non-empty strings)")
     return tuple(k.strip() for k in value)
+
+
+def _folders(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(d, str) and d.strip() for d in value):
+        raise ValueError("expected a list of folders")
+    missing = [d for d in value if not Path(d).expanduser().is_dir()]
+    if missing:
+        raise ValueError(f"no such folder: {missing[0]}")
+    return tuple(str(Path(d).expanduser().resolve()) for d in value)
 
 
 def env_api_keys() -> tuple[str, ...]:
@@ -135,6 +156,11 @@ class RunnerConfig:
     max_body_bytes: int = setting(8 << 20, check=at_least(1024, "an integer"))  # larger bodies: 413
     request_timeout: float = setting(600.0, check=at_least(0.1))  # seconds per request, streams included: 504
     drain_timeout: float = setting(30.0, check=at_least(0))  # action=stop: in-flight requests may finish
+    # images in requests to the transformers engine (front door and engine check them alike)
+    max_image_bytes: int = setting(4 << 20, check=at_least(1, "an integer"))  # one image's encoded bytes
+    max_image_pixels: int = setting(4096 * 4096, check=at_least(1, "an integer"))  # width x height
+    media_dirs: Any = setting(None, check=_folders)  # file:// URLs and paths are read only under these folders
+    public_url: str | None = None  # how clients reach the front door (url-mode image links); None: http://host:port
 
 
 # ------------------------------------------------------------------------------- the typed settings
@@ -181,6 +207,10 @@ class ServeSettings:
     max_body_bytes: int = 8 << 20
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
+    max_image_bytes: int = 4 << 20
+    max_image_pixels: int = 4096 * 4096
+    media_dirs: tuple[str, ...] = ()
+    public_url: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def model(self, name: str) -> ModelSpec:
@@ -191,6 +221,22 @@ class ServeSettings:
 
     def port_of(self, spec: ModelSpec) -> int:
         return spec.port if spec.port is not None else self.port + self.models.index(spec)
+
+    @property
+    def media_dir(self) -> Path:
+        """Where the diffusers engine writes url-mode images; the front door serves them at /v1/media/<name>."""
+        return self.run_dir / "media"
+
+    @property
+    def front_url(self) -> str:
+        """The front door's URL as this machine reaches it (both modes listen on host:port)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
+    def media_url(self) -> str:
+        """Where clients fetch url-mode images (the front door's /v1/media)."""
+        return f"{self.public_url or self.front_url}/v1/media"
 
 
 def engine_name(value: Any, where: str) -> str:
@@ -218,13 +264,14 @@ def parse_model(raw: Any, index: int, default_engine: str | None) -> ModelSpec:
     m = convert(ModelConfig, raw, where, from_yaml=True)
     engine = engine_name(m.engine or default_engine or "", f"{where}.engine")
     args = {str(k).replace("-", "_"): v for k, v in (m.engine_args or {}).items()}
-    for key, owner in RUNNER_OWNED.items():
+    owned = {**RUNNER_OWNED, **(MEDIA_OWNED if engine in MEDIA_ENGINES else {})}
+    for key, owner in owned.items():
         if key in args:
             raise ConfigError(f"{where}.engine_args.{key}: set {owner} instead (the runner binds and names the engine)")
     if not args.get("model"):
         raise ConfigError(
             f"{where}.engine_args.model: the model to serve (a GGUF file for llama.cpp, a checkpoint "
-            "folder or hub id for vLLM/SGLang) is required"
+            "folder or hub id for vLLM/SGLang, a local model folder for transformers/diffusers) is required"
         )
     low, high = _replica_bounds(m, where)
     num_cpus = float((m.ray_actor_options or {}).get("num_cpus", 1.0))
@@ -290,5 +337,9 @@ def from_config(cfg: Any) -> ServeSettings:
         max_body_bytes=runner.max_body_bytes,
         request_timeout=runner.request_timeout,
         drain_timeout=runner.drain_timeout,
+        max_image_bytes=runner.max_image_bytes,
+        max_image_pixels=runner.max_image_pixels,
+        media_dirs=runner.media_dirs or (),
+        public_url=runner.public_url.rstrip("/") if runner.public_url else None,
         extra={"config": {"experiment": exp, "serve": models_raw}},
     )  # what Ray replicas re-validate

@@ -14,8 +14,10 @@ flagscale.serve.direct) over engines on private loopback ports; Ray mode plugs i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from flagscale.serve.media import ImageLimits, limits_of
 
 MiB = 1 << 20
 
@@ -66,6 +68,13 @@ class DoorSettings:
     max_body_bytes: int = 8 * MiB
     request_timeout: float = 600.0  # seconds per request, streams included; then 504 (or an error event)
     drain_timeout: float = 30.0  # action=stop: how long in-flight requests may still run
+    # the media engines (transformers, diffusers): which models run one, their image limits, url-mode images
+    engines: tuple[tuple[str, str], ...] = ()  # (model, engine) of every model
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    media_dir: str | None = None  # GET /v1/media/<name> serves the PNGs the diffusers engine wrote here
+
+    def engine(self, model: str) -> str | None:
+        return dict(self.engines).get(model)
 
 
 def door_settings(settings: Any) -> DoorSettings:
@@ -76,6 +85,9 @@ def door_settings(settings: Any) -> DoorSettings:
         max_body_bytes=int(getattr(settings, "max_body_bytes", default.max_body_bytes)),
         request_timeout=float(getattr(settings, "request_timeout", default.request_timeout)),
         drain_timeout=float(getattr(settings, "drain_timeout", default.drain_timeout)),
+        engines=tuple((m.name, m.engine) for m in getattr(settings, "models", ())),
+        image_limits=limits_of(settings),
+        media_dir=str(settings.media_dir) if getattr(settings, "media_dir", None) else None,
     )
 
 

@@ -13,21 +13,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from flagscale.serve.frontdoor import DoorSettings, Upstreams
-from flagscale.serve.frontdoor.checks import check_request
+from flagscale.serve.frontdoor.checks import IMAGES, check_media, check_request
 from flagscale.serve.frontdoor.metrics import Metrics
 from flagscale.serve.frontdoor.openapi import openapi
 
-ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", IMAGES)
+MEDIA = "/v1/media/"  # GET /v1/media/<name>: a PNG the diffusers engine wrote (response_format: url)
+# the routes of FlagScale's own engines (flagscale.serve.hf_engine): others get a 404 before reaching one
+MEDIA_ROUTES = {"transformers": ("/v1/chat/completions", "/v1/completions"), "diffusers": (IMAGES,)}
 STREAMABLE = ("/v1/completions", "/v1/chat/completions")
 JSON = b"application/json"
+MEDIA_NAME = re.compile(r"[0-9a-f]{32}\.png")  # what flagscale.serve.hf_engine names them: no path can sneak in
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -233,6 +239,8 @@ class FrontDoor:
                 )
             else:
                 await respond(send, 200, self.openapi)
+        elif path.startswith(MEDIA):
+            await self.media_file(send, method, path[len(MEDIA) :])
         else:
             if path.startswith("/v1/"):
                 self.metrics.done("", "other", 404, 0.0)
@@ -296,6 +304,8 @@ class FrontDoor:
         if problem is not None:
             return "", await respond(send, 400, error_body(problem, "invalid_request_error"))
         model, wrong = self.model_of(data)
+        if wrong is None:
+            wrong = await self.media_problem(route, model, data)
         if wrong is not None:
             return "", await respond(send, *wrong)
         try:
@@ -331,6 +341,40 @@ class FrontDoor:
         if name not in served:
             return "", (404, self.not_found(name))
         return name, None
+
+    async def media_problem(self, route: str, model: str, data: dict) -> tuple[int, bytes] | None:
+        """A model of FlagScale's own engines: a route it does not serve (404), or a chat request whose image
+        parts it cannot take (400). Other engines' requests pass unchecked, as before."""
+        engine = self.settings.engine(model)
+        if engine not in MEDIA_ROUTES:
+            return None
+        if route not in MEDIA_ROUTES[engine]:
+            served = ", ".join(MEDIA_ROUTES[engine])
+            message = f"model {model!r} ({engine} engine) does not serve {route}; its routes: {served}"
+            return 404, error_body(message, "invalid_request_error", "not_supported")
+        if route != "/v1/chat/completions" or not any(isinstance(m.get("content"), list) for m in data["messages"]):
+            return None
+        problem = await asyncio.to_thread(check_media, data, self.settings.image_limits)
+        if problem is None:
+            return None
+        return 400, error_body(str(problem), "invalid_request_error", problem.code)
+
+    async def media_file(self, send, method: str, name: str) -> None:
+        """A PNG of the diffusers engine (response_format: url), from the run folder's media/."""
+        if method not in ("GET", "HEAD"):
+            await respond(send, 405, error_body(f"{MEDIA}<name> takes GET", "invalid_request_error"))
+            return
+        folder = self.settings.media_dir
+        content = None
+        if folder and MEDIA_NAME.fullmatch(name):
+            try:
+                content = await asyncio.to_thread((Path(folder) / name).read_bytes)
+            except OSError:
+                pass
+        if content is None:
+            await respond(send, 404, error_body(f"no image {name[:80]!r} here", "invalid_request_error", "not_found"))
+            return
+        await respond(send, 200, content, content_type=b"image/png")
 
     def not_found(self, name: str) -> bytes:
         served = ", ".join(self.upstreams.models())

@@ -3,12 +3,18 @@
 Engines differ in what they do with a mistyped field (a 400, a 500, or a silent default); checking the
 common fields once at the front door makes the answer the same for every engine, and keeps such requests
 off the engines. Unknown fields pass through untouched (engines have their own extensions).
+
+Models of the transformers engine also get their image parts checked here (`check_media`: part types, data
+URLs or allowed files, decodable, within the byte and pixel limits), and `/v1/images/generations` its fields,
+so a bad image never takes an engine's turn.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from flagscale.serve.media import SIZE, ImageLimits, MediaError, decode, image_bytes, image_urls
 
 INT32 = 2**31 - 1
 _COUNTS = ("max_tokens", "max_completion_tokens", "n", "n_predict", "top_k", "logprobs", "top_logprobs", "n_probs")
@@ -74,12 +80,12 @@ def _logit_bias(value: Any) -> bool:
     return all(v is False or (_is_number(v) and abs(v) <= 1e6) for v in pairs)
 
 
-def _typed(data: dict) -> str | None:
+def _typed(data: dict, route: str) -> str | None:
     """The engine-extension fields engines fail on (500, or a dropped connection) when mistyped."""
     for key in _BOOLS:
         if data.get(key) is not None and not isinstance(data[key], bool):
             return f'"{key}" must be true or false'
-    for key in _OBJECTS:
+    for key in _OBJECTS if route != IMAGES else _OBJECTS[1:]:  # images: response_format is a string
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f'"{key}" must be an object'
     for key in _STRINGS:
@@ -102,7 +108,7 @@ def _typed(data: dict) -> str | None:
 
 def check_request(route: str, data: dict) -> str | None:
     """None when the request's common fields are well typed, else what is wrong (one line)."""
-    problem = _typed(data)
+    problem = _typed(data, route)
     if problem is not None:
         return problem
     if "stream" in data and data["stream"] is not None and not isinstance(data["stream"], bool):
@@ -132,4 +138,37 @@ def check_request(route: str, data: dict) -> str | None:
         key = "input" if "input" in data else "content"
         if not _prompt(data.get(key)):
             return '"input" must be a string, a list of strings, or token ids'
+    elif route == IMAGES:
+        return _image_request(data)
+    return None
+
+
+IMAGES = "/v1/images/generations"
+IMAGE_FORMATS = ("b64_json", "url")
+MAX_IMAGES = 10  # images per request (OpenAI's bound for n)
+
+
+def _image_request(data: dict) -> str | None:
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return '"prompt" must be a non-empty string'
+    n = data.get("n")
+    if n is not None and not (_is_int(n) and 1 <= n <= MAX_IMAGES):
+        return f'"n" must be an integer from 1 to {MAX_IMAGES}'
+    size = data.get("size")
+    if size is not None and size != "auto" and not (isinstance(size, str) and SIZE.fullmatch(size)):
+        return f'"size"={str(size)[:40]!r}: expected "WIDTHxHEIGHT" (e.g. "512x512") or "auto"'
+    if data.get("response_format") is not None and data["response_format"] not in IMAGE_FORMATS:
+        return f'"response_format" must be one of {", ".join(IMAGE_FORMATS)}'
+    return None
+
+
+def check_media(data: dict, limits: ImageLimits) -> MediaError | None:
+    """A chat request's image parts, as a model of the transformers engine takes them: None when all decode
+    within the limits, else what is wrong. Decodes images: run it off the event loop."""
+    try:
+        for where, url in image_urls(data["messages"]):
+            decode(image_bytes(url, limits, where), limits, where)
+    except MediaError as exc:
+        return exc
     return None

@@ -36,19 +36,36 @@ _PROMPT = {
         {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
     ]
 }
+_PART = {
+    "type": "object",
+    "description": "a content part; the transformers engine takes text and image_url (a data: URL, or a file "
+    "under experiment.runner.media_dirs)",
+    "properties": {
+        "type": {"type": "string"},
+        "text": {"type": "string"},
+        "image_url": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]},
+    },
+    "required": ["type"],
+}
+_IMAGES = {
+    "prompt": {"type": "string", "minLength": 1},
+    "n": {"type": "integer", "minimum": 1, "maximum": 10},
+    "size": {"type": "string", "pattern": "^([1-9][0-9]*x[1-9][0-9]*|auto)$"},
+    "response_format": {"enum": ["b64_json", "url"]},
+}
 _MESSAGES = {
     "type": "array",
     "minItems": 1,
     "items": {
         "type": "object",
-        "properties": {"role": {"type": "string"}, "content": {"type": ["string", "null", "array"]}},
+        "properties": {"role": {"type": "string"}, "content": {"type": ["string", "null", "array"], "items": _PART}},
         "required": ["role"],
     },
 }
 _ERRORS = {
     str(code): {"description": what, "content": {"application/json": {"schema": _ERROR}}}
     for code, what in (
-        (400, "not JSON, not an object, or a mistyped field"),
+        (400, "not JSON, not an object, a mistyped field, or an image the model cannot take"),
         (401, "no valid API key (Authorization: Bearer <key>)"),
         (404, "the model is not served"),
         (413, "the body exceeds experiment.runner.max_body_bytes"),
@@ -99,6 +116,8 @@ def openapi() -> dict:
                 "chat completion (WebSocket on the same path)", ["messages"], {"messages": _MESSAGES}
             ),
             "/v1/embeddings": _post("embeddings", ["input"], {"input": _PROMPT}),
+            "/v1/images/generations": _post("text-to-image (diffusers engine)", ["prompt"], _IMAGES),
+            "/v1/media/{name}": _get("a PNG of an images answer with response_format url", "image/png"),
         },
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

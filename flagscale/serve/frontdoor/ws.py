@@ -98,6 +98,8 @@ async def _answer(door: FrontDoor, send, route: str, label: str, message: dict, 
     if problem is not None:
         return "", await _error(send, 400, error_body(problem, "invalid_request_error"))
     model, wrong = door.model_of(data)
+    if wrong is None:
+        wrong = await door.media_problem(route, model, data)
     if wrong is not None:
         return "", await _error(send, *wrong)
     data["stream"] = True
