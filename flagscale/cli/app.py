@@ -68,7 +68,8 @@ def print_error(exc: Exception) -> None:
     from rich.markup import escape
 
     line = error_line(exc)
-    console(stderr=True).print(f"[red]error:[/red]{escape(line[len('error:') :])}")
+    # soft_wrap: an error is one line however long its paths (a log, a test, grep read it whole)
+    console(stderr=True).print(f"[red]error:[/red]{escape(line[len('error:') :])}", soft_wrap=True)
 
 
 def setup_logging(verbose: bool) -> None:

@@ -69,6 +69,18 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def quiet_loading() -> None:
+    """No per-file loading bars and no fallback notices (e.g. a PIL image processor standing in for a torchvision
+    one) from transformers and diffusers: a batch job shows its own progress, errors still surface."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
+
+
 # ---------------------------------------------------------------------------------------------- images
 def load_image(url: Any, base_dir: str | Path | None = None) -> Any:
     """A PIL RGB image from a path, a file:// URL, a data: base64 URL, or a PIL image as is."""
@@ -260,6 +272,15 @@ def is_vision_config(config: dict) -> bool:
     return "vision_config" in config or any("ForConditionalGeneration" in a for a in config.get("architectures", []))
 
 
+def check_model_folder(path: str | Path) -> Path:
+    """The folder of a transformers model (it has a config.json), or a ConfigError of one line."""
+    folder = _folder(path, "transformers model")
+    if not (folder / "config.json").is_file():
+        where = " (a diffusers pipeline: use the diffusers engine)" if (folder / "model_index.json").is_file() else ""
+        raise ConfigError(f"{folder}: no config.json, not a transformers model folder{where}")
+    return folder
+
+
 def load_chat_model(
     path: str | Path,
     *,
@@ -270,10 +291,7 @@ def load_chat_model(
 ) -> ChatModel:
     """A causal LM or vision-language model from a local folder: AutoModelForImageTextToText + AutoProcessor when
     its config has a vision tower, AutoModelForCausalLM + AutoTokenizer otherwise."""
-    folder = _folder(path, "transformers model")
-    if not (folder / "config.json").is_file():
-        where = " (a diffusers pipeline: use the diffusers engine)" if (folder / "model_index.json").is_file() else ""
-        raise ConfigError(f"{folder}: no config.json, not a transformers model folder{where}")
+    folder = check_model_folder(path)
     vision = is_vision_config(read_json(folder / "config.json"))
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -321,8 +339,8 @@ def check_pipeline_folder(folder: str | Path, expected: str | None) -> str:
     found = pipeline_class_of(folder)
     if expected and found != expected:
         raise ConfigError(
-            f"{folder}: model_index.json says {found}, not {expected} (set the pipeline to {found} or point the "
-            f"model at a {expected} folder)"
+            f"{folder}: model_index.json says {found}, not {expected} "
+            f"(set pipeline: {found}, or use a {expected} folder)"
         )
     return found
 
@@ -416,6 +434,8 @@ class DiffusionModel:
         if len(seed_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seed_list)} seeds")
         args = self.call_args(**kwargs)
+        if isinstance(args.get("negative_prompt"), str):  # the pipelines take one per prompt, as the prompts
+            args["negative_prompt"] = [args["negative_prompt"]] * len(prompts)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
         if on_step is not None:
             args["callback_on_step_end"] = _step_callback(on_step)
@@ -458,10 +478,11 @@ def load_pipeline(
     device: str = "cpu",
     components: dict[str, dict] | None = None,
     fps: int = 16,
+    load_args: dict | None = None,
 ) -> DiffusionModel:
     """A diffusers pipeline from a local folder. `pipeline` names the class the folder must be (None: whatever
     model_index.json says); `components` maps a component (transformer, vae, text_encoder...) to {class, dtype}:
-    loaded on its own with that class and dtype; the others take `dtype`."""
+    loaded on its own with that class and dtype; the others take `dtype`. load_args: more from_pretrained keywords."""
     root = _folder(path, "diffusers pipeline")
     found = check_pipeline_folder(root, pipeline)
     index = read_json(root / "model_index.json")
@@ -476,7 +497,7 @@ def load_pipeline(
     }
     kwargs: dict[str, Any] = {} if default == "auto" else {"dtype": default}
     try:
-        pipe = cls.from_pretrained(root, **loaded, **kwargs).to(device)
+        pipe = cls.from_pretrained(root, **loaded, **kwargs, **(load_args or {})).to(device)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{root}: cannot load it as {found} ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)  # callers show their own progress

@@ -38,6 +38,8 @@ def accepted(engine: str) -> set[str]:
 
 
 def check_engine_args(engine: str, args: dict) -> None:
+    if engine not in CONSTRUCTORS:  # transformers, diffusers: from_pretrained takes **kwargs, checked when loading
+        return
     known = accepted(engine)
     for key in args:
         if key not in known:
