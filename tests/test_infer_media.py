@@ -3,7 +3,8 @@
 Each engine runs through `python -m flagscale infer CONF` on the tiny random-weight models of
 tools/make_tiny_media.py (tests/media_models.py): a vision-language model answers prompts that carry images,
 FLUX and Stable Diffusion pipelines write PNGs, a Wan pipeline writes MP4s that decode. A prompt repeated with
-its seed in another batch position gives the same bytes (PNG and MP4). Two denoising steps, 32x32 pixels.
+its seed in another batch position gives the same bytes (PNG and MP4). The `transformations:` list reaches the
+pipeline (flagscale.transforms' log_io records the calls). Two denoising steps, 32x32 pixels.
 """
 
 from __future__ import annotations
@@ -82,8 +83,12 @@ def test_flux_writes_pngs_and_the_same_seed_gives_the_same_bytes(mm_env, tmp_pat
         f"infer.model={tiny_flux(mm_env)}",
         f"infer.generate.prompts={media_prompts(tmp_path)}",
         f"infer.generate.output={out}",
+        f"infer.transformations=[{{name: log_io, path: {tmp_path}/io.jsonl}}]",  # select omitted: the denoiser
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # the transformations list reached the pipeline: one record per transformer call, 2 steps x 2 batches
+    calls = [json.loads(line) for line in (tmp_path / "io.jsonl").read_text().splitlines()]
+    assert [(c["type"], c["step"]) for c in calls] == [("FluxTransformer2DModel", s) for s in (0, 1, 0, 1)]
     index = index_of(out)
     assert [(r["prompt"], r["seed"], r["file"]) for r in index] == [
         ("a red cat", 5, "0000-seed5.png"),
@@ -155,6 +160,7 @@ def test_a_folder_of_another_kind_is_a_one_line_error(mm_env, tmp_path):
         ("tiny_flux", f"infer.model={tmp_path}/none"): f"{tmp_path}/none: no such folder",
         ("tiny_vlm", "+infer.pipeline=FluxPipeline"): "infer.pipeline: only the diffusers engine takes it",
         ("tiny_flux", "infer.components.transformer.dtype=float8"): "infer.components.transformer.dtype=float8: use",
+        ("tiny_flux", "infer.transformations=[{name: taylorsear}]"): "infer.transformations[0].name=taylorsear",
     }
     for (example, override), message in cases.items():
         model = [f"infer.model={vlm}"] if example == "tiny_vlm" and "model" not in override else []

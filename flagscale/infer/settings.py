@@ -203,6 +203,10 @@ def from_config(cfg: Any) -> InferSettings:
         raise ConfigError("infer.model: the model to load is required")
     gen = t.generate or Generate()
     _hf_only(t, gen, engine)
+    if t.transformations:
+        from flagscale.transforms import parse  # the standard library only: checked before torch loads
+
+        parse(list(t.transformations), "infer.transformations")
     check_model(engine, model, t.pipeline)
     if Path(model).exists():
         model = str(Path(model).resolve())
