@@ -224,13 +224,16 @@ def _diffuse_into(folder: Path, model: Any, settings: InferSettings, records: li
                 groups.setdefault(item[1][0].get("negative_prompt", settings.negative_prompt), []).append(item)
             for negative, group in groups.items():
                 advance = _advancer(bar, len(group))
-                outputs = model.generate(
-                    [r["prompt"] for _, (r, _) in group],
-                    seeds=[s for _, (_, s) in group],
-                    negative_prompt=negative,
-                    on_step=advance,
-                    **call,
-                )
+                try:
+                    outputs = model.generate(
+                        [r["prompt"] for _, (r, _) in group],
+                        seeds=[s for _, (_, s) in group],
+                        negative_prompt=negative,
+                        on_step=advance,
+                        **call,
+                    )
+                except ValueError as exc:  # the pipeline's own input checks (sizes, frames, lengths)
+                    raise ConfigError(f"{model.class_name}: {str(exc).strip().splitlines()[0]}") from None
                 for (number, (record, seed)), generation in zip(group, outputs, strict=True):
                     yield _save(folder, number, record, seed, generation, model, hf_models)
 
