@@ -80,6 +80,9 @@ def served(request, mm_env, models, tmp_path_factory):
         f"experiment.runner.media_dirs=[{allowed}]",
         f"experiment.runner.max_image_bytes={MAX_BYTES}",
         f"experiment.runner.max_image_pixels={MAX_PIXELS}",
+        # the diffusers engine applies flagscale.transforms from its engine_args: step caching, and a log of calls
+        f"+serve.1.engine_args.transformations=[{{name:log_io,select:{{type:FluxTransformer2DModel}},path:'{run_dir}/io.jsonl'}},"
+        "{name:taylorseer,select:{type:FluxTransformer2DModel},warmup:1,interval:2}]",
     ]
     if deploy == "ray":
         args.append(f"+experiment.runner.ray_port={free_port()}")
@@ -111,8 +114,8 @@ def test_images_b64_and_url(served):
     images = [base64.b64decode(d["b64_json"]) for d in first.json()["data"]]
     assert [png_size(i) for i in images] == [(32, 32), (32, 32)]
     assert [d["seed"] for d in first.json()["data"]] == [7, 8] and images[0] != images[1]
-    again = client.post("/v1/images/generations", json={**body, "n": 1, "size": "32x32"})
-    assert base64.b64decode(again.json()["data"][0]["b64_json"]) == images[0]  # same seed, same bytes
+    again = client.post("/v1/images/generations", json=body)
+    assert [base64.b64decode(d["b64_json"]) for d in again.json()["data"]] == images  # same seed, same bytes
 
     linked = client.post("/v1/images/generations", json={**body, "response_format": "url", "size": "48x32"})
     assert linked.status_code == 200, linked.text
@@ -125,6 +128,8 @@ def test_images_b64_and_url(served):
         u.rsplit("/", 1)[1] for u in urls
     )
     assert client.get("/v1/media/..%2Fpids%2Ffrontdoor.json").status_code == 404  # only the engine's PNG names
+    calls = (served["run_dir"] / "io.jsonl").read_text().splitlines()
+    assert len(calls) >= 4, calls  # the transformations of engine_args ran: the transformer's calls were logged
 
 
 # ---------------------------------------------------------------------------------------------- chat

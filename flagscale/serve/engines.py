@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -122,8 +123,6 @@ def to_flags(args: dict[str, Any], known: frozenset[str] | None, where: str) -> 
         elif isinstance(value, (list, tuple)):
             out += [flag, *map(str, value)]
         elif isinstance(value, dict):
-            import json
-
             out += [flag, json.dumps(value, sort_keys=True)]  # vLLM/SGLang take JSON for nested settings
         else:
             out += [flag, str(value)]
@@ -222,9 +221,18 @@ def _hf_engine(
             raise ConfigError(f"{where}.model={model}: no such model folder ({spec.engine} serves a local folder)")
         if spec.engine == "diffusers":
             hf_models.check_pipeline_folder(model, args.get("pipeline"))
+            if args.get("transformations"):
+                from flagscale.transforms import parse
+
+                parse(list(args["transformations"]), f"{where}.transformations")
         elif not (Path(model) / "config.json").is_file():
             raise ConfigError(f"{where}.model={model}: no config.json, not a transformers model folder")
     known = hf_engine.engine_flags(spec.engine) if check else None
+    if "transformations" in args:  # a list of objects: one JSON argument (none when empty), not one per item
+        args = dict(args)
+        value = args.pop("transformations")
+        if value:
+            args["transformations"] = json.dumps(value)
     dirs = ["--media-dirs", *settings.media_dirs] if settings.media_dirs else []
     return [
         sys.executable,

@@ -61,6 +61,8 @@ ENGINE_ARGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("max_n", int, 4, "the most images one request may ask for"),
         ("pipeline", str, None, "the pipeline class the folder must be, e.g. FluxPipeline (default: any)"),
         ("components", json.loads, None, "per component {class, dtype}, e.g. {transformer: {dtype: bfloat16}}"),
+        ("transformations", json.loads, None, "flagscale.transforms specs applied in order (e.g. taylorseer)"),
+        ("call_args", json.loads, None, "more keywords of the pipeline call, e.g. {max_sequence_length: 64}"),
     ],
 }
 
@@ -215,7 +217,13 @@ class ImagePipeline:
                 f"{opts.model}: {self.model.class_name} makes videos; the diffusers engine serves text-to-image "
                 "pipelines (/v1/images/generations)"
             )
+        self.call_args = opts.call_args or {}
+        self.model.call_args(extra=self.call_args)  # a keyword the pipeline does not take: refused at start
         pipe = self.model.pipe
+        if opts.transformations:  # kept for the server's life; each generation resets their state (new timesteps)
+            from flagscale.transforms import apply
+
+            apply(pipe, opts.transformations, "engine_args.transformations")
         scale = int(getattr(pipe, "vae_scale_factor", 8))
         # FLUX-class pipelines pack 2x2 latent patches: sides are multiples of twice the VAE's scale
         self.size_multiple = scale * 2 if "_pack_latents" in dir(pipe) else scale
@@ -225,7 +233,7 @@ class ImagePipeline:
     def generate(self, prompt: str, *, n: int, seed: int, **kwargs: Any) -> list[bytes]:
         from flagscale.infer.hf_models import png_bytes
 
-        done = self.model.generate([prompt] * n, seeds=seed, **kwargs)  # image i: seed + i
+        done = self.model.generate([prompt] * n, seeds=seed, extra=self.call_args, **kwargs)  # image i: seed + i
         return [png_bytes(g.images[0]) for g in done]
 
 
