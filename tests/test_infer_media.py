@@ -17,7 +17,11 @@ import pytest
 from conftest import REPO_ROOT
 from media_models import tiny_flux, tiny_sd, tiny_vlm, tiny_wan
 
-pytestmark = pytest.mark.integration
+from flagscale.errors import ConfigError
+from flagscale.infer.hf_batch import messages_of, read_records
+from flagscale.infer.settings import from_config
+from flagscale.runner.config import compose
+
 EXAMPLES = REPO_ROOT / "examples"
 
 
@@ -51,6 +55,58 @@ def media_prompts(tmp_path: Path) -> Path:
     return prompts
 
 
+# ------------------------------------------------------------------------ fast: settings and prompts (no venv)
+def test_prompt_records_and_their_one_line_errors(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        'plain text\n\n{"prompt": "a", "images": "x.png"}\n{"messages": [{"role": "user", "content": "m"}]}\n'
+    )
+    records = read_records(str(prompts), "transformers")
+    assert records == [
+        {"prompt": "plain text"},
+        {"prompt": "a", "images": ["x.png"]},
+        {"messages": [{"role": "user", "content": "m"}]},
+    ]
+    assert messages_of(records[1]) == [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "text", "text": "a"}],
+        }
+    ]
+    bad = {
+        ('{"prompt": "a", "images": ["x.png"]}', "diffusers"): '"images" are for the transformers engine',
+        ('{"messages": []}', "diffusers"): 'a JSON line needs a "prompt" field',
+        ('{"prompt": "a", "seed": -1}', "diffusers"): '"seed" is an integer >= 0',
+        ('{"prompt": "a", "images": [1]}', "transformers"): '"images" is a path or URL, or a list of them',
+        ('{"prompt": ', "transformers"): "not a JSON object",
+    }
+    for (line, engine), message in bad.items():
+        prompts.write_text(line + "\n")
+        with pytest.raises(ConfigError, match=f"{prompts}:1: {message}"):
+            read_records(str(prompts), engine)
+
+
+def test_settings_of_the_hf_engines(tmp_path):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    base = [f"experiment.exp_dir={tmp_path}", f"infer.model={folder}"]
+    settings = from_config(compose(EXAMPLES / "tiny_flux" / "conf", "infer", base))
+    assert (settings.engine, settings.pipeline, settings.width, settings.steps) == ("diffusers", "FluxPipeline", 32, 2)
+    assert settings.components == {"transformer": {"class": "FluxTransformer2DModel", "dtype": "float32"}}
+    assert settings.call_args == {"max_sequence_length": 32}
+    with pytest.raises(
+        ConfigError, match=r"infer.pipeline: only the diffusers engine takes it \(engine is llama.cpp\)"
+    ):
+        from_config(compose(EXAMPLES / "tiny_llama" / "conf", "infer", [*base, "+infer.pipeline=FluxPipeline"]))
+    with pytest.raises(ConfigError, match="infer.generate.batch_size=0: expected a number >= 1"):
+        from_config(compose(EXAMPLES / "tiny_flux" / "conf", "infer", [*base, "infer.generate.batch_size=0"]))
+    with pytest.raises(ConfigError, match="infer.engine=diffuser: use one of .* \\(did you mean 'diffusers'\\?\\)"):
+        from_config(compose(EXAMPLES / "tiny_flux" / "conf", "infer", [*base, "+infer.engine=diffuser"]))
+
+
+# ------------------------------------------------------------------------ the engines, in the multimodal venv
+@pytest.mark.integration
 def test_vlm_answers_prompts_that_carry_images(mm_env, tmp_path):
     out = tmp_path / "answers.jsonl"
     result = infer(
@@ -74,6 +130,7 @@ def test_vlm_answers_prompts_that_carry_images(mm_env, tmp_path):
     assert with_one > 16 and with_two >= with_one + 16
 
 
+@pytest.mark.integration
 def test_flux_writes_pngs_and_the_same_seed_gives_the_same_bytes(mm_env, tmp_path):
     out = tmp_path / "images"
     result = infer(
@@ -103,6 +160,7 @@ def test_flux_writes_pngs_and_the_same_seed_gives_the_same_bytes(mm_env, tmp_pat
     assert not list(tmp_path.glob(".images.*"))  # the temporary folder is gone
 
 
+@pytest.mark.integration
 def test_stable_diffusion_unet_pipeline_writes_pngs(mm_env, tmp_path):
     out = tmp_path / "images"
     result = infer(
@@ -119,6 +177,7 @@ def test_stable_diffusion_unet_pipeline_writes_pngs(mm_env, tmp_path):
     assert files[0].read_bytes() == files[2].read_bytes()  # classifier-free guidance with a negative prompt too
 
 
+@pytest.mark.integration
 def test_wan_writes_mp4s_that_decode(mm_env, tmp_path):
     out = tmp_path / "videos"
     result = infer(
@@ -150,6 +209,7 @@ def test_wan_writes_mp4s_that_decode(mm_env, tmp_path):
     assert decoded.returncode == 0 and decoded.stdout.split("\n")[0] == "5 (32, 32, 3)", decoded.stderr
 
 
+@pytest.mark.integration
 def test_a_folder_of_another_kind_is_a_one_line_error(mm_env, tmp_path):
     sd, vlm = tiny_sd(mm_env), tiny_vlm(mm_env)
     prompts = media_prompts(tmp_path)
