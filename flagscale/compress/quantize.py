@@ -57,7 +57,6 @@ def llmcompressor_run(settings: CompressSettings, model, tokenizer, samples: lis
     """Apply the scheme's recipe to `model` in place and save it compressed (compressed-tensors) into `out`."""
     from llmcompressor import oneshot
 
-    check_group_size(model, settings)
     kwargs: dict = {}
     if samples:
         from datasets import Dataset
@@ -74,14 +73,16 @@ def llmcompressor_run(settings: CompressSettings, model, tokenizer, samples: lis
 
 # ----------------------------------------------------------------------------------------- GGUF
 def gguf_run(settings: CompressSettings, work: Path) -> tuple[Path, Path]:
-    """(unquantized GGUF, quantized GGUF in `work`): the llama.cpp pin's convert_hf_to_gguf.py through
-    flagscale.serve.gguf's content-keyed cache (the conversion `flagscale serve` of the folder would make and
-    reuse), then llama-quantize of the installed wheel."""
+    """(unquantized GGUF, quantized GGUF), both made in `work`: the llama.cpp pin's convert_hf_to_gguf.py (run by
+    flagscale.serve.gguf as `flagscale serve` converts a folder), then llama-quantize of the installed wheel. Not
+    through serve's content-keyed cache: a compression run always converts, and leaves no full-size copy there."""
     from flagscale.serve import gguf
 
     folder = Path(settings.model)
     gguf.check_folder(folder, "compress.model")
-    plain = gguf.ensure(folder, gguf.Options(outtype=settings.gguf.outtype)).path
+    outtype = gguf.outtype_of(folder, gguf.Options(outtype=settings.gguf.outtype))
+    root, _ = gguf.converter_root()
+    plain = gguf.convert(folder, work / f"model.{outtype}.gguf", outtype, root, work / "convert.log")
     return plain, gguf.quantize(plain, work / "model.gguf", settings.scheme)
 
 

@@ -33,11 +33,12 @@ def compress_llmcompressor(settings: CompressSettings, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flagscale.compress.data import calibration_and_held_out
-    from flagscale.compress.quantize import llmcompressor_run
+    from flagscale.compress.quantize import check_group_size, llmcompressor_run
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     calib, held = calibration_and_held_out(tokenizer, settings.calibration, settings.evaluation, settings.held_out)
     model = AutoModelForCausalLM.from_pretrained(settings.model, dtype="auto").eval()
+    check_group_size(model, settings)  # before any work: a width the scheme cannot group
     ppl_before = reporting.hf_perplexity(model, held.samples)
     samples = None if settings.scheme in DATA_FREE or calib is None else calib.samples
     llmcompressor_run(settings, model, tokenizer, samples, work)
