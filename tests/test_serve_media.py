@@ -213,3 +213,15 @@ def test_an_unknown_engine_arg_is_one_line_naming_the_nearest(mm_env, models, tm
     )
     assert result.returncode != 0
     assert "serve[1].engine_args.num_inference_step" in result.stderr and "num_inference_steps" in result.stderr
+
+
+def test_openai_client(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0)
+    images = client.images.generate(model="tiny-flux", prompt="a cat", size="32x32", response_format="b64_json")
+    assert png_size(base64.b64decode(images.data[0].b64_json or "")) == (32, 32)
+    reply = client.chat.completions.create(**chat(data_url(png(24, 24))))
+    assert reply.choices[0].message.role == "assistant" and reply.usage and reply.usage.prompt_tokens > 16
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**chat(data_url(b"GIF89a, but no")))
+    assert refused.value.code == "invalid_image"

@@ -1,4 +1,5 @@
-"""`flagscale serve`: OpenAI-compatible endpoints from llama.cpp, vLLM or SGLang, direct or on Ray replicas.
+"""`flagscale serve`: OpenAI-compatible endpoints from llama.cpp, vLLM, SGLang or FlagScale's own transformers and
+diffusers engines (flagscale.serve.hf_engine: chat with images, text-to-image), direct or on Ray replicas.
 
 `main(cfg)` takes the composed Hydra config (see flagscale.serve.settings for its schema) and does
 `action=run|dryrun|stop|status|auto_tune`. Heavy modules (ray, httpx) load only in the paths that need them.
