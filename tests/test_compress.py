@@ -192,6 +192,15 @@ def test_gguf_q8_0_and_q4_k_m_then_serve_q8_0(mm_env, tiny_hf, llama_env, tmp_pa
         flagscale("serve", *args, "action=stop", env=env, cwd=tmp_path)
 
 
+def checked_model(folder):
+    """A causal LM as far as the config checks read it (they never load weights)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -208,11 +217,7 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, overrides, message)
     encoder.mkdir()
     (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     (tmp_path / "empty.jsonl").write_text('\n{"text": "  "}\n')
-    model = tmp_path / "model"  # a causal LM as far as the checks read it: the errors above come first
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    (model / "model.safetensors").write_bytes(b"")
-    (model / "tokenizer.json").write_text("{}")
+    model = checked_model(tmp_path / "model")
     exp_dir = tmp_path / "run"
     args = ["compress", str(CONF), f"experiment.exp_dir={exp_dir}", *(o.format(tmp=tmp_path) for o in overrides)]
     result = flagscale(*args, env={"TINY_LLAMA_HF": str(model)}, cwd=REPO_ROOT)
@@ -220,3 +225,54 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, overrides, message)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0], lines
     assert not exp_dir.exists() and sorted(os.listdir(tmp_path)) == ["empty.jsonl", "encoder", "model"]
+
+
+def settings_of(tmp_path, *overrides):
+    from flagscale.compress.settings import from_config
+    from flagscale.runner.config import compose
+
+    model = tmp_path / "model" if (tmp_path / "model").exists() else checked_model(tmp_path / "model")
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)  # the example's calibration path is relative to the checkout, as for a user there
+    try:
+        return from_config(
+            compose(CONF, "compress", [f"compress.model={model}", f"experiment.exp_dir={tmp_path}", *overrides])
+        )
+    finally:
+        os.chdir(cwd)
+
+
+def test_settings_resolve_scheme_output_and_held_out_slice(tmp_path):
+    s = settings_of(tmp_path, "compress=q4_k_m", "compress.scheme=q4-k-m", "compress.output=null")
+    assert (s.scheme, s.tool) == ("Q4_K_M", "gguf") and s.output == str(tmp_path / "model-q4_k_m.gguf")
+    assert s.held_out and s.evaluation.jsonl == s.calibration.jsonl == str(CALIBRATION)
+    assert (s.evaluation.num_samples, s.evaluation.seq_len) == (8, 64)
+    s = settings_of(
+        tmp_path, "compress=fp8_dynamic", "compress.calibration.jsonl=null", f"compress.evaluation.jsonl={CALIBRATION}"
+    )
+    assert s.calibration is None and not s.held_out and s.output == str(tmp_path / "tiny-fp8_dynamic")
+    s = settings_of(tmp_path, "compress.report=null", "compress.output=null")
+    assert s.report == str(tmp_path / "report.json") and s.output == str(tmp_path / "model-w8a8")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["compress.calibration.jsonl=null"],
+            "W8A8 calibrates on data; give calibration.jsonl or calibration.data_path",
+        ),
+        (["compress=q8_0", "compress.output=x.bin"], "a GGUF scheme writes one file; name it *.gguf"),
+        (["compress.output=x.gguf"], "W8A8 writes a checkpoint folder, not a .gguf file"),
+        (["compress.calibration.data_path={tmp}/none"], "give jsonl or data_path, not both"),
+        (["compress.calibration.jsonl=null", "compress.calibration.data_path={tmp}/none"], "none.bin does not exist"),
+        (["compress.calibration.seq_len=4"], "compress.calibration.seq_len=4: expected a number >= 8"),
+        (["compress.recipe.ignroe=[]"], "did you mean"),
+    ],
+)
+def test_settings_refuse(tmp_path, overrides, message):
+    from flagscale.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        settings_of(tmp_path, *(o.format(tmp=tmp_path) for o in overrides))
+    assert message.format(tmp=tmp_path) in str(caught.value)
