@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import struct
+import time
 import zlib
 
 import httpx
@@ -92,7 +94,7 @@ def served(request, mm_env, models, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
-            yield {"deploy": deploy, "url": url, "run_dir": run_dir, "allowed": allowed, "client": client}
+            yield {"deploy": deploy, "url": url, "run_dir": run_dir, "allowed": allowed, "client": client, "args": args}
     finally:
         stopped = mm_env.run([*serve, "action=stop"], cwd=run_dir, timeout=120, **models)
         assert stopped.returncode == 0, stopped.stderr[-2000:]
@@ -225,3 +227,28 @@ def test_openai_client(served):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(**chat(data_url(b"GIF89a, but no")))
     assert refused.value.code == "invalid_image"
+
+
+def test_status_and_replica_replacement(served, mm_env, models):
+    """action=status probes the engines like llama-server's; in Ray mode a killed engine's replica is replaced."""
+    status = mm_env.run(
+        ["python", "-m", "flagscale", "serve", CONF, *served["args"], "action=status"], cwd=served["run_dir"], **models
+    )
+    assert status.returncode == 0 and "health 200" in status.stdout, status.stdout + status.stderr
+    if served["deploy"] != "ray":
+        return
+    records = served["run_dir"] / "replicas"
+    victim = next(json.loads(p.read_text()) for p in records.glob("tiny-flux-*.json"))
+    os.kill(victim["engine_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = [json.loads(p.read_text()) for p in records.glob("tiny-flux-*.json")]
+        if now and now[0]["replica"] != victim["replica"] and pid_alive(now[0]["engine_pid"]):
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"no new tiny-flux replica: {list(records.iterdir())}")
+    answer = served["client"].post("/v1/images/generations", json={"model": "tiny-flux", "prompt": "a cat"})
+    assert answer.status_code == 200, answer.text
+    events = (served["run_dir"] / "logs" / "replicas.jsonl").read_text()
+    assert '"lost"' in events and victim["replica"] in events
