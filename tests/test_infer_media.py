@@ -161,7 +161,7 @@ def test_flux_writes_pngs_and_the_same_seed_gives_the_same_bytes(mm_env, tmp_pat
 
 
 @pytest.mark.integration
-def test_stable_diffusion_unet_pipeline_writes_pngs(mm_env, tmp_path):
+def test_stable_diffusion_unet_pipeline_in_mixed_dtypes_writes_pngs(mm_env, tmp_path):
     out = tmp_path / "images"
     result = infer(
         mm_env,
@@ -170,6 +170,7 @@ def test_stable_diffusion_unet_pipeline_writes_pngs(mm_env, tmp_path):
         f"infer.model={tiny_sd(mm_env)}",
         f"infer.generate.prompts={media_prompts(tmp_path)}",
         f"infer.generate.output={out}",
+        "+infer.components.unet.dtype=bfloat16",  # mixed dtypes: a bfloat16 UNet between float32 CLIP and VAE
     )
     assert result.returncode == 0, result.stderr[-3000:]
     files = [out / r["file"] for r in index_of(out)]

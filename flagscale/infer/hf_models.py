@@ -501,8 +501,45 @@ def load_pipeline(
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{root}: cannot load it as {found} ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)  # callers show their own progress
+    if len({getattr(m, "dtype", None) for m in _torch_components(pipe)} - {None}) > 1:
+        for module in _torch_components(pipe):
+            _cast_inputs(module)
     kind = "video" if "num_frames" in inspect.signature(pipe.__call__).parameters else "image"
     return DiffusionModel(str(root), pipe, found, kind, fps)
+
+
+def _torch_components(pipe: Any) -> list:
+    import torch
+
+    return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+
+def _cast_inputs(module: Any) -> None:
+    """Mixed dtypes (a bfloat16 transformer beside a float32 VAE): the pipelines hand each component the tensors
+    of the one before it, so each component casts its floating inputs to its own dtype (forward, and a VAE's
+    encode and decode, which the pipelines call directly)."""
+    import torch
+
+    dtype = module.dtype
+
+    def cast(value: Any) -> Any:
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def pre_hook(_module: Any, args: tuple, kwargs: dict) -> tuple:
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    for name in ("encode", "decode"):
+        method = getattr(module, name, None)
+        if callable(method):
+            setattr(module, name, _casting(method, cast))
+
+
+def _casting(method: Callable, cast: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return method(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------- files
