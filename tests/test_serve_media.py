@@ -191,6 +191,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(served):
         code="unsupported_content_part",
     )
     refused("/v1/chat/completions", {**chat(data_url(png(4, 4))), "model": "tiny-flux"}, 404, "not_supported")
+    refused("/v1/chat/completions", {**chat(data_url(png(4, 4))), "n": 2})  # one choice per request
     image = {"model": "tiny-flux", "prompt": "a cat"}
     refused("/v1/images/generations", {**image, "size": "big"})  # the front door: not WxH
     refused("/v1/images/generations", {**image, "size": "30x30"}, code="invalid_size")  # the engine: not a multiple

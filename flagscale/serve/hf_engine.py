@@ -265,6 +265,8 @@ class TextEngine:
 
     def prepare(self, route: str, data: dict) -> Any:
         """Check and decode the request (images too) before its turn; returns what `run` takes."""
+        if data.get("n") not in (None, 1):
+            raise RequestError(400, '"n": this engine gives one choice per request (send n: 1, or several requests)')
         if route == "/v1/chat/completions":
             messages = data.get("messages")
             if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
