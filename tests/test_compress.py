@@ -166,6 +166,7 @@ def test_gguf_q8_0_and_q4_k_m_then_serve_q8_0(mm_env, tiny_hf, llama_env, tmp_pa
         assert gguf.read_bytes()[:4] == b"GGUF" and reports[scheme]["size"]["after_bytes"] == gguf.stat().st_size
         ppl = reports[scheme]["perplexity"]
         assert ppl["method"].startswith("llama.cpp llama-perplexity") and abs(ppl["delta_pct"]) < 5
+        assert reports[scheme]["held_out"]["chunks"] == 8 and reports[scheme]["held_out"]["seq_len"] == 64
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
     q8, q4 = (reports[s]["size"]["after_bytes"] for s in ("q8_0", "q4_k_m"))
     assert q4 < q8 < 0.5 * reports["q8_0"]["size"]["before_bytes"]

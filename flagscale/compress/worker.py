@@ -89,7 +89,13 @@ def compress_gguf(settings: CompressSettings, work: Path) -> dict:
             "method": "llama.cpp llama-perplexity (the unquantized GGUF, then the quantized one)",
             "unquantized_gguf": plain.name,
         },
-        held_out=_data_summary(held, evaluation),
+        # llama.cpp scores `chunks` windows of the text (its own tokenization), not the packed sequences
+        held_out={
+            "source": evaluation.source,
+            "chunks": chunks,
+            "seq_len": evaluation.seq_len,
+            "documents": len(held.texts),
+        },
         unquantized_gguf_bytes=plain.stat().st_size,
     )
 
