@@ -208,6 +208,18 @@ def test_scopes_by_batch_splits_the_halves():
     torch.testing.assert_close(out, reference)
 
 
+def test_the_step_tracker_is_added_first_or_must_come_first(model):
+    x, t = torch.randn(2, 8), torch.full((2,), 0.5)
+    seer = TaylorSeer(TaylorSeerSpec(select=Select(type=("Block",))))
+    with apply(model, [seer, {"name": "log_io", "select": {"name": "proj_out"}}]) as handle:  # objects and data
+        assert [t.kind for t in handle.transformations] == ["timestep", "taylorseer", "log_io"]
+        model(x, timestep=t)
+        assert handle.context.step == 0 and links_of(model)[0].transformation.kind == "timestep"
+    with pytest.raises(ConfigError, match=r"transformations\[1\]: put `timestep` before transformations\[0\]"):
+        apply(model, [{"name": "taylorseer"}, {"name": "timestep"}])
+    assert not any(links_of(m) for m in model.modules())
+
+
 def test_log_io_writes_shapes_dtypes_and_timings(model, tmp_path):
     path = tmp_path / "io.jsonl"
     specs = parse([{"name": "log_io", "select": {"type": "Block"}, "path": str(path)}])
