@@ -283,55 +283,75 @@ def test_yaml_parses_once_into_frozen_specs():
 
 
 # ------------------------------------------------------------------------------ diffusers (FLUX)
-FLUX_SCRIPT = textwrap.dedent(
+PIPELINE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from diffusers import FluxPipeline
+    from diffusers import DiffusionPipeline
     from flagscale.transforms import apply, parse
-
-    pipe = FluxPipeline.from_pretrained(sys.argv[1])
-
-    def generate():
-        # true CFG: the conditional and unconditional passes are two transformer calls per step
-        return torch.as_tensor(pipe(prompt="a red cube", negative_prompt="blurry", true_cfg_scale=2.0, height=32,
-            width=32, num_inference_steps=10, max_sequence_length=16, output_type="np",
-            generator=torch.Generator().manual_seed(0)).images)
 
     def psnr(a, b):  # images in [0, 1]
         return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
 
-    reference = generate()
-    for raw in json.loads(sys.argv[2]):
-        handle = apply(pipe, parse(raw))
-        cached = generate()
-        context = handle.context
-        report = {"psnr": psnr(cached, reference), "same_as_uncached": torch.equal(cached, reference),
-                  "modules": handle.modules(handle.transformations[-1]), "steps": context.step + 1,
-                  "calls": context.call + 1, "scopes": sorted({scope for _, scope in context._store})}
-        handle.remove()
-        report["identical_after"] = torch.equal(generate(), reference)
-        print(json.dumps(report))
+    for job in json.loads(sys.argv[1]):
+        pipe = DiffusionPipeline.from_pretrained(job["folder"])
+
+        def generate():
+            out = pipe(**job["call"], output_type="np", generator=torch.Generator().manual_seed(0))
+            return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+
+        reference = generate()
+        for raw in job["runs"]:
+            handle = apply(pipe, parse(raw))
+            cached = generate()
+            context = handle.context
+            report = {"psnr": psnr(cached, reference), "same_as_uncached": torch.equal(cached, reference),
+                      "modules": handle.modules(handle.transformations[-1]), "steps": context.step + 1,
+                      "calls": context.call + 1, "scopes": sorted({str(scope) for _, scope in context._store})}
+            handle.remove()
+            report["identical_after"] = torch.equal(generate(), reference)
+            print(json.dumps(report))
     """
 )
+BLOCKS = {"type": ["FluxTransformerBlock", "FluxSingleTransformerBlock"]}
+SEER = {"name": "taylorseer", "warmup": 3, "interval": 2, "order": 2}
 
 
 @pytest.mark.integration
-def test_taylorseer_on_a_tiny_flux_pipeline(mm_env):
-    """TaylorSeer on the blocks or the final output of a tiny FluxPipeline with true CFG: the output changes,
-    within 30 dB PSNR of the uncached image (63 and 54 dB measured); each CFG pass has its own scope, which is
-    closer than one scope for both (45 dB); after remove() the images are bit-identical to the uncached ones."""
-    from media_models import tiny_flux
+def test_taylorseer_on_tiny_pipelines(mm_env):
+    """TaylorSeer on a tiny FluxPipeline with true CFG (two transformer calls per step), on its blocks or its
+    final output: the images change, within 30 dB PSNR of the uncached ones (63 and 54 dB measured); each CFG
+    pass has its own scope, which is closer than one scope for both (45 dB); after remove() the images are
+    bit-identical to the uncached ones. The same on an SD pipeline's UNet (the timestep passed by position, CFG
+    batched as [uncond, cond], scoped by batch half)."""
+    from media_models import tiny_flux, tiny_sd
 
-    selects = [{"type": ["FluxTransformerBlock", "FluxSingleTransformerBlock"]}, {"type": "FluxTransformer2DModel"}]
-    runs = [[{"name": "taylorseer", "select": s, "warmup": 3, "interval": 2, "order": 2}] for s in selects]
-    runs.append([{"name": "scopes", "by": "none"}, runs[1][0]])
-    result = mm_env.run(["python", "-c", FLUX_SCRIPT, tiny_flux(mm_env), json.dumps(runs)], timeout=300)
+    flux_call = dict(prompt="a red cube", negative_prompt="blurry", true_cfg_scale=2.0, height=32, width=32)
+    sd_call = dict(prompt="a red cube", guidance_scale=3.0, height=32, width=32)
+    jobs = [
+        {
+            "folder": str(tiny_flux(mm_env)),
+            "call": {**flux_call, "num_inference_steps": 10, "max_sequence_length": 16},
+            "runs": [
+                [{**SEER, "select": BLOCKS}],
+                [{**SEER, "select": {"type": "FluxTransformer2DModel"}}],
+                [{"name": "scopes", "by": "none"}, SEER],
+            ],
+        },
+        {
+            "folder": str(tiny_sd(mm_env)),
+            "call": {**sd_call, "num_inference_steps": 10},
+            "runs": [[{"name": "scopes", "by": "batch"}, SEER]],
+        },
+    ]
+    result = mm_env.run(["python", "-c", PIPELINE_SCRIPT, json.dumps(jobs)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    blocks, final, shared = (json.loads(line) for line in result.stdout.strip().splitlines()[-3:])
-    assert shared["scopes"] == [0] and shared["identical_after"] and shared["psnr"] < final["psnr"] - 3, shared
-    for report in (blocks, final):
-        assert report["identical_after"] and not report["same_as_uncached"], report
-        assert report["steps"] == 10 and report["calls"] == 2 and report["scopes"] == [0, 1], report
+    blocks, final, shared, sd = (json.loads(line) for line in result.stdout.strip().splitlines()[-4:])
+    for report in (blocks, final, shared, sd):
+        assert report["identical_after"] and not report["same_as_uncached"] and report["steps"] == 10, report
         assert report["psnr"] >= 30, report
+    for report in (blocks, final):
+        assert report["calls"] == 2 and report["scopes"] == ["0", "1"], report
     assert blocks["modules"] == ["transformer_blocks.0", "single_transformer_blocks.0"]
-    assert final["modules"] == [""]
+    assert final["modules"] == [""] and sd["modules"] == [""]
+    assert shared["scopes"] == ["0"] and shared["psnr"] < final["psnr"] - 3, shared
+    assert sd["calls"] == 1 and sd["scopes"] == ["('batch', 0)", "('batch', 1)"], sd
