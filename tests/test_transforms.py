@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from flagscale.errors import ConfigError
-from flagscale.transforms import ByName, ByRegex, ByType, Root, Transformation, apply, links_of, parse
+from flagscale.transforms import ByName, ByRegex, ByType, Root, Transformation, apply, links_of, parse, to_data
 from flagscale.transforms.builtin import TaylorSeer
 from flagscale.transforms.specs import Select, TaylorSeerSpec
 
@@ -278,6 +278,8 @@ def test_yaml_parses_once_into_frozen_specs():
     )
     assert specs[0] == TaylorSeerSpec(select=Select(type=("FluxTransformerBlock",)), warmup=3, interval=3, order=2)
     assert specs[1].mode == "max-autotune-no-cudagraphs" and parse(specs) is specs and parse(None) == ()
+    nested = parse([{"name": "log_io", "select": {"any": [{"type": "Linear"}], "not": {"name": "a.*"}}}])
+    assert parse([to_data(s) for s in (*specs, *nested)]) == (*specs, *nested)
     with pytest.raises(AttributeError):
         specs[0].order = 1  # type: ignore[misc]
 

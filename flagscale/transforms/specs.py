@@ -182,6 +182,14 @@ def parse(raw: Any, where: str = "transformations") -> tuple[Spec, ...]:
     return tuple(s if isinstance(s, Spec) else parse_one(s, f"{where}[{i}]") for i, s in enumerate(raw))
 
 
+def _data(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.metadata.get("key", f.name): _data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_data(v) for v in value]
+    return value
+
+
 def to_data(spec: Spec) -> dict[str, Any]:
-    """The spec back as YAML data (e.g. to record in a run's resolved settings)."""
-    return {"name": spec.kind, **dataclasses.asdict(spec)}
+    """The spec back as YAML data (e.g. to record in a run's resolved settings): `parse([to_data(s)])[0] == s`."""
+    return {"name": spec.kind, **_data(spec)}
