@@ -151,9 +151,23 @@ def test_chat_with_an_image_part_is_answered(served):
         assert reply["usage"]["completion_tokens"] >= 1
         # the image became tokens: the prompt is longer than the same question without it
         assert reply["usage"]["prompt_tokens"] > text_only.json()["usage"]["prompt_tokens"] + 8
-    stream = client.post("/v1/chat/completions", json={**chat(data_url(png(8, 8))), "stream": True})
+    # streamed as the tokens come: the same greedy answer, in pieces, then usage and [DONE]
+    request = {**chat(data_url(png(8, 8))), "max_tokens": 6}
+    whole = client.post("/v1/chat/completions", json=request).json()
+    stream = client.post(
+        "/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
     events = [line[5:].strip() for line in stream.text.splitlines() if line.startswith("data:")]
     assert stream.status_code == 200 and events[-1] == "[DONE]", stream.text
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"] and chunks[-1]["usage"] == whole["usage"]
+    assert len(chunks) >= 4  # role, pieces..., finish, usage
+    websockets = pytest.importorskip("websockets.sync.client")  # the front door's WebSocket streams it too
+    with websockets.connect(served["url"].replace("http", "ws") + "/v1/chat/completions") as ws:
+        ws.send(json.dumps(request))
+        messages = [json.loads(m) for m in ws]
+    assert messages[-1] == {"done": True, "usage": whole["usage"]}, messages
     completion = client.post("/v1/completions", json={"model": "tiny-vlm", "prompt": "a red", "max_tokens": 3})
     assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] >= 1
 

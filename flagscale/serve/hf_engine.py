@@ -10,7 +10,7 @@ answers on host:port (uvicorn, a raw ASGI app):
 * `GET /health` (200 once the model is loaded: the server listens only then), `GET /v1/models`;
 * transformers (causal LMs and vision-language models): `POST /v1/chat/completions` (content parts `text` and
   `image_url`: data: URLs, or files under experiment.runner.media_dirs; see flagscale.serve.media) and
-  `POST /v1/completions`; `stream: true` sends the whole answer as one chunk (then usage and [DONE]);
+  `POST /v1/completions`; `stream: true` sends server-sent events as the tokens come (transformers' streamer);
 * diffusers (text-to-image pipelines): `POST /v1/images/generations` (`prompt`, `n`, `size` "WxH", `seed`,
   `response_format` b64_json or url; url: a PNG written to --media-dir, served by the front door at --media-url).
 
@@ -28,6 +28,7 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,11 +189,7 @@ class TextModel:
 
         chat = self.chat_model
         inputs = chat.tokenizer([prompt], return_tensors="pt").to(chat.model.device)
-        options: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
-        if temperature > 0:
-            options.update(temperature=temperature, top_p=top_p)
-        else:  # greedy: the checkpoint's sampling defaults would only warn
-            options.update(temperature=None, top_p=None, top_k=None)
+        options = _options(max_tokens, temperature, top_p)
         torch.manual_seed(seed)
         with torch.inference_mode():
             output = chat.model.generate(**inputs, **options)
@@ -201,6 +198,68 @@ class TextModel:
         text, stopped = _stop_at(chat.tokenizer.decode(tokens, skip_special_tokens=True), stop)
         finish = "stop" if stopped or len(tokens) < max_tokens else "length"
         return Reply(text, width, len(tokens), finish)
+
+    def stream(self, kind: str, what: Any, images: list, emit: Callable[[str], None], **sampling: Any) -> Reply:
+        """Generate token by token: `emit(text)` for each new piece of the answer (never part of a stop string);
+        the whole Reply at the end. Runs in a worker thread; transformers' generate in another, feeding a streamer."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from flagscale.infer.hf_models import _trim
+
+        chat, stop = self.chat_model, sampling["stop"]
+        if kind == "chat":
+            inputs = chat._inputs([_with_images(what, images)], None)  # hf_models' own batch of one
+        else:
+            inputs = chat.tokenizer([what], return_tensors="pt").to(chat.model.device)
+        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        options = _options(sampling["max_tokens"], sampling["temperature"], sampling["top_p"])
+        if stop:
+            options.update(stop_strings=list(stop), tokenizer=chat.tokenizer)
+        done: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                torch.manual_seed(sampling["seed"])
+                with torch.inference_mode():
+                    done["output"] = chat.model.generate(**inputs, **options, streamer=streamer)
+            except BaseException as exc:  # the reader below must not wait for tokens that never come
+                done["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="generate", daemon=True)
+        thread.start()
+        text, sent, cut = "", 0, False
+        hold = max((len(w) for w in stop), default=1) - 1  # a stop string may be arriving: keep its length back
+        for piece in streamer:
+            if cut:
+                continue
+            text, cut = _stop_at(text + piece, stop)
+            end = len(text) if cut else len(text) - hold
+            if end > sent:
+                emit(text[sent:end])
+                sent = end
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+        if len(text) > sent:
+            emit(text[sent:])
+        width = inputs["input_ids"].shape[1]
+        tokens = _trim(done["output"][0, width:].tolist(), chat._eos_ids(), chat.tokenizer.pad_token_id)
+        finish = "stop" if cut or len(tokens) < sampling["max_tokens"] else "length"
+        return Reply(text, int(inputs["attention_mask"].sum()), len(tokens), finish)
+
+
+def _options(max_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+    """generate()'s keywords: greedy at temperature 0, else sampled."""
+    options: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        options.update(temperature=temperature, top_p=top_p)
+    else:  # greedy: the checkpoint's sampling defaults would only warn
+        options.update(temperature=None, top_p=None, top_k=None)
+    return options
 
 
 class ImagePipeline:
@@ -290,37 +349,52 @@ class TextEngine:
             return self.model.chat(what, images, **sampling)
         return self.model.complete(what, **sampling)
 
-    def answer(self, route: str, data: dict, prepared: Any, reply: Reply) -> tuple[dict, list[dict] | None]:
-        """The JSON answer, and the stream's events when the request asked for a stream."""
-        text, finish = reply.text, reply.finish_reason
-        usage = {
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-        }
-        base = {"created": int(time.time()), "model": self.opts.served_model_name}
+    def answer(self, route: str, data: dict, prepared: Any, reply: Reply) -> tuple[dict, None]:
+        """The JSON answer (a stream goes through `Server.stream` and the event helpers below)."""
         chat = route == "/v1/chat/completions"
+        base = {"created": int(time.time()), "model": self.opts.served_model_name}
         if chat:
-            choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            message = {"role": "assistant", "content": reply.text}
+            choice: dict = {"index": 0, "message": message, "finish_reason": reply.finish_reason}
             body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", **base}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": reply.finish_reason}
             body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **base}
-        body.update(choices=[choice], usage=usage)
-        if data.get("stream") is not True:
-            return body, None
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        head = {"id": body["id"], "object": kind, **base}
-        if chat:
-            pieces = [{"role": "assistant", "content": ""}, {"content": text}]
-            events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in pieces]
-            events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-        else:
-            events = [{**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}]
+        body.update(choices=[choice], usage=_usage(reply))
+        return body, None
+
+    # ---- a stream: the OpenAI chunks
+    def stream_head(self, route: str) -> dict:
+        chat = route == "/v1/chat/completions"
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.opts.served_model_name,
+        }
+
+    @staticmethod
+    def piece(head: dict, text: str, finish: str | None = None, role: bool = False) -> dict:
+        if head["object"] == "text_completion":
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    def ending(self, head: dict, data: dict, reply: Reply) -> list[dict]:
+        """The finish chunk, then usage (completions always, as llama-server; chat with include_usage)."""
+        events = [self.piece(head, "", reply.finish_reason)]
         options = data.get("stream_options")
-        if not chat or (isinstance(options, dict) and options.get("include_usage")):
-            events.append({**head, "choices": [], "usage": usage})
-        return body, events
+        if head["object"] == "text_completion" or (isinstance(options, dict) and options.get("include_usage")):
+            events.append({**head, "choices": [], "usage": _usage(reply)})
+        return events
+
+
+def _usage(reply: Reply) -> dict:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
 
 
 class ImageEngine:
@@ -456,9 +530,12 @@ class Server:
                     "model_not_found",
                 )
             prepared = await asyncio.to_thread(self.engine.prepare, route, data)
+            if data.get("stream") is True and isinstance(self.engine, TextEngine):
+                await self.stream(self.engine, route, data, prepared, send)
+                return
             async with self.turn:
                 result: Any = await asyncio.to_thread(self.engine.run, prepared)
-            body, events = self.engine.answer(route, data, prepared, result)
+            body, _ = self.engine.answer(route, data, prepared, result)
         except RequestError as exc:
             await respond(send, exc.status, error_body(str(exc), exc.kind, exc.code))
             return
@@ -471,11 +548,47 @@ class Server:
             log.exception("request failed")
             await respond(send, 500, error_body(f"{type(exc).__name__}: {exc}"[:1000], "engine_error"))
             return
-        if events is None:
-            await respond(send, 200, json.dumps(body).encode())
-            return
-        stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-        await respond(send, 200, stream, content_type=b"text/event-stream")
+        await respond(send, 200, json.dumps(body).encode())
+
+    async def stream(self, engine: TextEngine, route: str, data: dict, prepared: Any, send) -> None:
+        """Server-sent events as the tokens come (the request was checked before: a failure now is an error
+        event, the status being sent already)."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        head = engine.stream_head(route)
+
+        def emit(text: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        def work() -> Reply:
+            try:
+                kind, what, images, sampling = prepared
+                return engine.model.stream(kind, what, images, emit, **sampling)
+            finally:
+                loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        async with self.turn:
+            headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if head["object"] == "chat.completion.chunk":
+                await _event(send, engine.piece(head, "", role=True))
+            task = asyncio.ensure_future(asyncio.to_thread(work))
+            while (text := await pieces.get()) is not None:
+                await _event(send, engine.piece(head, text))
+            try:
+                events = engine.ending(head, data, await task)
+            except Exception as exc:
+                log.exception("stream failed")
+                events = [{"error": {"message": f"{type(exc).__name__}: {exc}"[:1000], "type": "engine_error"}}]
+            for event in events:
+                await _event(send, event)
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+async def _event(send, event: dict) -> None:
+    await send(
+        {"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n", "more_body": True}
+    )
 
 
 async def _read(receive) -> bytes:
