@@ -46,6 +46,7 @@ MAX_BODY = 64 << 20  # the front door has its own, smaller limit; this only boun
 _COMMON_ARGS: list[tuple[str, Any, Any, str]] = [
     ("dtype", str, "float32", "torch dtype of the weights: float32 | bfloat16 | float16"),
     ("threads", int, None, "torch threads (default: torch's own choice)"),
+    ("device", str, "cpu", "torch device: cpu | cuda | cuda:1 ... (experiment.runner.visible_devices picks the GPUs)"),
 ]
 ENGINE_ARGS: dict[str, list[tuple[str, Any, Any, str]]] = {
     "transformers": [
@@ -174,7 +175,7 @@ class TextModel:
     def __init__(self, opts: argparse.Namespace) -> None:
         from flagscale.infer import hf_models
 
-        self.chat_model = hf_models.load_chat_model(opts.model, dtype=opts.dtype)
+        self.chat_model = hf_models.load_chat_model(opts.model, dtype=opts.dtype, device=opts.device)
         self.takes_images = self.chat_model.vision
 
     def chat(self, messages: list, images: list, **sampling: Any) -> Reply:
@@ -269,7 +270,7 @@ class ImagePipeline:
         from flagscale.infer import hf_models
 
         self.model = hf_models.load_pipeline(
-            opts.model, pipeline=opts.pipeline, dtype=opts.dtype, components=opts.components
+            opts.model, pipeline=opts.pipeline, dtype=opts.dtype, device=opts.device, components=opts.components
         )
         if self.model.kind != "image":
             raise SystemExit(
