@@ -221,15 +221,18 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(served):
     assert client.get("/health").status_code == 200
 
 
-def test_an_unknown_engine_arg_is_one_line_naming_the_nearest(mm_env, models, tmp_path):
-    result = mm_env.run(
-        ["python", "-m", "flagscale", "serve", CONF, "serve=tiny_media", f"experiment.exp_dir={tmp_path}"]
-        + ["+serve.1.engine_args.num_inference_step=2", "action=dryrun"],
-        cwd=tmp_path,
-        **models,
-    )
-    assert result.returncode != 0
-    assert "serve[1].engine_args.num_inference_step" in result.stderr and "num_inference_steps" in result.stderr
+def test_bad_configs_are_one_line_before_anything_starts(mm_env, models, tmp_path):
+    def dryrun(*overrides: str, **env: str) -> str:
+        args = ["python", "-m", "flagscale", "serve", CONF, "serve=tiny_media", f"experiment.exp_dir={tmp_path}"]
+        result = mm_env.run([*args, *overrides, "action=dryrun"], cwd=tmp_path, **{**models, **env})
+        assert result.returncode != 0 and not (tmp_path / "pids").exists(), result.stdout
+        return result.stderr.strip().splitlines()[-1]
+
+    line = dryrun("+serve.1.engine_args.num_inference_step=2")  # the nearest engine arg is named
+    assert "serve[1].engine_args.num_inference_step" in line and "num_inference_steps" in line
+    assert "not a diffusers pipeline folder" in dryrun(TINY_FLUX=models["TINY_VLM"])
+    assert "not StableDiffusionPipeline" in dryrun("+serve.1.engine_args.pipeline=StableDiffusionPipeline")
+    assert "taylorseer" in dryrun("+serve.1.engine_args.transformations=[{name:taylorsear}]")
 
 
 def test_openai_client(served):

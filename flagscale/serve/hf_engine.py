@@ -413,6 +413,10 @@ class ImageEngine:
                 raise SystemExit(f"--sizes {w}x{h}: this pipeline needs sides that are multiples of {self.multiple}")
         default = opts.default_size or (f"{self.sizes[0][0]}x{self.sizes[0][1]}" if self.sizes else None)
         self.default = media.parse_size(default) if default else self.pipe.default_size
+        try:  # a request without a size gets this one: it must pass the same checks
+            self.size("{}x{}".format(*self.default))
+        except MediaError as exc:
+            raise SystemExit(f"the default size: {exc} (set engine_args.default_size)") from None
         if opts.media_dir is not None:
             opts.media_dir.mkdir(parents=True, exist_ok=True)
 
