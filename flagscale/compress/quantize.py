@@ -55,6 +55,7 @@ def check_group_size(model, settings: CompressSettings) -> None:
 
 def llmcompressor_run(settings: CompressSettings, model, tokenizer, samples: list[list[int]] | None, out: Path):
     """Apply the scheme's recipe to `model` in place and save it compressed (compressed-tensors) into `out`."""
+    import torch
     from llmcompressor import oneshot
 
     kwargs: dict = {}
@@ -66,6 +67,7 @@ def llmcompressor_run(settings: CompressSettings, model, tokenizer, samples: lis
             "num_calibration_samples": len(samples),
             "max_seq_length": max(len(s) for s in samples),
         }
+    torch.manual_seed(settings.seed)  # llm-compressor draws the calibration order from torch's generator
     oneshot(model=model, recipe=recipe(settings), **kwargs)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)

@@ -7,6 +7,7 @@ Experiment YAML (`examples/tiny_llama/conf/compress.yaml`): `experiment.task.typ
     scheme: W8A8                           # W8A8 | W4A16 | FP8_DYNAMIC (llm-compressor) | Q8_0 | Q4_K_M | ... (GGUF)
     output: outputs/tiny-w8a8              # a folder (compressed-tensors) or a .gguf file; default under exp_dir
     report: outputs/report.json            # default <exp_dir>/report.json
+    seed: 0                                # torch's seed: llm-compressor shuffles the calibration samples
     recipe: {ignore: [lm_head], smoothing_strength: 0.8, dampening_frac: 0.01}
     calibration:                           # one source: a JSONL or the pre-training data
       jsonl: data/calib.jsonl              # one document per line under text_key
@@ -79,6 +80,7 @@ class CompressTask:
     scheme: str | None = None
     output: str | None = None
     report: str | None = None
+    seed: int = setting(0, check=at_least(0))
     recipe: Recipe | None = None
     calibration: Data | None = None
     evaluation: Data | None = None
@@ -94,6 +96,7 @@ class CompressSettings:
     calibration: Data | None  # None: no source (GGUF, FP8_DYNAMIC without one)
     evaluation: Data
     held_out: bool = False  # evaluation reads calibration's source after the documents calibration packed
+    seed: int = 0
     recipe: Recipe = Recipe()
     gguf: GgufOptions = GgufOptions()
     run_dir: str = "outputs/compress"
@@ -266,6 +269,7 @@ def from_config(cfg: Any) -> CompressSettings:
         calibration=calibration,
         evaluation=evaluation,
         held_out=held_out,
+        seed=t.seed,
         recipe=t.recipe or Recipe(),
         gguf=t.gguf or GgufOptions(),
         run_dir=str(exp_dir),
