@@ -635,6 +635,9 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(opts.threads)
     started = time.perf_counter()
+    from flagscale.infer.hf_models import quiet_loading
+
+    quiet_loading()  # no per-file loading bars in the engine's log; errors still surface
     try:
         engine = TextEngine(opts) if opts.engine == "transformers" else ImageEngine(opts)
     except ConfigError as exc:  # not the model the config says: one line in the log, which the runner shows
