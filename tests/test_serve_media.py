@@ -130,6 +130,8 @@ def test_images_b64_and_url(served):
         u.rsplit("/", 1)[1] for u in urls
     )
     assert client.get("/v1/media/..%2Fpids%2Ffrontdoor.json").status_code == 404  # only the engine's PNG names
+    metrics = client.get("/metrics").text  # the front door counts the new route like the others
+    assert 'flagscale_requests_total{model="tiny-flux",route="/v1/images/generations",status="200"} 3.0' in metrics
     calls = (served["run_dir"] / "io.jsonl").read_text().splitlines()
     assert len(calls) >= 4, calls  # the transformations of engine_args ran: the transformer's calls were logged
 
