@@ -272,3 +272,62 @@ def test_status_and_replica_replacement(served, mm_env, models):
     assert answer.status_code == 200, answer.text
     events = (served["run_dir"] / "logs" / "replicas.jsonl").read_text()
     assert '"lost"' in events and victim["replica"] in events
+
+
+def test_fuzzed_image_parts_and_image_requests_never_get_a_5xx(served):
+    """Direct mode only (the same front door and engines run in Ray mode): hypothesis-made content parts (any
+    type, data URLs of random or cut-short PNG bytes, paths) and image requests (any size, n, format)."""
+    if served["deploy"] != "direct":
+        pytest.skip("the same checks as in direct mode")
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = served["client"]
+    good = png(12, 9)
+    raw = st.binary(max_size=64) | st.integers(0, len(good)).map(lambda n: good[:n]) | st.just(good)
+    urls = (
+        raw.map(data_url)
+        | st.text(max_size=30)
+        | st.sampled_from(["data:,x", "data:image/png;base64,", "file:///etc/passwd", str(served["allowed"])])
+        | st.just((served["allowed"] / "grey.png").as_uri())
+    )
+    scalars = st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=12)
+    part = st.one_of(
+        st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": urls})}),
+        st.fixed_dictionaries({"type": st.just("image_url"), "image_url": urls | scalars}),
+        st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10) | scalars}),
+        st.fixed_dictionaries({"type": st.text(max_size=12)}),
+    )
+    chats = st.lists(part, min_size=1, max_size=3).map(
+        lambda parts: (
+            "/v1/chat/completions",
+            {"model": "tiny-vlm", "max_tokens": 2, "messages": [{"role": "user", "content": parts}]},
+        )
+    )
+    sizes = st.tuples(st.integers(0, 300), st.integers(0, 300)).map(lambda s: f"{s[0]}x{s[1]}") | scalars
+    images = st.fixed_dictionaries(
+        {"model": st.just("tiny-flux"), "prompt": st.text(max_size=12) | scalars},
+        optional={
+            "size": sizes,
+            "n": st.integers(-1, 12) | scalars,
+            "response_format": st.sampled_from(["b64_json", "url"]) | scalars,
+            "seed": st.integers(-2, 2**33) | scalars,
+            "num_inference_steps": st.integers(-1, 3) | scalars,
+        },
+    ).map(lambda body: ("/v1/images/generations", body))
+    statuses: list[int] = []
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(request=chats | images)
+    def check(request) -> None:
+        route, body = request
+        response = client.post(route, json=body)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            assert set(response.json()["error"]) >= {"message", "type"}
+
+    check()
+    assert 200 in statuses and 400 in statuses
+    assert client.post("/v1/chat/completions", json=chat(data_url(good))).status_code == 200
