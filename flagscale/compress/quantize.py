@@ -104,10 +104,21 @@ def llama_perplexity(gguf_file: Path, texts: list[str], seq_len: int, chunks: in
             *("-m", str(gguf_file), "-f", str(text), "-c", str(seq_len), "-b", str(seq_len)),
             *("--chunks", str(chunks), "-t", str(threads), "--no-warmup"),
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-    output = result.stdout + result.stderr
-    match = _PPL.search(output)
+        # llama.cpp logs from a background thread and may exit (status 0) before its last lines are written:
+        # here 6 runs in 60 lost the final estimate into pipes, 3 in 100 into a file. The result is
+        # deterministic, so such a run is simply repeated (6 tries: ~1e-8 to fail on a lost tail).
+        log = Path(tmp) / "perplexity.log"
+        for _attempt in range(6):
+            with log.open("w") as handle:
+                result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
+            output = log.read_text(errors="replace")
+            match = _PPL.search(output)
+            if result.returncode != 0 or match:
+                break
     if result.returncode != 0 or not match:
         lines = [line for line in output.splitlines() if line.strip()]
-        raise ConversionError(f"llama-perplexity on {gguf_file} failed: {(lines or ['no output'])[-1].strip()}")
+        raise ConversionError(
+            f"llama-perplexity on {gguf_file} failed (exit status {result.returncode}): "
+            f"{(lines or ['no output'])[-1].strip()}"
+        )
     return float(match.group(1))
