@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`python run.py --config-path DIR --config-name NAME [action=run|dryrun|stop|status] [overrides...]`
 
-The same as `flagscale train|infer|serve DIR --config-name NAME [overrides...]`: the experiment's
+The same as `flagscale train|infer|serve|compress DIR --config-name NAME [overrides...]`: the experiment's
 `experiment.task.type` picks which.
 """
 

@@ -36,8 +36,10 @@ def recipe(family: str, name: str, *overrides: str):
 
 
 def test_every_recipe_is_tested():
-    found = {(p.parent.parent.name, p.stem) for p in REPO_ROOT.glob("examples/*/conf/*.yaml")}
-    assert {f for f in found if f[0] not in ("tiny_gpt", "tiny_llama")} == set(ALL)
+    """Every training recipe of a model family (the examples with a conf/train folder; tiny_gpt has its own tests)."""
+    recipes = [p for p in REPO_ROOT.glob("examples/*/conf/*.yaml") if (p.parent / "train").is_dir()]
+    found = {(p.parent.parent.name, p.stem) for p in recipes}
+    assert {f for f in found if f[0] != "tiny_gpt"} == set(ALL)
 
 
 @pytest.mark.parametrize("family, name", ALL, ids=lambda v: v)

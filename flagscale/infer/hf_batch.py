@@ -163,9 +163,7 @@ def load_pipeline(settings: InferSettings) -> Any:
         load_args=settings.engine_args,
     )
     if settings.transformations:
-        from flagscale.transforms import apply
-
-        apply(model.pipe, list(settings.transformations), "infer.transformations")
+        model.transform(settings.transformations, "infer.transformations")
     return model
 
 

@@ -382,6 +382,14 @@ class DiffusionModel:
     class_name: str
     kind: str
     fps: int = 16
+    transformed: Any = None  # the flagscale.transforms Handle of `transform`, reset before every generation
+
+    def transform(self, specs: Sequence[Any], where: str = "transformations") -> Any:
+        """Apply flagscale.transforms specs (raw YAML items or parsed) to the pipeline's denoiser, for its life."""
+        from flagscale.transforms import apply
+
+        self.transformed = apply(self.pipe, list(specs), where)
+        return self.transformed
 
     def accepts(self, name: str) -> bool:
         return name in inspect.signature(self.pipe.__call__).parameters
@@ -439,6 +447,8 @@ class DiffusionModel:
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seed_list]
         if on_step is not None:
             args["callback_on_step_end"] = _step_callback(on_step)
+        if self.transformed is not None:  # cached features of the previous generation must not leak into this one
+            self.transformed.reset()
         start = time.perf_counter()
         with torch.inference_mode():
             output = self.pipe(prompt=list(prompts), generator=generators, output_type="pil", **args)

@@ -1,4 +1,4 @@
-"""What `flagscale train | serve | infer` each are: a task with one method per `action=`.
+"""What `flagscale train | serve | infer | compress` each are: a task with one method per `action=`.
 
     def main(cfg) -> int:
         action = action_of(cfg)

@@ -280,10 +280,8 @@ class ImagePipeline:
         self.call_args = opts.call_args or {}
         self.model.call_args(extra=self.call_args)  # a keyword the pipeline does not take: refused at start
         pipe = self.model.pipe
-        if opts.transformations:  # kept for the server's life; each generation resets their state (new timesteps)
-            from flagscale.transforms import apply
-
-            apply(pipe, opts.transformations, "engine_args.transformations")
+        if opts.transformations:  # kept for the server's life; each generation starts from a reset state
+            self.model.transform(opts.transformations, "engine_args.transformations")
         scale = int(getattr(pipe, "vae_scale_factor", 8))
         # FLUX-class pipelines pack 2x2 latent patches: sides are multiples of twice the VAE's scale
         self.size_multiple = scale * 2 if "_pack_latents" in dir(pipe) else scale
