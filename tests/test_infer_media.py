@@ -180,16 +180,19 @@ def test_stable_diffusion_unet_pipeline_in_mixed_dtypes_writes_pngs(mm_env, tmp_
 
 @pytest.mark.integration
 def test_wan_writes_mp4s_that_decode(mm_env, tmp_path):
+    def run(out: Path):
+        return infer(
+            mm_env,
+            "tiny_wan",
+            tmp_path,
+            f"infer.model={tiny_wan(mm_env)}",
+            f"infer.generate.prompts={media_prompts(tmp_path)}",
+            f"infer.generate.output={out}",
+            "infer.generate.batch_size=2",
+        )
+
     out = tmp_path / "videos"
-    result = infer(
-        mm_env,
-        "tiny_wan",
-        tmp_path,
-        f"infer.model={tiny_wan(mm_env)}",
-        f"infer.generate.prompts={media_prompts(tmp_path)}",
-        f"infer.generate.output={out}",
-        "infer.generate.batch_size=2",
-    )
+    result = run(out)
     assert result.returncode == 0, result.stderr[-3000:]
     index = index_of(out)
     assert [(r["file"], r["frames"], r["fps"]) for r in index] == [
@@ -208,6 +211,10 @@ def test_wan_writes_mp4s_that_decode(mm_env, tmp_path):
     )
     decoded = mm_env.run(["python", "-c", check, out / "0001-seed1.mp4"])
     assert decoded.returncode == 0 and decoded.stdout.split("\n")[0] == "5 (32, 32, 3)", decoded.stderr
+    # the same seeds in another process: the same bytes, every file
+    again = run(tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [(tmp_path / "again" / r["file"]).read_bytes() for r in index] == data
 
 
 @pytest.mark.integration
